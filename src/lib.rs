@@ -1,0 +1,15 @@
+//! chitchat-uring: cluster membership, phi failure detection and Scuttlebutt key-value
+//! replication over UDP, wire-compatible with the `chitchat` crate 0.13, with its datagram paths
+//! on io_uring.
+
+pub mod config;
+pub mod message;
+pub mod protocol;
+pub mod types;
+
+pub use config::{
+    CatchupCallback, ChitchatConfig, ConfigError, ExtraLivenessPredicate, FailureDetectorConfig,
+};
+pub use message::{ChitchatEnvelope, ChitchatMessage, ProtocolVersion};
+pub use protocol::NodeState;
+pub use types::{ChitchatId, DeletionStatus, Heartbeat, Version, VersionedValue};

@@ -1,0 +1,4 @@
+//! The sans-IO protocol core (placeholder until the state machine lands).
+
+/// State of one node as seen locally.
+pub struct NodeState {}
