@@ -6,6 +6,7 @@ pub mod config;
 pub mod message;
 pub mod protocol;
 pub mod types;
+pub mod wire;
 
 pub use config::{
     CatchupCallback, ChitchatConfig, ConfigError, ExtraLivenessPredicate, FailureDetectorConfig,

@@ -1,0 +1,402 @@
+//! Digests: V0 is a u16 count followed by `(ChitchatId, NodeDigest)` entries; V1 is a block
+//! stream of the same entries without a count.
+
+use super::block_stream::{BlockStreamWriter, read_block_stream};
+use super::primitives::{Reader, chitchat_id_len, put_chitchat_id, put_u16, put_u64};
+use super::{BLOCK_THRESHOLD, DecodeError, Decoder, EncodeError, Encoder};
+use crate::message::{Digest, NodeDigest, ProtocolVersion};
+use crate::types::{ChitchatId, Heartbeat};
+
+/// heartbeat + last_gc_version + max_version.
+const NODE_DIGEST_LEN: usize = 24;
+/// A V0 digest counts its entries in a u16.
+const MAX_V0_ENTRIES: usize = u16::MAX as usize;
+
+/// What [`Encoder::encode_digest`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DigestEncoding {
+    /// Length in bytes of the encoded digest.
+    pub len: usize,
+    /// Entries written.
+    pub written: usize,
+    /// Entries left out: over the size budget, over the V0 count limit, or unencodable (node
+    /// id longer than 65 535 bytes).
+    pub skipped: usize,
+}
+
+fn entry_len(id: &ChitchatId) -> usize {
+    chitchat_id_len(id) + NODE_DIGEST_LEN
+}
+
+fn put_entry(out: &mut Vec<u8>, id: &ChitchatId, node_digest: &NodeDigest) {
+    // Callers check the node id length first.
+    if put_chitchat_id(out, id).is_ok() {
+        put_u64(out, node_digest.heartbeat.into());
+        put_u64(out, node_digest.last_gc_version);
+        put_u64(out, node_digest.max_version);
+    }
+}
+
+fn encodable(id: &ChitchatId) -> bool {
+    id.node_id.len() <= u16::MAX as usize
+}
+
+fn read_entry(reader: &mut Reader<'_>) -> Result<(ChitchatId, NodeDigest), DecodeError> {
+    let id = reader.chitchat_id()?;
+    let heartbeat = Heartbeat::from(reader.u64("heartbeat")?);
+    let last_gc_version = reader.u64("last gc version")?;
+    let max_version = reader.u64("max version")?;
+    Ok((id, NodeDigest::new(heartbeat, last_gc_version, max_version)))
+}
+
+impl Encoder {
+    /// Appends a digest in `version` from entries given in any order (V0 keeps the given order;
+    /// pass them in id order to get the reference's bytes).
+    ///
+    /// Entries that would make the digest longer than `max_len` bytes are skipped, so callers
+    /// pass their own node first. For V1 the length is the reference's upper bound (pending
+    /// bytes counted uncompressed), so the real digest is usually shorter. The empty digest is
+    /// always written, even if `max_len` is smaller. V0 holds at most 65 535 entries.
+    pub fn encode_digest<'a>(
+        &mut self,
+        version: ProtocolVersion,
+        entries: impl IntoIterator<Item = (&'a ChitchatId, NodeDigest)>,
+        max_len: usize,
+        out: &mut Vec<u8>,
+    ) -> DigestEncoding {
+        match version {
+            ProtocolVersion::V0 => encode_digest_v0(entries, max_len, out),
+            ProtocolVersion::V1 => self.encode_digest_v1(entries, max_len, out),
+        }
+    }
+
+    fn encode_digest_v1<'a>(
+        &mut self,
+        entries: impl IntoIterator<Item = (&'a ChitchatId, NodeDigest)>,
+        max_len: usize,
+        out: &mut Vec<u8>,
+    ) -> DigestEncoding {
+        let mut writer =
+            BlockStreamWriter::new(out, &mut self.pending, self.cctx.as_mut(), BLOCK_THRESHOLD);
+        let mut written = 0;
+        let mut skipped = 0;
+        for (id, node_digest) in entries {
+            if !encodable(id) || writer.upper_bound_after(entry_len(id)) > max_len {
+                skipped += 1;
+                continue;
+            }
+            put_entry(writer.pending(), id, &node_digest);
+            writer.flush_full_blocks();
+            written += 1;
+        }
+        let len = writer.finish();
+        DigestEncoding {
+            len,
+            written,
+            skipped,
+        }
+    }
+
+    /// Appends an owned digest in id order, as the reference does; refuses what the wire
+    /// cannot carry instead of skipping it.
+    pub(crate) fn encode_owned_digest(
+        &mut self,
+        version: ProtocolVersion,
+        digest: &Digest,
+        out: &mut Vec<u8>,
+    ) -> Result<usize, EncodeError> {
+        if version == ProtocolVersion::V0 && digest.len() > MAX_V0_ENTRIES {
+            return Err(EncodeError::TooManyDigestEntries {
+                count: digest.len(),
+            });
+        }
+        if let Some(id) = digest.node_digests.keys().find(|id| !encodable(id)) {
+            return Err(EncodeError::StringTooLong {
+                what: "node id",
+                len: id.node_id.len(),
+            });
+        }
+        let entries = digest.node_digests.iter().map(|(id, nd)| (id, *nd));
+        Ok(self.encode_digest(version, entries, usize::MAX, out).len)
+    }
+}
+
+fn encode_digest_v0<'a>(
+    entries: impl IntoIterator<Item = (&'a ChitchatId, NodeDigest)>,
+    max_len: usize,
+    out: &mut Vec<u8>,
+) -> DigestEncoding {
+    let start = out.len();
+    put_u16(out, 0);
+    let mut len = 2;
+    let mut written = 0;
+    let mut skipped = 0;
+    for (id, node_digest) in entries {
+        let entry_len = entry_len(id);
+        if written == MAX_V0_ENTRIES || !encodable(id) || len + entry_len > max_len {
+            skipped += 1;
+            continue;
+        }
+        put_entry(out, id, &node_digest);
+        len += entry_len;
+        written += 1;
+    }
+    // `written` is at most MAX_V0_ENTRIES.
+    let count = u16::try_from(written).unwrap_or(u16::MAX);
+    out[start..start + 2].copy_from_slice(&count.to_le_bytes());
+    DigestEncoding {
+        len,
+        written,
+        skipped,
+    }
+}
+
+impl Decoder {
+    /// Reads a digest in `version`; later duplicates of an id overwrite earlier ones.
+    pub(crate) fn decode_digest(
+        &mut self,
+        version: ProtocolVersion,
+        reader: &mut Reader<'_>,
+    ) -> Result<Digest, DecodeError> {
+        let mut digest = Digest::default();
+        match version {
+            ProtocolVersion::V0 => {
+                let count = reader.u16("digest entry count")?;
+                for _ in 0..count {
+                    let (id, node_digest) = read_entry(reader)?;
+                    digest.add_node(id, node_digest);
+                }
+            }
+            ProtocolVersion::V1 => {
+                let payload = read_block_stream(
+                    reader,
+                    self.dctx.as_mut(),
+                    &mut self.block,
+                    &mut self.stream,
+                )?;
+                let mut entries = Reader::new(payload);
+                while !entries.is_empty() {
+                    let (id, node_digest) = read_entry(&mut entries)?;
+                    digest.add_node(id, node_digest);
+                }
+            }
+        }
+        Ok(digest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::wire::testing::arb_digest;
+
+    fn sample(num_nodes: u16) -> Digest {
+        let mut digest = Digest::default();
+        for i in 0..num_nodes {
+            digest.add_node(
+                ChitchatId::for_local_test(10_000 + i),
+                NodeDigest::new(
+                    Heartbeat::from(100 + i as u64),
+                    i as u64 % 7,
+                    1_000 + i as u64,
+                ),
+            );
+        }
+        digest
+    }
+
+    fn encode(version: ProtocolVersion, digest: &Digest) -> Vec<u8> {
+        let mut out = Vec::new();
+        let len = Encoder::new()
+            .encode_owned_digest(version, digest, &mut out)
+            .unwrap();
+        assert_eq!(len, out.len());
+        out
+    }
+
+    fn decode(version: ProtocolVersion, bytes: &[u8]) -> Result<Digest, DecodeError> {
+        let mut reader = Reader::new(bytes);
+        let digest = Decoder::new().decode_digest(version, &mut reader)?;
+        assert!(reader.is_empty());
+        Ok(digest)
+    }
+
+    #[test]
+    fn node_digest_is_24_bytes() {
+        let id = ChitchatId::for_local_test(10_001);
+        let mut out = Vec::new();
+        put_entry(&mut out, &id, &NodeDigest::new(Heartbeat::from(100), 2, 3));
+        assert_eq!(out.len(), 27 + NODE_DIGEST_LEN);
+        assert_eq!(&out[27..35], &100u64.to_le_bytes());
+        assert_eq!(&out[35..43], &2u64.to_le_bytes());
+        assert_eq!(&out[43..51], &3u64.to_le_bytes());
+    }
+
+    #[test]
+    fn v0_with_a_duplicate_is_104_bytes() {
+        let mut digest = Digest::default();
+        digest.add_node(
+            ChitchatId::for_local_test(10_001),
+            NodeDigest::new(Heartbeat::from(101), 1, 11),
+        );
+        digest.add_node(
+            ChitchatId::for_local_test(10_002),
+            NodeDigest::new(Heartbeat::from(102), 20, 12),
+        );
+        digest.add_node(
+            ChitchatId::for_local_test(10_002),
+            NodeDigest::new(Heartbeat::from(103), 0, 13),
+        );
+        let bytes = encode(ProtocolVersion::V0, &digest);
+        assert_eq!(bytes.len(), 104);
+        assert_eq!(decode(ProtocolVersion::V0, &bytes).unwrap(), digest);
+    }
+
+    #[test]
+    fn empty_digests() {
+        assert_eq!(encode(ProtocolVersion::V0, &Digest::default()), [0, 0]);
+        assert_eq!(encode(ProtocolVersion::V1, &Digest::default()), [0]);
+        assert!(decode(ProtocolVersion::V0, &[0, 0]).unwrap().is_empty());
+        assert!(decode(ProtocolVersion::V1, &[0]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn v1_one_node_is_one_raw_block() {
+        let bytes = encode(ProtocolVersion::V1, &sample(1));
+        assert_eq!(&bytes[..3], &[0x02, 0x33, 0x00]);
+        assert_eq!(bytes.len(), 3 + 51 + 1);
+        assert_eq!(bytes[54], 0);
+        assert_eq!(&bytes[3..54], &encode(ProtocolVersion::V0, &sample(1))[2..]);
+    }
+
+    #[test]
+    fn v1_round_trips_and_compresses() {
+        for num_nodes in [0, 1, 3, 500, 1_000] {
+            let digest = sample(num_nodes);
+            let v1 = encode(ProtocolVersion::V1, &digest);
+            assert_eq!(decode(ProtocolVersion::V1, &v1).unwrap(), digest);
+            let v0 = encode(ProtocolVersion::V0, &digest);
+            assert_eq!(decode(ProtocolVersion::V0, &v0).unwrap(), digest);
+            if num_nodes >= 3 {
+                assert!(v1.len() < v0.len());
+            }
+        }
+    }
+
+    #[test]
+    fn v1_partial_entry_is_an_error() {
+        let mut bytes = encode(ProtocolVersion::V0, &sample(1));
+        bytes.truncate(bytes.len() - 1);
+        let mut stream = vec![2, (bytes.len() - 2) as u8, 0];
+        stream.extend_from_slice(&bytes[2..]);
+        stream.push(0);
+        assert_eq!(
+            decode(ProtocolVersion::V1, &stream),
+            Err(DecodeError::Truncated {
+                what: "max version"
+            })
+        );
+    }
+
+    #[test]
+    fn v0_count_larger_than_entries_is_an_error() {
+        let mut bytes = encode(ProtocolVersion::V0, &sample(2));
+        bytes[0] = 3;
+        assert!(matches!(
+            decode(ProtocolVersion::V0, &bytes),
+            Err(DecodeError::Truncated { .. })
+        ));
+        // A huge count with no entries does not allocate anything.
+        assert!(decode(ProtocolVersion::V0, &[0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn v0_digest_is_limited_to_65535_entries() {
+        let mut digest = Digest::default();
+        for i in 0..=MAX_V0_ENTRIES {
+            digest.add_node(
+                ChitchatId::new(i.to_string(), 0, "127.0.0.1:1".parse().unwrap()),
+                NodeDigest::default(),
+            );
+        }
+        let mut out = Vec::new();
+        let mut encoder = Encoder::new();
+        assert_eq!(
+            encoder.encode_owned_digest(ProtocolVersion::V0, &digest, &mut out),
+            Err(EncodeError::TooManyDigestEntries {
+                count: MAX_V0_ENTRIES + 1
+            })
+        );
+        let entries = digest.node_digests.iter().map(|(id, nd)| (id, *nd));
+        let encoding = encoder.encode_digest(ProtocolVersion::V0, entries, usize::MAX, &mut out);
+        assert_eq!(encoding.written, MAX_V0_ENTRIES);
+        assert_eq!(encoding.skipped, 1);
+        assert_eq!(encoding.len, out.len());
+        assert_eq!(
+            decode(ProtocolVersion::V0, &out).unwrap().len(),
+            MAX_V0_ENTRIES
+        );
+    }
+
+    #[test]
+    fn budget_skips_entries_but_keeps_the_first() {
+        let digest = sample(100);
+        let entries: Vec<(&ChitchatId, NodeDigest)> = digest
+            .node_digests
+            .iter()
+            .map(|(id, nd)| (id, *nd))
+            .collect();
+        for version in [ProtocolVersion::V0, ProtocolVersion::V1] {
+            for max_len in [0, 1, 2, 60, 100, 1_000, 3_000, 10_000] {
+                let mut out = vec![0xaa];
+                let encoding = Encoder::new().encode_digest(
+                    version,
+                    entries.iter().copied(),
+                    max_len,
+                    &mut out,
+                );
+                assert_eq!(encoding.len, out.len() - 1);
+                assert_eq!(encoding.written + encoding.skipped, 100);
+                assert!(encoding.len <= max_len.max(2), "{version:?} {max_len}");
+                let decoded = decode(version, &out[1..]).unwrap();
+                assert_eq!(decoded.len(), encoding.written);
+                if max_len >= 60 {
+                    assert!(decoded.node_digests.contains_key(entries[0].0));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unencodable_node_id_is_refused() {
+        let mut digest = Digest::default();
+        let long_id = ChitchatId::new("x".repeat(70_000), 0, "127.0.0.1:1".parse().unwrap());
+        digest.add_node(long_id.clone(), NodeDigest::default());
+        let mut out = Vec::new();
+        let mut encoder = Encoder::new();
+        assert!(matches!(
+            encoder.encode_owned_digest(ProtocolVersion::V1, &digest, &mut out),
+            Err(EncodeError::StringTooLong { .. })
+        ));
+        let encoding = encoder.encode_digest(
+            ProtocolVersion::V1,
+            [(&long_id, NodeDigest::default())],
+            usize::MAX,
+            &mut out,
+        );
+        assert_eq!((encoding.written, encoding.skipped), (0, 1));
+        assert_eq!(out, [0]);
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(digest in arb_digest(300)) {
+            for version in [ProtocolVersion::V0, ProtocolVersion::V1] {
+                let bytes = encode(version, &digest);
+                prop_assert_eq!(decode(version, &bytes).unwrap(), digest.clone());
+            }
+        }
+    }
+}
