@@ -891,7 +891,7 @@ mod tests {
 
     /// A value of `len` bytes: compressible for even seeds, pseudo-random otherwise.
     fn make_value(len: usize, seed: u64) -> String {
-        if seed % 2 == 0 {
+        if seed.is_multiple_of(2) {
             return "ab".repeat(len / 2 + 1)[..len].to_string();
         }
         let mut state = seed | 1;

@@ -90,3 +90,456 @@ impl Decoder {
         Ok(ChitchatEnvelope { version, message })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::message::{Delta, Digest, KeyValueUpdate, NodeDelta, NodeDigest};
+    use crate::types::{ChitchatId, DeletionStatusMutation, Heartbeat};
+    use crate::wire::testing::arb_envelope;
+    use crate::wire::{
+        HEADER_LEN, MAX_UDP_DATAGRAM_PAYLOAD_SIZE, decode_envelope, delta_mtu, encode_envelope,
+    };
+
+    /// Parses a spaced hex dump; `|` separators are ignored.
+    fn hex(dump: &str) -> Vec<u8> {
+        dump.split_whitespace()
+            .filter(|token| *token != "|")
+            .map(|token| u8::from_str_radix(token, 16).unwrap())
+            .collect()
+    }
+
+    fn envelope(version: ProtocolVersion, message: ChitchatMessage) -> ChitchatEnvelope {
+        ChitchatEnvelope { version, message }
+    }
+
+    /// Decodes `bytes` to `expected` and re-encodes it to exactly `bytes`.
+    #[track_caller]
+    fn assert_golden(bytes: &[u8], expected: &ChitchatEnvelope) {
+        assert_eq!(&decode_envelope(bytes).unwrap(), expected);
+        assert_eq!(encode_envelope(expected).unwrap(), bytes);
+    }
+
+    const NODE_10001: &str =
+        "0a 00 6e 6f 64 65 2d 31 30 30 30 31 | 00 00 00 00 00 00 00 00 | 04 7f 00 00 01 | 11 27";
+    const NODE_DIGEST_5_0_3: &str =
+        "05 00 00 00 00 00 00 00 | 00 00 00 00 00 00 00 00 | 03 00 00 00 00 00 00 00";
+    const CLUSTER_A: &str = "09 00 63 6c 75 73 74 65 72 2d 61";
+
+    fn digest_one_node() -> Digest {
+        let mut digest = Digest::default();
+        digest.add_node(
+            ChitchatId::for_local_test(10_001),
+            NodeDigest::new(Heartbeat::from(5), 0, 3),
+        );
+        digest
+    }
+
+    fn syn(version: ProtocolVersion, cluster_id: &str, digest: Digest) -> ChitchatEnvelope {
+        envelope(
+            version,
+            ChitchatMessage::Syn {
+                cluster_id: cluster_id.to_string(),
+                digest,
+            },
+        )
+    }
+
+    fn one_kv_delta(status: DeletionStatusMutation) -> Delta {
+        Delta {
+            node_deltas: vec![NodeDelta {
+                chitchat_id: ChitchatId::for_local_test(10_001),
+                from_version_excluded: 0,
+                last_gc_version: 0,
+                max_version: 1,
+                key_values: vec![KeyValueUpdate {
+                    key: "key".to_string(),
+                    value: "value".to_string(),
+                    version: 1,
+                    status,
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn golden_syn_v0_68_bytes() {
+        let bytes = hex(&format!(
+            "53 b0 | 00 | 00 | 01 00 | {NODE_10001} | {NODE_DIGEST_5_0_3} | {CLUSTER_A}"
+        ));
+        assert_eq!(bytes.len(), 68);
+        assert_golden(
+            &bytes,
+            &syn(ProtocolVersion::V0, "cluster-a", digest_one_node()),
+        );
+    }
+
+    #[test]
+    fn golden_syn_v1_70_bytes() {
+        let bytes = hex(&format!(
+            "53 b0 01 00 | 02 33 00 {NODE_10001} {NODE_DIGEST_5_0_3} 00 | {CLUSTER_A}"
+        ));
+        assert_eq!(bytes.len(), 70);
+        assert_golden(
+            &bytes,
+            &syn(ProtocolVersion::V1, "cluster-a", digest_one_node()),
+        );
+    }
+
+    #[test]
+    fn golden_empty_digests() {
+        let empty = Digest::default();
+        assert_golden(
+            &hex("53 b0 00 00 00 00 | 01 00 63"),
+            &syn(ProtocolVersion::V0, "c", empty.clone()),
+        );
+        assert_golden(
+            &hex("53 b0 01 00 00 | 01 00 63"),
+            &syn(ProtocolVersion::V1, "c", empty),
+        );
+    }
+
+    #[test]
+    fn golden_ack_74_bytes() {
+        let bytes = hex(&format!(
+            "53 b0 00 02 | 02 42 00 | 00 {NODE_10001} 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 \
+             | 01 03 00 6b 65 79 05 00 76 61 6c 75 65 01 00 00 00 00 00 00 00 00 | 00"
+        ));
+        assert_eq!(bytes.len(), 74);
+        let ack = envelope(
+            ProtocolVersion::V0,
+            ChitchatMessage::Ack {
+                delta: one_kv_delta(DeletionStatusMutation::Set),
+            },
+        );
+        assert_golden(&bytes, &ack);
+    }
+
+    #[test]
+    fn golden_set_max_version_ack() {
+        let bytes = hex(&format!(
+            "53 b0 00 02 | 02 35 00 | 00 {NODE_10001} 07 00 00 00 00 00 00 00 09 00 00 00 00 00 00 00 \
+             | 02 0c 00 00 00 00 00 00 00 | 00"
+        ));
+        assert_eq!(bytes.len(), HEADER_LEN + 57);
+        let delta = Delta {
+            node_deltas: vec![NodeDelta {
+                chitchat_id: ChitchatId::for_local_test(10_001),
+                from_version_excluded: 9,
+                last_gc_version: 7,
+                max_version: 12,
+                key_values: Vec::new(),
+            }],
+        };
+        assert_golden(
+            &bytes,
+            &envelope(ProtocolVersion::V0, ChitchatMessage::Ack { delta }),
+        );
+    }
+
+    #[test]
+    fn golden_empty_syn_ack_and_bad_cluster() {
+        let empty_syn_ack = ChitchatMessage::SynAck {
+            digest: Digest::default(),
+            delta: Delta::default(),
+        };
+        assert_golden(
+            &hex("53 b0 00 01 00 00 00"),
+            &envelope(ProtocolVersion::V0, empty_syn_ack.clone()),
+        );
+        assert_golden(
+            &hex("53 b0 01 01 00 00"),
+            &envelope(ProtocolVersion::V1, empty_syn_ack),
+        );
+        assert_golden(
+            &hex("53 b0 00 03"),
+            &envelope(ProtocolVersion::V0, ChitchatMessage::BadCluster),
+        );
+        assert_golden(
+            &hex("53 b0 01 03"),
+            &envelope(ProtocolVersion::V1, ChitchatMessage::BadCluster),
+        );
+    }
+
+    #[test]
+    fn thirty_nine_kvs_compress_into_one_block() {
+        let mut node_delta = one_kv_delta(DeletionStatusMutation::Set)
+            .node_deltas
+            .remove(0);
+        node_delta.key_values = (1..=39u64)
+            .map(|version| KeyValueUpdate {
+                key: format!("key{version:02}"),
+                value: format!("value{version:02}"),
+                version,
+                status: DeletionStatusMutation::Set,
+            })
+            .collect();
+        node_delta.max_version = 39;
+        let ack = envelope(
+            ProtocolVersion::V0,
+            ChitchatMessage::Ack {
+                delta: Delta {
+                    node_deltas: vec![node_delta],
+                },
+            },
+        );
+        let bytes = encode_envelope(&ack).unwrap();
+        assert_eq!(&bytes[..5], &hex("53 b0 00 02 01"));
+        let block_len = u16::from_le_bytes([bytes[5], bytes[6]]) as usize;
+        assert_eq!(&bytes[7..11], &hex("28 b5 2f fd"));
+        assert_eq!(bytes.len(), 7 + block_len + 1);
+        assert!(block_len < 44 + 39 * 26);
+        assert_eq!(decode_envelope(&bytes).unwrap(), ack);
+    }
+
+    #[test]
+    fn message_sizes() {
+        let len = |envelope: &ChitchatEnvelope| encode_envelope(envelope).unwrap().len();
+        assert_eq!(
+            len(&syn(ProtocolVersion::V0, "cluster-a", Digest::default())),
+            17
+        );
+        let mut digest = Digest::default();
+        digest.add_node(ChitchatId::for_local_test(10_001), NodeDigest::default());
+        assert_eq!(
+            len(&syn(ProtocolVersion::V0, "cluster-a", digest.clone())),
+            68
+        );
+        let syn_ack = |digest: Digest, delta: Delta| {
+            envelope(
+                ProtocolVersion::V0,
+                ChitchatMessage::SynAck { digest, delta },
+            )
+        };
+        assert_eq!(len(&syn_ack(Digest::default(), Delta::default())), 7);
+        let delta = one_kv_delta(DeletionStatusMutation::Delete);
+        assert_eq!(len(&syn_ack(digest, delta.clone())), 4 + 53 + 70);
+        let ack = |delta: Delta| envelope(ProtocolVersion::V0, ChitchatMessage::Ack { delta });
+        assert_eq!(len(&ack(Delta::default())), 5);
+        assert_eq!(len(&ack(delta)), 4 + 70);
+        assert_eq!(
+            len(&envelope(ProtocolVersion::V0, ChitchatMessage::BadCluster)),
+            4
+        );
+    }
+
+    #[test]
+    fn v1_syn_of_100_nodes_round_trips_and_is_smaller() {
+        let mut digest = Digest::default();
+        for i in 0..100u16 {
+            digest.add_node(
+                ChitchatId::for_local_test(10_000 + i),
+                NodeDigest::new(Heartbeat::from(u64::from(i)), 0, u64::from(i)),
+            );
+        }
+        let v0 = syn(ProtocolVersion::V0, "cluster-a", digest.clone());
+        let v1 = syn(ProtocolVersion::V1, "cluster-a", digest);
+        let v0_bytes = encode_envelope(&v0).unwrap();
+        let v1_bytes = encode_envelope(&v1).unwrap();
+        assert!(v1_bytes.len() * 3 < v0_bytes.len());
+        assert_eq!(decode_envelope(&v0_bytes).unwrap(), v0);
+        assert_eq!(decode_envelope(&v1_bytes).unwrap(), v1);
+    }
+
+    #[test]
+    fn header_errors() {
+        let cases: [(&[u8], DecodeError); 7] = [
+            (
+                &[],
+                DecodeError::Truncated {
+                    what: "magic number",
+                },
+            ),
+            (
+                &[0x53],
+                DecodeError::Truncated {
+                    what: "magic number",
+                },
+            ),
+            (
+                &[0x53, 0xb0],
+                DecodeError::Truncated {
+                    what: "protocol version",
+                },
+            ),
+            (
+                &[0x53, 0xb0, 0],
+                DecodeError::Truncated {
+                    what: "message type",
+                },
+            ),
+            (&[0xb0, 0x53, 0, 3], DecodeError::BadMagic(0x53b0)),
+            (&[0x53, 0xb0, 2, 3], DecodeError::UnknownVersion(2)),
+            (
+                &[0x53, 0xb0, 0, 0xff],
+                DecodeError::UnknownMessageType(0xff),
+            ),
+        ];
+        for (bytes, expected) in cases {
+            assert_eq!(decode_envelope(bytes), Err(expected));
+        }
+        assert_eq!(
+            decode_envelope(&hex("53 b0 00 00 00 00 02 00 63")),
+            Err(DecodeError::Truncated { what: "cluster id" })
+        );
+        assert_eq!(
+            decode_envelope(&hex("53 b0 00 00 00 00 01 00 ff")),
+            Err(DecodeError::InvalidUtf8 { what: "cluster id" })
+        );
+        assert_eq!(DecodeError::BadMagic(0x53b0).kind(), "bad-magic");
+        assert_eq!(
+            DecodeError::BadMagic(0x53b0).to_string(),
+            "bad magic number 0x53b0 (expected 0xb053)"
+        );
+    }
+
+    #[test]
+    fn trailing_bytes_are_ignored() {
+        let mut bytes = hex("53 b0 00 03");
+        bytes.extend_from_slice(b"junk");
+        assert_eq!(
+            decode_envelope(&bytes).unwrap().message,
+            ChitchatMessage::BadCluster
+        );
+    }
+
+    #[test]
+    fn unencodable_messages_are_errors_and_leave_the_buffer_alone() {
+        let long = "c".repeat(70_000);
+        let mut out = vec![1, 2, 3];
+        let mut encoder = Encoder::new();
+        assert_eq!(
+            encoder.encode_envelope(
+                &syn(ProtocolVersion::V0, &long, Digest::default()),
+                &mut out
+            ),
+            Err(EncodeError::StringTooLong {
+                what: "cluster id",
+                len: 70_000
+            })
+        );
+        assert_eq!(out, [1, 2, 3]);
+        let mut delta = one_kv_delta(DeletionStatusMutation::Set);
+        delta.node_deltas[0].key_values[0].value = long;
+        let ack = envelope(ProtocolVersion::V1, ChitchatMessage::Ack { delta });
+        assert!(matches!(
+            encoder.encode_envelope(&ack, &mut out),
+            Err(EncodeError::StringTooLong { what: "value", .. })
+        ));
+        assert_eq!(out, [1, 2, 3]);
+    }
+
+    #[test]
+    fn delta_mtu_accounts_for_header_and_reserved_bytes() {
+        assert_eq!(delta_mtu(0), MAX_UDP_DATAGRAM_PAYLOAD_SIZE - HEADER_LEN);
+        assert_eq!(delta_mtu(53), 65_503 - 53);
+        assert_eq!(delta_mtu(usize::MAX), 0);
+        // A SynAck built with that budget fits the datagram exactly at most.
+        let mut digest = Digest::default();
+        for i in 0..300u16 {
+            digest.add_node(ChitchatId::for_local_test(i), NodeDigest::default());
+        }
+        for version in [ProtocolVersion::V0, ProtocolVersion::V1] {
+            let mut encoder = Encoder::new();
+            let mut out = Vec::new();
+            Encoder::write_header(&mut out, version, 1);
+            let entries = digest.node_digests.iter().map(|(id, nd)| (id, *nd));
+            let digest_len = encoder
+                .encode_digest(version, entries, usize::MAX, &mut out)
+                .len;
+            let mut writer = encoder.delta_writer(&mut out, delta_mtu(digest_len));
+            let value = "v".repeat(1_000);
+            let mut n = 0u16;
+            let mut version_counter = 0;
+            'outer: loop {
+                n += 1;
+                if !writer.try_add_node(&ChitchatId::for_local_test(n), 0, 0) {
+                    break;
+                }
+                for _ in 0..10 {
+                    version_counter += 1;
+                    // Defeat compression a little: distinct keys, repetitive values.
+                    let key = format!("key-{version_counter}-{}", version_counter * 7_919);
+                    if !writer.try_add_kv(
+                        &key,
+                        &value,
+                        version_counter,
+                        DeletionStatusMutation::Set,
+                    ) {
+                        break 'outer;
+                    }
+                }
+            }
+            writer.finish();
+            assert!(out.len() <= MAX_UDP_DATAGRAM_PAYLOAD_SIZE);
+            let decoded = decode_envelope(&out).unwrap();
+            let ChitchatMessage::SynAck { digest: got, .. } = decoded.message else {
+                panic!("not a SynAck");
+            };
+            assert_eq!(got, digest);
+        }
+    }
+
+    /// Re-encoding what decodes gives a message that decodes to the same thing.
+    #[track_caller]
+    fn check_stable(bytes: &[u8]) {
+        let mut decoder = Decoder::new();
+        if let Ok(message) = decoder.decode_envelope(bytes) {
+            let again = encode_envelope(&message).expect("a decoded message is encodable");
+            assert_eq!(decoder.decode_envelope(&again).unwrap(), message);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn round_trip(envelope in arb_envelope(), trailing in proptest::collection::vec(any::<u8>(), 0..8)) {
+            let mut encoder = Encoder::new();
+            let mut bytes = Vec::new();
+            encoder.encode_envelope(&envelope, &mut bytes).unwrap();
+            let mut decoder = Decoder::new();
+            prop_assert_eq!(&decoder.decode_envelope(&bytes).unwrap(), &envelope);
+            bytes.extend_from_slice(&trailing);
+            prop_assert_eq!(&decoder.decode_envelope(&bytes).unwrap(), &envelope);
+            // Encoding again with the same (reused) encoder gives the same bytes.
+            let mut again = Vec::new();
+            encoder.encode_envelope(&envelope, &mut again).unwrap();
+            prop_assert_eq!(&again[..], &bytes[..bytes.len() - trailing.len()]);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(
+            header in prop_oneof![
+                Just(Vec::new()),
+                (0u8..2, 0u8..4).prop_map(|(v, t)| vec![0x53, 0xb0, v, t]),
+            ],
+            body in proptest::collection::vec(any::<u8>(), 0..1_500),
+        ) {
+            let bytes = [header, body].concat();
+            check_stable(&bytes);
+        }
+
+        #[test]
+        fn mutated_encodings_never_panic(
+            envelope in arb_envelope(),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), 0u8..8), 1..6),
+            cut in any::<prop::sample::Index>(),
+            truncate in any::<bool>(),
+        ) {
+            let mut bytes = encode_envelope(&envelope).unwrap();
+            for (index, bit) in flips {
+                let i = index.index(bytes.len());
+                bytes[i] ^= 1 << bit;
+            }
+            check_stable(&bytes);
+            if truncate {
+                let cut = cut.index(bytes.len());
+                bytes.truncate(cut);
+                check_stable(&bytes);
+            }
+        }
+    }
+}

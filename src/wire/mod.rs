@@ -11,6 +11,8 @@ mod digest;
 mod envelope;
 mod primitives;
 #[cfg(test)]
+mod reference_interop;
+#[cfg(test)]
 mod testing;
 
 use std::collections::HashSet;
