@@ -1,4 +1,26 @@
-//! The sans-IO protocol core (placeholder until the state machine lands).
+//! The sans-IO protocol core: `Chitchat` and the state it keeps. Every rule of SPEC §4 lives
+//! here; time and randomness are inputs, so every rule is tested deterministically.
 
-/// State of one node as seen locally.
-pub struct NodeState {}
+mod chitchat;
+#[cfg(test)]
+mod chitchat_tests;
+mod cluster_state;
+pub(crate) mod codec;
+mod delta_plan;
+#[cfg(test)]
+mod delta_plan_tests;
+mod failure_detector;
+mod gc_history;
+mod listener;
+mod node_state;
+#[cfg(test)]
+mod node_state_tests;
+pub mod peer_selection;
+
+pub use chitchat::{Chitchat, MAX_NODE_STATES, ProtocolStats};
+pub use cluster_state::ClusterStateSnapshot;
+pub use codec::{MIN_SYN_ACK_DELTA_BUDGET, ReplyOutcome};
+pub use gc_history::GARBAGE_COLLECTED_NODE_HISTORY_SIZE;
+pub use listener::{KeyChangeEvent, ListenerHandle};
+pub use node_state::{KeyValueError, NodeState};
+pub use peer_selection::{GOSSIP_COUNT, GossipTargets, select_nodes_for_gossip};

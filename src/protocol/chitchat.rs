@@ -1,0 +1,577 @@
+//! `Chitchat`: the sans-IO state machine. It takes messages (or datagrams) and returns replies;
+//! it knows no sockets, threads or timers. Time comes from the `Clock` it is given, randomness
+//! from a seeded RNG.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::watch;
+use tokio_stream::wrappers::WatchStream;
+use tracing::{error, info, warn};
+
+use crate::clock::Clock;
+use crate::config::ChitchatConfig;
+use crate::message::{ChitchatEnvelope, ChitchatMessage, Delta, Digest, ProtocolVersion};
+use crate::protocol::cluster_state::{ClusterState, ClusterStateSnapshot, node_digest};
+use crate::protocol::codec::{self, ReplyOutcome};
+use crate::protocol::failure_detector::FailureDetector;
+use crate::protocol::listener::{KeyChangeEvent, ListenerHandle, Listeners};
+use crate::protocol::node_state::NodeState;
+use crate::types::{ChitchatId, Heartbeat, Version, VersionedValue};
+use crate::wire::DecodeError;
+
+/// Most node states one `Chitchat` keeps: a digest cannot carry more (u16 count), and it bounds
+/// what forged digests can make a node allocate.
+pub const MAX_NODE_STATES: usize = 65_535;
+
+/// Counters of what the state machine saw and did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ProtocolStats {
+    pub syn_received: u64,
+    pub syn_ack_received: u64,
+    pub ack_received: u64,
+    pub bad_cluster_received: u64,
+    /// Syns of another cluster, answered with BadCluster.
+    pub bad_cluster_sent: u64,
+    pub node_deltas_applied: u64,
+    pub node_deltas_reset: u64,
+    pub node_deltas_rejected: u64,
+    /// Replies whose digest did not fit and was sent partial.
+    pub digests_truncated: u64,
+    /// Replies whose delta left stale data behind for lack of room.
+    pub deltas_truncated: u64,
+    /// Digest entries ignored because the node-state cap was reached.
+    pub nodes_refused: u64,
+}
+
+pub struct Chitchat {
+    config: ChitchatConfig,
+    cluster_state: ClusterState,
+    failure_detector: FailureDetector,
+    /// Live nodes (self included) → max_version, as last published.
+    previous_live_nodes: HashMap<ChitchatId, Version>,
+    live_nodes_tx: watch::Sender<BTreeMap<ChitchatId, NodeState>>,
+    seed_addrs: watch::Receiver<HashSet<SocketAddr>>,
+    clock: Clock,
+    rng: SmallRng,
+    stats: ProtocolStats,
+}
+
+impl Chitchat {
+    /// A node on the system clock, with a random seed for tie-breaking.
+    pub fn with_chitchat_id_and_seeds(
+        config: ChitchatConfig,
+        seed_addrs: watch::Receiver<HashSet<SocketAddr>>,
+        initial_key_values: Vec<(String, String)>,
+    ) -> Self {
+        Chitchat::with_clock(
+            config,
+            seed_addrs,
+            initial_key_values,
+            Clock::System,
+            rand::random(),
+        )
+    }
+
+    /// A node whose time comes from `clock` and whose random choices derive from `rng_seed`:
+    /// deterministic given the same inputs.
+    pub fn with_clock(
+        config: ChitchatConfig,
+        seed_addrs: watch::Receiver<HashSet<SocketAddr>>,
+        initial_key_values: Vec<(String, String)>,
+        clock: Clock,
+        rng_seed: u64,
+    ) -> Self {
+        let failure_detector = FailureDetector::new(config.failure_detector_config.clone());
+        let (live_nodes_tx, _) = watch::channel(BTreeMap::new());
+        let mut chitchat = Chitchat {
+            cluster_state: ClusterState::new(Listeners::default(), clock.clone()),
+            config,
+            failure_detector,
+            previous_live_nodes: HashMap::new(),
+            live_nodes_tx,
+            seed_addrs,
+            clock,
+            rng: SmallRng::seed_from_u64(rng_seed),
+            stats: ProtocolStats::default(),
+        };
+        let own = chitchat.self_node_state();
+        own.inc_heartbeat();
+        for (key, value) in initial_key_values {
+            own.set(key, value);
+        }
+        chitchat
+    }
+
+    pub fn config(&self) -> &ChitchatConfig {
+        &self.config
+    }
+
+    /// The current time on this node's clock.
+    pub fn now(&self) -> Instant {
+        self.clock.now()
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    pub fn stats(&self) -> &ProtocolStats {
+        &self.stats
+    }
+
+    pub fn cluster_id(&self) -> &str {
+        &self.config.cluster_id
+    }
+
+    pub fn self_chitchat_id(&self) -> &ChitchatId {
+        &self.config.chitchat_id
+    }
+
+    pub fn node_states(&self) -> &BTreeMap<ChitchatId, NodeState> {
+        &self.cluster_state.node_states
+    }
+
+    pub fn node_state(&self, chitchat_id: &ChitchatId) -> Option<&NodeState> {
+        self.cluster_state.node_state(chitchat_id)
+    }
+
+    /// This node's own state, to read or write its key-values.
+    pub fn self_node_state(&mut self) -> &mut NodeState {
+        let id = self.config.chitchat_id.clone();
+        self.cluster_state.node_state_or_create(&id)
+    }
+
+    /// Self first, then the nodes the failure detector considers alive.
+    pub fn live_nodes(&self) -> impl Iterator<Item = &ChitchatId> {
+        std::iter::once(&self.config.chitchat_id).chain(self.failure_detector.live_nodes())
+    }
+
+    pub fn dead_nodes(&self) -> impl Iterator<Item = &ChitchatId> {
+        self.failure_detector.dead_nodes()
+    }
+
+    /// Dead for more than half the dead-node grace period: no longer shared.
+    pub fn scheduled_for_deletion_nodes(&self) -> impl Iterator<Item = &ChitchatId> {
+        self.failure_detector
+            .scheduled_for_deletion_nodes(self.clock.now())
+    }
+
+    /// How long a silence of this node would make it dead (None for self, unknown nodes and
+    /// nodes without interval samples).
+    pub fn failure_detection_timeout(&self, chitchat_id: &ChitchatId) -> Option<Duration> {
+        if chitchat_id == &self.config.chitchat_id {
+            return None;
+        }
+        self.failure_detector.failure_detection_timeout(chitchat_id)
+    }
+
+    /// Live nodes (self included, extra liveness predicate applied), published at the end of a
+    /// gossip round whenever the set of live nodes or one of their max versions changed.
+    pub fn live_nodes_watcher(&self) -> watch::Receiver<BTreeMap<ChitchatId, NodeState>> {
+        self.live_nodes_tx.subscribe()
+    }
+
+    pub fn live_nodes_watch_stream(&self) -> WatchStream<BTreeMap<ChitchatId, NodeState>> {
+        WatchStream::new(self.live_nodes_watcher())
+    }
+
+    /// The seed addresses currently resolved.
+    pub fn seed_nodes(&self) -> HashSet<SocketAddr> {
+        self.seed_addrs.borrow().clone()
+    }
+
+    pub fn state_snapshot(&self) -> ClusterStateSnapshot {
+        self.cluster_state.snapshot(self.seed_nodes())
+    }
+
+    /// Calls `callback` whenever a key starting with `prefix` is set (or set with a TTL) on any
+    /// node, with the prefix stripped. Callbacks run under the state lock: keep them short and
+    /// never touch the `Chitchat` from them.
+    pub fn subscribe_event(
+        &self,
+        prefix: impl ToString,
+        callback: impl Fn(KeyChangeEvent) + Send + Sync + 'static,
+    ) -> ListenerHandle {
+        self.cluster_state.listeners().subscribe(prefix, callback)
+    }
+
+    /// Catch-up API: replaces a node state with one fetched by other means, if it is newer
+    /// (SPEC §4.9). Keys absent from `key_values` are removed without tombstones.
+    pub fn reset_node_state_if_update(
+        &mut self,
+        chitchat_id: &ChitchatId,
+        key_values: impl Iterator<Item = (String, VersionedValue)>,
+        max_version: Version,
+        last_gc_version: Version,
+    ) {
+        if chitchat_id == &self.config.chitchat_id {
+            warn!("refusing to reset this node's own state");
+            return;
+        }
+        let state = if self.cluster_state.is_garbage_collected(chitchat_id) {
+            match self.cluster_state.node_state_mut(chitchat_id) {
+                Some(state) => state,
+                None => {
+                    info!(node = ?chitchat_id, "not resetting a recently garbage-collected node");
+                    return;
+                }
+            }
+        } else {
+            self.cluster_state.node_state_or_create(chitchat_id)
+        };
+        let before = state.monotonic_property();
+        if before >= (last_gc_version, max_version) {
+            warn!(node = ?chitchat_id, ?before, last_gc_version, max_version,
+                  "attempted to reset a node with an obsolete state");
+            return;
+        }
+        state.set_max_version(max_version);
+        let mut previous_keys: HashSet<String> = state
+            .key_values_including_deleted()
+            .map(|(key, _)| key.to_string())
+            .collect();
+        for (key, value) in key_values {
+            previous_keys.remove(&key);
+            state.set_versioned_value(key, value);
+        }
+        for key in previous_keys {
+            state.remove_key(&key);
+        }
+        state.set_last_gc_version(last_gc_version);
+        // Known to the failure detector (so it is eventually collected), but not seen alive.
+        self.failure_detector.ensure_window(chitchat_id);
+    }
+
+    pub fn update_self_heartbeat(&mut self) {
+        self.self_node_state().inc_heartbeat();
+    }
+
+    /// Tombstone and TTL garbage collection on every node state.
+    pub fn gc_keys_marked_for_deletion(&mut self) {
+        let now = self.clock.now();
+        let grace = self.config.marked_for_deletion_grace_period;
+        self.cluster_state.gc_keys_marked_for_deletion(grace, now);
+    }
+
+    /// Records a heartbeat seen in a digest (SPEC §4.6). This is how membership spreads.
+    pub fn report_heartbeat(&mut self, chitchat_id: &ChitchatId, heartbeat: Heartbeat) {
+        let now = self.clock.now();
+        self.report_heartbeat_at(chitchat_id, heartbeat, now);
+    }
+
+    fn report_heartbeat_at(
+        &mut self,
+        chitchat_id: &ChitchatId,
+        heartbeat: Heartbeat,
+        now: Instant,
+    ) {
+        if chitchat_id == &self.config.chitchat_id {
+            // Peers remember a previous incarnation with this very id: outgrow it.
+            self.self_node_state().fast_forward_heartbeat(heartbeat);
+            return;
+        }
+        if let Some(last) = self.cluster_state.last_heartbeat_if_deleted(chitchat_id)
+            && heartbeat <= last
+        {
+            // A stale copy of a garbage-collected node: do not resurrect it.
+            if let Some(state) = self.cluster_state.node_state_mut(chitchat_id)
+                && state.try_set_heartbeat(heartbeat)
+            {
+                self.failure_detector.report_heartbeat(chitchat_id, now);
+            }
+            return;
+        }
+        if self.cluster_state.node_state(chitchat_id).is_none()
+            && self.cluster_state.node_states.len() >= MAX_NODE_STATES
+        {
+            self.stats.nodes_refused += 1;
+            return;
+        }
+        let state = self.cluster_state.node_state_or_create(chitchat_id);
+        if state.try_set_heartbeat(heartbeat) {
+            self.failure_detector.report_heartbeat(chitchat_id, now);
+        }
+    }
+
+    fn report_heartbeats(&mut self, digest: &Digest, now: Instant) {
+        for (id, node_digest) in &digest.node_digests {
+            self.report_heartbeat_at(id, node_digest.heartbeat, now);
+        }
+    }
+
+    /// Applies a received delta; calls the catch-up callback once if a node state was reset.
+    pub fn process_delta(&mut self, delta: &Delta) {
+        let now = self.clock.now();
+        let self_id = self.config.chitchat_id.clone();
+        let outcome = self.cluster_state.apply_delta(delta, &self_id, now);
+        self.stats.node_deltas_applied += outcome.nodes_applied as u64;
+        self.stats.node_deltas_reset += outcome.nodes_reset as u64;
+        self.stats.node_deltas_rejected += outcome.nodes_rejected as u64;
+        if outcome.nodes_reset > 0
+            && let Some(callback) = &self.config.catchup_callback
+        {
+            info!(
+                resets = outcome.nodes_reset,
+                "node states reset by gossip: calling the catch-up callback"
+            );
+            callback();
+        }
+    }
+
+    /// Re-evaluates liveness, publishes the live nodes if they changed, and forgets nodes dead
+    /// for longer than the grace period. Called at the end of every gossip round.
+    pub fn update_nodes_liveness(&mut self) {
+        let now = self.clock.now();
+        let self_id = self.config.chitchat_id.clone();
+        let ids: Vec<ChitchatId> = self
+            .cluster_state
+            .node_states
+            .keys()
+            .filter(|id| **id != self_id)
+            .cloned()
+            .collect();
+        for id in &ids {
+            self.failure_detector.update_node_liveness(id, now);
+        }
+        let current: HashMap<ChitchatId, Version> = self
+            .live_nodes()
+            .filter_map(|id| {
+                let state = self.cluster_state.node_state(id)?;
+                Some((id.clone(), state.max_version()))
+            })
+            .collect();
+        if current != self.previous_live_nodes {
+            let published: BTreeMap<ChitchatId, NodeState> = current
+                .keys()
+                .filter_map(|id| {
+                    let state = self.cluster_state.node_state(id)?;
+                    let keep = self
+                        .config
+                        .extra_liveness_predicate
+                        .as_ref()
+                        .is_none_or(|predicate| predicate(state));
+                    keep.then(|| (id.clone(), state.clone()))
+                })
+                .collect();
+            self.previous_live_nodes = current;
+            self.live_nodes_tx.send_replace(published);
+        }
+        for id in self.failure_detector.garbage_collect(now) {
+            self.cluster_state.garbage_collect_node(&id);
+        }
+    }
+
+    /// The own digest: every node state not scheduled for deletion.
+    pub fn compute_digest(&self) -> Digest {
+        let now = self.clock.now();
+        let scheduled: HashSet<&ChitchatId> = self
+            .failure_detector
+            .scheduled_for_deletion_nodes(now)
+            .collect();
+        self.cluster_state.compute_digest(&scheduled)
+    }
+
+    /// The Syn this node sends to start a handshake (full digest; the byte path, `write_syn`,
+    /// trims it to fit a datagram).
+    pub fn create_syn_message(&self) -> ChitchatMessage {
+        ChitchatMessage::Syn {
+            cluster_id: self.config.cluster_id.clone(),
+            digest: self.compute_digest(),
+        }
+    }
+
+    /// Encodes a Syn in `version` into `out` (cleared first): the gossip path, no intermediate
+    /// message.
+    pub fn write_syn(&mut self, version: ProtocolVersion, out: &mut Vec<u8>) {
+        out.clear();
+        let now = self.clock.now();
+        let scheduled: HashSet<&ChitchatId> = self
+            .failure_detector
+            .scheduled_for_deletion_nodes(now)
+            .collect();
+        let truncated = codec::write_syn(
+            &self.cluster_state,
+            &self.config.chitchat_id,
+            &self.config.cluster_id,
+            &scheduled,
+            version,
+            &mut self.rng,
+            out,
+        );
+        if truncated {
+            self.stats.digests_truncated += 1;
+        }
+    }
+
+    /// Handles a message received in the protocol version of this node's config.
+    pub fn process_message(&mut self, message: ChitchatMessage) -> Option<ChitchatMessage> {
+        let envelope = ChitchatEnvelope {
+            version: self.config.protocol_version,
+            message,
+        };
+        self.process_envelope(envelope).map(|reply| reply.message)
+    }
+
+    /// Handles a message; the reply (if any) is in the version received.
+    pub fn process_envelope(&mut self, envelope: ChitchatEnvelope) -> Option<ChitchatEnvelope> {
+        let mut buf = Vec::new();
+        let outcome = self.process_envelope_into(envelope, &mut buf, None);
+        if !outcome.replied {
+            return None;
+        }
+        match codec::decode(&buf) {
+            Ok(reply) => Some(reply),
+            Err(error) => {
+                error!(%error, "a reply of this node does not decode: dropped");
+                None
+            }
+        }
+    }
+
+    /// Decodes a datagram, handles it and encodes the reply (if any) into `reply` (cleared
+    /// first). The server's hot path: replies are written straight from the state.
+    pub fn handle_datagram(
+        &mut self,
+        payload: &[u8],
+        reply: &mut Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> Result<ReplyOutcome, DecodeError> {
+        let envelope = codec::decode(payload)?;
+        Ok(self.process_envelope_into(envelope, reply, deadline))
+    }
+
+    /// The handshake logic (SPEC §4.1), writing the reply into `out`.
+    pub(crate) fn process_envelope_into(
+        &mut self,
+        envelope: ChitchatEnvelope,
+        out: &mut Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> ReplyOutcome {
+        out.clear();
+        let version = envelope.version;
+        let now = self.clock.now();
+        self.update_self_heartbeat();
+        let mut outcome = ReplyOutcome {
+            version,
+            replied: false,
+            digest_truncated: false,
+            delta_truncated: false,
+        };
+        match envelope.message {
+            ChitchatMessage::Syn { cluster_id, digest } => {
+                self.stats.syn_received += 1;
+                if cluster_id != self.config.cluster_id {
+                    warn!(their = %cluster_id, ours = %self.config.cluster_id,
+                          "syn from another cluster: answering BadCluster");
+                    self.stats.bad_cluster_sent += 1;
+                    codec::write_bad_cluster(version, out);
+                    outcome.replied = true;
+                    return outcome;
+                }
+                self.report_heartbeats(&digest, now);
+                let scheduled: HashSet<&ChitchatId> = self
+                    .failure_detector
+                    .scheduled_for_deletion_nodes(now)
+                    .collect();
+                let (digest_truncated, summary) = codec::write_syn_ack(
+                    &self.cluster_state,
+                    &self.config.chitchat_id,
+                    &scheduled,
+                    version,
+                    &digest,
+                    &mut self.rng,
+                    out,
+                    deadline,
+                );
+                outcome.replied = true;
+                outcome.digest_truncated = digest_truncated;
+                outcome.delta_truncated = summary.truncated;
+            }
+            ChitchatMessage::SynAck { digest, delta } => {
+                self.stats.syn_ack_received += 1;
+                self.report_heartbeats(&digest, now);
+                self.process_delta(&delta);
+                let scheduled: HashSet<&ChitchatId> = self
+                    .failure_detector
+                    .scheduled_for_deletion_nodes(now)
+                    .collect();
+                let summary = codec::write_ack(
+                    &self.cluster_state,
+                    &scheduled,
+                    version,
+                    &digest,
+                    &mut self.rng,
+                    out,
+                    deadline,
+                );
+                outcome.replied = true;
+                outcome.delta_truncated = summary.truncated;
+            }
+            ChitchatMessage::Ack { delta } => {
+                self.stats.ack_received += 1;
+                self.process_delta(&delta);
+            }
+            ChitchatMessage::BadCluster => {
+                self.stats.bad_cluster_received += 1;
+                warn!("a peer answered BadCluster: it belongs to another cluster");
+            }
+        }
+        if outcome.digest_truncated {
+            self.stats.digests_truncated += 1;
+        }
+        if outcome.delta_truncated {
+            self.stats.deltas_truncated += 1;
+        }
+        outcome
+    }
+
+    /// Addresses of every other node state (for gossip when no node is live).
+    pub fn peer_addrs(&self) -> HashSet<SocketAddr> {
+        self.cluster_state
+            .node_states
+            .keys()
+            .filter(|id| **id != self.config.chitchat_id)
+            .map(|id| id.gossip_advertise_addr)
+            .collect()
+    }
+
+    pub fn live_addrs(&self) -> HashSet<SocketAddr> {
+        self.failure_detector
+            .live_nodes()
+            .filter(|id| **id != self.config.chitchat_id)
+            .map(|id| id.gossip_advertise_addr)
+            .collect()
+    }
+
+    pub fn dead_addrs(&self) -> HashSet<SocketAddr> {
+        self.failure_detector
+            .dead_nodes()
+            .map(|id| id.gossip_advertise_addr)
+            .collect()
+    }
+
+    /// Resolved seeds, minus this node's own address.
+    pub fn seed_addrs_except_self(&self) -> HashSet<SocketAddr> {
+        let own = self.config.chitchat_id.gossip_advertise_addr;
+        self.seed_addrs
+            .borrow()
+            .iter()
+            .copied()
+            .filter(|addr| *addr != own)
+            .collect()
+    }
+
+    /// The digest entry of one node, as this node would send it.
+    pub fn node_digest(&self, chitchat_id: &ChitchatId) -> Option<crate::message::NodeDigest> {
+        self.cluster_state.node_state(chitchat_id).map(node_digest)
+    }
+
+    /// A random number from this node's RNG (peer selection shares it, for determinism).
+    pub fn rng(&mut self) -> &mut impl Rng {
+        &mut self.rng
+    }
+}

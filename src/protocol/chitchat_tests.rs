@@ -1,0 +1,666 @@
+//! Whole-node behaviour, driven message by message on virtual time (SPEC §4, §6.11).
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::clock::{Clock, ManualClock};
+use crate::config::{ChitchatConfig, FailureDetectorConfig};
+use crate::message::{ChitchatEnvelope, ChitchatMessage, Digest, NodeDigest, ProtocolVersion};
+use crate::protocol::Chitchat;
+use crate::types::{ChitchatId, Heartbeat, VersionedValue};
+use crate::wire::{self, MAX_UDP_DATAGRAM_PAYLOAD_SIZE};
+
+fn config(port: u16) -> ChitchatConfig {
+    let mut config = ChitchatConfig::for_test(port);
+    config.cluster_id = "test-cluster".to_string();
+    config.gossip_interval = Duration::from_millis(100);
+    config.failure_detector_config = FailureDetectorConfig {
+        phi_threshold: 5.0,
+        initial_interval: Duration::from_millis(100),
+        dead_node_grace_period: Duration::from_secs(20),
+        ..FailureDetectorConfig::default()
+    };
+    config.marked_for_deletion_grace_period = Duration::from_secs(3_600);
+    config
+}
+
+fn no_seeds() -> watch::Receiver<HashSet<SocketAddr>> {
+    watch::channel(HashSet::new()).1
+}
+
+fn node(port: u16, clock: &ManualClock) -> Chitchat {
+    node_with(config(port), clock, Vec::new())
+}
+
+fn node_with(config: ChitchatConfig, clock: &ManualClock, kvs: Vec<(&str, &str)>) -> Chitchat {
+    let kvs = kvs
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Chitchat::with_clock(
+        config,
+        no_seeds(),
+        kvs,
+        Clock::from(clock.clone()),
+        u64::from(7u16),
+    )
+}
+
+/// One full Syn → SynAck → Ack exchange, through the byte codec.
+fn handshake(initiator: &mut Chitchat, receiver: &mut Chitchat) {
+    let syn = initiator.create_syn_message();
+    let syn_ack = receiver.process_message(syn).expect("a syn gets a syn-ack");
+    assert!(matches!(syn_ack, ChitchatMessage::SynAck { .. }));
+    let ack = initiator
+        .process_message(syn_ack)
+        .expect("a syn-ack gets an ack");
+    assert!(matches!(ack, ChitchatMessage::Ack { .. }));
+    assert!(receiver.process_message(ack).is_none());
+}
+
+fn visible(chitchat: &Chitchat, id: &ChitchatId) -> BTreeMap<String, String> {
+    chitchat
+        .node_state(id)
+        .map(|state| {
+            state
+                .key_values()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn assert_same_view(a: &Chitchat, b: &Chitchat) {
+    for id in [a.self_chitchat_id(), b.self_chitchat_id()] {
+        assert_eq!(visible(a, id), visible(b, id), "views of {id:?} differ");
+    }
+}
+
+#[test]
+fn constructor_sets_heartbeat_and_initial_key_values() {
+    let clock = ManualClock::new();
+    let chitchat = node_with(config(1), &clock, vec![("a", "1"), ("b", "2"), ("a", "1")]);
+    let own = chitchat.node_state(chitchat.self_chitchat_id()).unwrap();
+    assert_eq!(own.heartbeat(), Heartbeat(1));
+    assert_eq!(own.max_version(), 2);
+    assert_eq!(own.get("b"), Some("2"));
+}
+
+#[test]
+fn handshakes_synchronise_both_nodes() {
+    let clock = ManualClock::new();
+    let mut n1 = node_with(config(10_001), &clock, vec![("key_a", "1"), ("key_b", "2")]);
+    let mut n2 = node_with(config(10_002), &clock, vec![("key_c", "3")]);
+    handshake(&mut n1, &mut n2);
+    assert_same_view(&n1, &n2);
+
+    n1.self_node_state().set("key_a", "updated");
+    n1.self_node_state().delete("key_b");
+    n2.self_node_state().set("key_d", "4");
+    handshake(&mut n2, &mut n1);
+    assert_same_view(&n1, &n2);
+    assert_eq!(
+        visible(&n2, n1.self_chitchat_id()).get("key_a").unwrap(),
+        "updated"
+    );
+    assert!(!visible(&n2, n1.self_chitchat_id()).contains_key("key_b"));
+
+    n2.self_node_state().set_with_ttl("ttl", "t");
+    handshake(&mut n1, &mut n2);
+    assert_same_view(&n1, &n2);
+}
+
+#[test]
+fn syn_of_another_cluster_gets_bad_cluster() {
+    let clock = ManualClock::new();
+    let mut n1 = node(1, &clock);
+    let mut other = config(2);
+    other.cluster_id = "another".to_string();
+    let mut n2 = node_with(other, &clock, vec![]);
+    let syn = n2.create_syn_message();
+    assert_eq!(n1.process_message(syn), Some(ChitchatMessage::BadCluster));
+    assert_eq!(n1.stats().bad_cluster_sent, 1);
+    assert!(
+        n1.node_state(n2.self_chitchat_id()).is_none(),
+        "no membership leak"
+    );
+    assert!(n2.process_message(ChitchatMessage::BadCluster).is_none());
+}
+
+#[test]
+fn every_received_message_bumps_the_own_heartbeat() {
+    let clock = ManualClock::new();
+    let mut n1 = node(1, &clock);
+    let mut n2 = node(2, &clock);
+    handshake(&mut n1, &mut n2);
+    // n1: 1 + SynAck; n2: 1 + Syn + Ack.
+    assert_eq!(
+        n1.node_state(n1.self_chitchat_id()).unwrap().heartbeat(),
+        Heartbeat(2)
+    );
+    assert_eq!(
+        n2.node_state(n2.self_chitchat_id()).unwrap().heartbeat(),
+        Heartbeat(3)
+    );
+    assert_eq!(
+        n1.node_state(n2.self_chitchat_id()).unwrap().heartbeat(),
+        Heartbeat(2),
+        "heartbeats travel in digests"
+    );
+}
+
+#[test]
+fn replies_echo_the_version_received() {
+    let clock = ManualClock::new();
+    let mut v1_config = config(1);
+    v1_config.protocol_version = ProtocolVersion::V1;
+    let mut n1 = node_with(v1_config, &clock, vec![("k", "v")]);
+    let n2 = node(2, &clock);
+    for version in [ProtocolVersion::V0, ProtocolVersion::V1] {
+        let syn = ChitchatEnvelope {
+            version,
+            message: n2.create_syn_message(),
+        };
+        let reply = n1.process_envelope(syn).unwrap();
+        assert_eq!(reply.version, version);
+        let mut bytes = Vec::new();
+        let outcome = n1.process_envelope_into(
+            ChitchatEnvelope {
+                version,
+                message: n2.create_syn_message(),
+            },
+            &mut bytes,
+            None,
+        );
+        assert!(outcome.replied);
+        assert_eq!(bytes[2], version.to_code(), "version byte on the wire");
+    }
+}
+
+#[test]
+fn three_increasing_heartbeats_make_a_node_live_and_silence_makes_it_dead() {
+    let clock = ManualClock::new();
+    let mut n1 = node(1, &clock);
+    let peer = ChitchatId::for_local_test(2);
+    for hb in 1..=3 {
+        clock.advance(Duration::from_millis(100));
+        n1.report_heartbeat(&peer, Heartbeat(hb));
+        n1.update_nodes_liveness();
+        let live: Vec<_> = n1.live_nodes().cloned().collect();
+        assert_eq!(live.contains(&peer), hb == 3, "after heartbeat {hb}");
+    }
+    assert_eq!(n1.dead_nodes().count(), 0);
+    clock.advance(Duration::from_secs(5));
+    n1.update_nodes_liveness();
+    assert_eq!(n1.live_nodes().count(), 1, "only self");
+    assert_eq!(n1.dead_nodes().cloned().collect::<Vec<_>>(), vec![peer]);
+}
+
+#[test]
+fn equal_heartbeats_do_not_keep_a_node_alive() {
+    let clock = ManualClock::new();
+    let mut n1 = node(1, &clock);
+    let peer = ChitchatId::for_local_test(2);
+    for hb in 1..=3 {
+        clock.advance(Duration::from_millis(100));
+        n1.report_heartbeat(&peer, Heartbeat(hb));
+    }
+    n1.update_nodes_liveness();
+    assert!(n1.live_nodes().any(|id| *id == peer));
+    for _ in 0..20 {
+        clock.advance(Duration::from_millis(100));
+        n1.report_heartbeat(&peer, Heartbeat(3));
+        n1.update_nodes_liveness();
+    }
+    assert!(!n1.live_nodes().any(|id| *id == peer));
+}
+
+#[test]
+fn failure_detection_timeout_is_exposed() {
+    let clock = ManualClock::new();
+    let mut cfg = config(1);
+    cfg.failure_detector_config.phi_threshold = 2.0;
+    cfg.failure_detector_config.initial_interval = Duration::from_secs(1);
+    let mut n1 = node_with(cfg, &clock, vec![]);
+    let peer = ChitchatId::for_local_test(2);
+    assert_eq!(n1.failure_detection_timeout(&peer), None);
+    n1.report_heartbeat(&peer, Heartbeat(1));
+    clock.advance(Duration::from_secs(1));
+    n1.report_heartbeat(&peer, Heartbeat(2));
+    clock.advance(Duration::from_secs(1));
+    n1.report_heartbeat(&peer, Heartbeat(3));
+    assert_eq!(
+        n1.failure_detection_timeout(&peer),
+        Some(Duration::from_secs(2))
+    );
+    assert_eq!(n1.failure_detection_timeout(n1.self_chitchat_id()), None);
+}
+
+#[test]
+fn dead_nodes_are_hidden_after_half_grace_and_collected_after_grace() {
+    let clock = ManualClock::new();
+    let mut n1 = node(1, &clock);
+    let peer = ChitchatId::for_local_test(2);
+    for hb in 1..=3 {
+        clock.advance(Duration::from_millis(100));
+        n1.report_heartbeat(&peer, Heartbeat(hb));
+    }
+    n1.update_nodes_liveness();
+    clock.advance(Duration::from_secs(2));
+    n1.update_nodes_liveness();
+    assert_eq!(n1.dead_nodes().count(), 1);
+    assert!(n1.compute_digest().node_digests.contains_key(&peer));
+    clock.advance(Duration::from_secs(10) + Duration::from_millis(1));
+    assert_eq!(n1.scheduled_for_deletion_nodes().count(), 1);
+    assert!(!n1.compute_digest().node_digests.contains_key(&peer));
+    clock.advance(Duration::from_secs(10));
+    n1.update_nodes_liveness();
+    assert!(n1.node_state(&peer).is_none(), "garbage-collected");
+    assert_eq!(n1.dead_nodes().count(), 0);
+
+    // Stale copies do not bring it back; a newer heartbeat does.
+    n1.report_heartbeat(&peer, Heartbeat(3));
+    assert!(n1.node_state(&peer).is_none());
+    n1.report_heartbeat(&peer, Heartbeat(4));
+    assert!(n1.node_state(&peer).is_some());
+}
+
+#[test]
+fn live_nodes_watcher_publishes_changes_with_the_extra_predicate() {
+    let clock = ManualClock::new();
+    let mut cfg = config(1);
+    cfg.extra_liveness_predicate = Some(Box::new(|state| state.get("READY") == Some("true")));
+    let mut n1 = node_with(cfg, &clock, vec![("READY", "true")]);
+    let mut n2 = node_with(config(2), &clock, vec![("READY", "false")]);
+    let watcher = n1.live_nodes_watcher();
+    assert!(
+        watcher.borrow().is_empty(),
+        "nothing before the first round"
+    );
+    n1.update_nodes_liveness();
+    assert_eq!(
+        watcher.borrow().keys().cloned().collect::<Vec<_>>(),
+        vec![n1.self_chitchat_id().clone()]
+    );
+    for _ in 0..3 {
+        clock.advance(Duration::from_millis(100));
+        n2.update_self_heartbeat();
+        handshake(&mut n2, &mut n1);
+    }
+    n1.update_nodes_liveness();
+    assert_eq!(n1.live_nodes().count(), 2);
+    assert_eq!(watcher.borrow().len(), 1, "n2 is live but not READY");
+    n2.self_node_state().set("READY", "true");
+    clock.advance(Duration::from_millis(100));
+    handshake(&mut n2, &mut n1);
+    n1.update_nodes_liveness();
+    assert_eq!(watcher.borrow().len(), 2);
+    assert_eq!(
+        watcher.borrow()[n2.self_chitchat_id()].get("READY"),
+        Some("true")
+    );
+    n2.self_node_state().delete("READY");
+    clock.advance(Duration::from_millis(100));
+    handshake(&mut n2, &mut n1);
+    n1.update_nodes_liveness();
+    assert_eq!(watcher.borrow().len(), 1);
+}
+
+#[test]
+fn listeners_fire_for_keys_received_from_peers() {
+    let clock = ManualClock::new();
+    let mut n1 = node(1, &clock);
+    let mut n2 = node(2, &clock);
+    let seen: Arc<parking_lot::Mutex<Vec<(String, String, ChitchatId)>>> = Default::default();
+    let seen_clone = seen.clone();
+    let _handle = n1.subscribe_event("service:", move |event| {
+        seen_clone.lock().push((
+            event.key.to_string(),
+            event.value.to_string(),
+            event.node.clone(),
+        ));
+    });
+    n2.self_node_state().set("service:search", "up");
+    n2.self_node_state().set("other", "x");
+    handshake(&mut n1, &mut n2);
+    assert_eq!(
+        *seen.lock(),
+        vec![(
+            "search".to_string(),
+            "up".to_string(),
+            n2.self_chitchat_id().clone()
+        )]
+    );
+}
+
+#[test]
+fn a_reset_delta_calls_the_catchup_callback_once() {
+    let clock = ManualClock::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let calls_clone = calls.clone();
+    let mut cfg = config(1);
+    cfg.catchup_callback = Some(Box::new(move || {
+        calls_clone.fetch_add(1, Ordering::SeqCst);
+    }));
+    let mut n1 = node_with(cfg, &clock, vec![]);
+    let mut n2_cfg = config(2);
+    n2_cfg.marked_for_deletion_grace_period = Duration::from_secs(10);
+    let mut n2 = node_with(n2_cfg, &clock, vec![("a", "1"), ("b", "2")]);
+    handshake(&mut n1, &mut n2);
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    // n2 deletes and garbage-collects while n1 does not hear from it.
+    n2.self_node_state().delete("a");
+    n2.self_node_state().set("c", "3");
+    clock.advance(Duration::from_secs(11));
+    n2.gc_keys_marked_for_deletion();
+    let n2_id = n2.self_chitchat_id().clone();
+    assert_eq!(n2.node_state(&n2_id).unwrap().last_gc_version(), 3);
+    handshake(&mut n1, &mut n2);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(visible(&n1, &n2_id), visible(&n2, &n2_id));
+    handshake(&mut n1, &mut n2);
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "no reset when up to date");
+}
+
+#[test]
+fn no_reset_needed_when_the_peer_already_has_a_higher_last_gc() {
+    let clock = ManualClock::new();
+    let mut cfg = config(1);
+    cfg.marked_for_deletion_grace_period = Duration::from_secs(10);
+    let mut n1 = node_with(cfg, &clock, vec![]);
+    let mut n2 = node(2, &clock);
+    for i in 0..20_000 {
+        n1.self_node_state().set(format!("k{i}"), "v");
+    }
+    for i in 0..10_000 {
+        n1.self_node_state().delete(&format!("k{i}"));
+    }
+    clock.advance(Duration::from_secs(11));
+    n1.gc_keys_marked_for_deletion();
+    let n1_id = n1.self_chitchat_id().clone();
+    let mut rounds = 0;
+    while visible(&n2, &n1_id) != visible(&n1, &n1_id) {
+        handshake(&mut n2, &mut n1);
+        rounds += 1;
+        assert!(rounds < 50, "did not converge");
+    }
+    assert_eq!(visible(&n2, &n1_id).len(), 10_000);
+    assert_eq!(
+        n2.stats().node_deltas_reset,
+        1,
+        "only the first delta resets"
+    );
+}
+
+#[test]
+fn reset_node_state_if_update_replaces_older_states_only() {
+    let clock = ManualClock::new();
+    let mut n1 = node(1, &clock);
+    let peer = ChitchatId::for_local_test(2);
+    n1.reset_node_state_if_update(
+        &peer,
+        vec![
+            ("k1".to_string(), VersionedValue::for_test("v1", 1)),
+            ("k2".to_string(), VersionedValue::for_test("v2", 2)),
+        ]
+        .into_iter(),
+        5,
+        0,
+    );
+    let state = n1.node_state(&peer).unwrap();
+    assert_eq!(
+        state.max_version(),
+        5,
+        "max_version adopted from the snapshot (#194)"
+    );
+    assert_eq!(state.get("k2"), Some("v2"));
+    assert!(
+        !n1.live_nodes().any(|id| *id == peer),
+        "reset nodes are not alive"
+    );
+
+    // An obsolete snapshot is refused, even with a smaller last_gc_version (#194).
+    n1.reset_node_state_if_update(
+        &peer,
+        vec![("old".to_string(), VersionedValue::for_test("x", 4))].into_iter(),
+        4,
+        0,
+    );
+    assert!(n1.node_state(&peer).unwrap().get("old").is_none());
+
+    // A newer one replaces: missing keys go without tombstones, last_gc never regresses.
+    n1.reset_node_state_if_update(
+        &peer,
+        vec![("k3".to_string(), VersionedValue::for_test("v3", 9))].into_iter(),
+        9,
+        6,
+    );
+    let state = n1.node_state(&peer).unwrap();
+    assert_eq!(state.key_values_including_deleted().count(), 1);
+    assert_eq!(state.monotonic_property(), (6, 9));
+    n1.reset_node_state_if_update(&peer, std::iter::empty(), 10, 5);
+    assert_eq!(n1.node_state(&peer).unwrap().monotonic_property(), (6, 9));
+}
+
+#[test]
+fn reset_does_not_resurrect_a_garbage_collected_node() {
+    let clock = ManualClock::new();
+    let mut n1 = node(1, &clock);
+    let peer = ChitchatId::for_local_test(2);
+    n1.report_heartbeat(&peer, Heartbeat(1));
+    n1.update_nodes_liveness();
+    clock.advance(Duration::from_secs(21));
+    n1.update_nodes_liveness();
+    assert!(n1.node_state(&peer).is_none());
+    n1.reset_node_state_if_update(
+        &peer,
+        vec![("k".to_string(), VersionedValue::for_test("v", 1))].into_iter(),
+        1,
+        0,
+    );
+    assert!(n1.node_state(&peer).is_none());
+}
+
+#[test]
+fn deltas_for_unknown_nodes_are_ignored() {
+    let clock = ManualClock::new();
+    let n1 = node(1, &clock);
+    let mut n2 = node_with(config(2), &clock, vec![("k", "v")]);
+    // n2 learns n1 exists from a Syn, then sends it an Ack about n2, which n1 never saw.
+    let syn = n1.create_syn_message();
+    let ChitchatMessage::SynAck { delta, .. } = n2.process_message(syn).unwrap() else {
+        panic!("expected a syn-ack");
+    };
+    let mut n3 = node(3, &clock);
+    n3.process_message(ChitchatMessage::Ack { delta });
+    assert!(n3.node_state(n2.self_chitchat_id()).is_none());
+}
+
+#[test]
+fn own_state_is_never_overwritten_and_a_stale_incarnation_is_outgrown() {
+    let clock = ManualClock::new();
+    let mut old = node_with(config(1), &clock, vec![("a", "1"), ("b", "2"), ("c", "3")]);
+    let mut peer = node(2, &clock);
+    for _ in 0..5 {
+        old.update_self_heartbeat();
+    }
+    handshake(&mut peer, &mut old);
+    // Restart with the same id (same generation): the peer holds a newer copy of "us".
+    let mut restarted = node_with(config(1), &clock, vec![("a", "new")]);
+    let id = restarted.self_chitchat_id().clone();
+    for _ in 0..3 {
+        handshake(&mut restarted, &mut peer);
+    }
+    let own = restarted.node_state(&id).unwrap();
+    assert_eq!(own.get("a"), Some("new"));
+    assert_eq!(own.get("b"), None);
+    assert!(own.heartbeat() > old.node_state(&id).unwrap().heartbeat());
+    assert_eq!(visible(&peer, &id), visible(&restarted, &id));
+    assert_eq!(visible(&peer, &id).get("a").unwrap(), "new");
+}
+
+/// A node holding many node states with long ids and values: every datagram it writes stays
+/// within 65 507 bytes (quickwit-oss/chitchat#170 overflowed; a large own digest panicked).
+#[test]
+fn replies_fit_in_a_datagram_whatever_the_state_size() {
+    let clock = ManualClock::new();
+    for (num_nodes, id_len) in [(55, 1_000), (3_000, 20)] {
+        let mut n1 = node(1, &clock);
+        for i in 0..num_nodes {
+            let id = ChitchatId::new(
+                format!("{i:0id_len$}"),
+                0,
+                SocketAddr::from(([10, 0, (i / 256) as u8, (i % 256) as u8], 7000)),
+            );
+            n1.report_heartbeat(&id, Heartbeat(1));
+            n1.reset_node_state_if_update(
+                &id,
+                vec![(
+                    "k".to_string(),
+                    VersionedValue::for_test(&"v".repeat(1_000), 1),
+                )]
+                .into_iter(),
+                1,
+                0,
+            );
+        }
+        for version in [ProtocolVersion::V0, ProtocolVersion::V1] {
+            let mut syn = Vec::new();
+            n1.write_syn(version, &mut syn);
+            assert!(
+                syn.len() <= MAX_UDP_DATAGRAM_PAYLOAD_SIZE,
+                "syn {}",
+                syn.len()
+            );
+            wire::decode_envelope(&syn).unwrap();
+
+            let empty_syn = ChitchatEnvelope {
+                version,
+                message: ChitchatMessage::Syn {
+                    cluster_id: "test-cluster".to_string(),
+                    digest: Digest::default(),
+                },
+            };
+            let mut reply = Vec::new();
+            let outcome = n1.process_envelope_into(empty_syn, &mut reply, None);
+            assert!(outcome.replied);
+            assert!(
+                reply.len() <= MAX_UDP_DATAGRAM_PAYLOAD_SIZE,
+                "{num_nodes} nodes, {version:?}: syn-ack of {} bytes",
+                reply.len()
+            );
+            let ChitchatMessage::SynAck { digest, delta } =
+                wire::decode_envelope(&reply).unwrap().message
+            else {
+                panic!("expected a syn-ack");
+            };
+            assert!(digest.node_digests.contains_key(n1.self_chitchat_id()));
+            assert!(!delta.node_deltas.is_empty(), "the delta keeps some room");
+            if !outcome.delta_truncated {
+                assert_eq!(delta.node_deltas.len(), num_nodes, "untruncated = complete");
+            }
+            if num_nodes == 3_000 && version == ProtocolVersion::V0 {
+                assert!(outcome.digest_truncated && outcome.delta_truncated);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_v1_node_answering_a_v0_syn_budgets_in_v0() {
+    // SPEC §9.13: the reference reserved the V1 digest length and wrote a V0 digest.
+    let clock = ManualClock::new();
+    let mut cfg = config(1);
+    cfg.protocol_version = ProtocolVersion::V1;
+    let mut n1 = node_with(cfg, &clock, vec![]);
+    for i in 0..1_000u32 {
+        let id = ChitchatId::new(
+            format!("node-with-a-rather-long-name-{i:05}"),
+            0,
+            SocketAddr::from(([10, 1, (i / 256) as u8, (i % 256) as u8], 7000)),
+        );
+        n1.report_heartbeat(&id, Heartbeat(1));
+        n1.reset_node_state_if_update(
+            &id,
+            vec![(
+                "key".to_string(),
+                VersionedValue::for_test("value-value", 1),
+            )]
+            .into_iter(),
+            1,
+            0,
+        );
+    }
+    let syn = ChitchatEnvelope {
+        version: ProtocolVersion::V0,
+        message: ChitchatMessage::Syn {
+            cluster_id: "test-cluster".to_string(),
+            digest: Digest::default(),
+        },
+    };
+    let mut reply = Vec::new();
+    n1.process_envelope_into(syn, &mut reply, None);
+    assert_eq!(reply[2], 0, "answered in V0");
+    assert!(
+        reply.len() <= MAX_UDP_DATAGRAM_PAYLOAD_SIZE,
+        "{}",
+        reply.len()
+    );
+}
+
+#[test]
+fn digest_heartbeats_create_node_states_up_to_a_cap() {
+    let clock = ManualClock::new();
+    let mut n1 = node(1, &clock);
+    let mut digest = Digest::default();
+    for i in 0..10u16 {
+        digest.add_node(
+            ChitchatId::for_local_test(1_000 + i),
+            NodeDigest::new(Heartbeat(1), 0, 0),
+        );
+    }
+    n1.process_message(ChitchatMessage::Syn {
+        cluster_id: "test-cluster".to_string(),
+        digest,
+    });
+    assert_eq!(n1.node_states().len(), 11);
+}
+
+#[test]
+fn same_inputs_same_outputs() {
+    let run = || {
+        let clock = ManualClock::new();
+        let mut nodes: Vec<Chitchat> = (0..4)
+            .map(|i| node_with(config(i), &clock, vec![("k", "v")]))
+            .collect();
+        let mut log = Vec::new();
+        for round in 0..6 {
+            clock.advance(Duration::from_millis(100));
+            let (a, b) = (round % 4, (round + 1) % 4);
+            let (left, right) = nodes.split_at_mut(b.max(a));
+            let (x, y) = if a < b {
+                (&mut left[a], &mut right[0])
+            } else {
+                (&mut right[0], &mut left[b])
+            };
+            let syn = x.create_syn_message();
+            let mut bytes = Vec::new();
+            y.process_envelope_into(
+                ChitchatEnvelope {
+                    version: ProtocolVersion::V0,
+                    message: syn,
+                },
+                &mut bytes,
+                None,
+            );
+            log.push(bytes);
+        }
+        log
+    };
+    assert_eq!(run(), run());
+}

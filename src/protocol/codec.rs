@@ -1,0 +1,214 @@
+//! Writes Syn, SynAck and Ack datagrams straight from the cluster state into a buffer (no
+//! intermediate message), within the 65 507-byte datagram budget.
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::time::Instant;
+
+use rand::Rng;
+use tracing::warn;
+
+use crate::message::{ChitchatEnvelope, Digest, NodeDigest, ProtocolVersion};
+use crate::protocol::cluster_state::{ClusterState, node_digest};
+use crate::protocol::delta_plan::{DeltaSink, DeltaSummary, write_delta};
+use crate::protocol::node_state::chitchat_id_wire_len;
+use crate::types::{ChitchatId, DeletionStatusMutation, Version, VersionedValue};
+use crate::wire::{
+    self, DecodeError, Decoder, DeltaWriter, Encoder, HEADER_LEN, MAX_UDP_DATAGRAM_PAYLOAD_SIZE,
+};
+
+/// Room a SynAck keeps for its delta when the digest alone would fill the datagram: the digest
+/// is then sent partial rather than leaving no room (the reference panics there).
+pub const MIN_SYN_ACK_DELTA_BUDGET: usize = 4_096;
+
+const TYPE_SYN: u8 = 0;
+const TYPE_SYN_ACK: u8 = 1;
+const TYPE_ACK: u8 = 2;
+const TYPE_BAD_CLUSTER: u8 = 3;
+
+/// What handling one message produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyOutcome {
+    /// The version of the message received, which the reply echoes.
+    pub version: ProtocolVersion,
+    /// A reply was written.
+    pub replied: bool,
+    pub digest_truncated: bool,
+    pub delta_truncated: bool,
+}
+
+thread_local! {
+    /// zstd contexts and scratch buffers, one per thread that encodes or decodes.
+    static CODEC: RefCell<(Encoder, Decoder)> = RefCell::new((Encoder::new(), Decoder::new()));
+}
+
+pub(crate) fn decode(bytes: &[u8]) -> Result<ChitchatEnvelope, DecodeError> {
+    CODEC.with(|codec| codec.borrow_mut().1.decode_envelope(bytes))
+}
+
+fn with_encoder<T>(f: impl FnOnce(&mut Encoder) -> T) -> T {
+    CODEC.with(|codec| f(&mut codec.borrow_mut().0))
+}
+
+impl DeltaSink for DeltaWriter<'_> {
+    fn try_add_node(&mut self, id: &ChitchatId, last_gc: Version, from: Version) -> bool {
+        DeltaWriter::try_add_node(self, id, last_gc, from)
+    }
+
+    fn try_add_kv(&mut self, key: &str, value: &VersionedValue) -> bool {
+        DeltaWriter::try_add_kv(
+            self,
+            key,
+            &value.value,
+            value.version,
+            DeletionStatusMutation::from(value.status),
+        )
+    }
+
+    fn try_set_max_version(&mut self, max_version: Version) -> bool {
+        DeltaWriter::try_set_max_version(self, max_version)
+    }
+}
+
+/// The entries of the own digest. When they may not fit in `budget` bytes, this node comes
+/// first and the others follow from a random offset, so a partial digest still carries our
+/// heartbeat and, over rounds, every other node's.
+fn digest_entries<'a, R: Rng>(
+    cluster_state: &'a ClusterState,
+    self_id: &ChitchatId,
+    scheduled: &HashSet<&ChitchatId>,
+    budget: usize,
+    rng: &mut R,
+) -> Vec<(&'a ChitchatId, NodeDigest)> {
+    let mut entries: Vec<(&ChitchatId, NodeDigest)> = cluster_state
+        .node_states
+        .iter()
+        .filter(|(id, _)| !scheduled.contains(id))
+        .map(|(id, state)| (id, node_digest(state)))
+        .collect();
+    let plain_len: usize = 2 + entries
+        .iter()
+        .map(|(id, _)| chitchat_id_wire_len(id) + 24)
+        .sum::<usize>();
+    if plain_len <= budget || entries.len() < 2 {
+        return entries;
+    }
+    if let Some(pos) = entries.iter().position(|(id, _)| *id == self_id) {
+        let own = entries.remove(pos);
+        let offset = rng.random_range(0..entries.len().max(1));
+        entries.rotate_left(offset);
+        entries.insert(0, own);
+    }
+    entries
+}
+
+fn write_digest<R: Rng>(
+    cluster_state: &ClusterState,
+    self_id: &ChitchatId,
+    scheduled: &HashSet<&ChitchatId>,
+    version: ProtocolVersion,
+    budget: usize,
+    rng: &mut R,
+    out: &mut Vec<u8>,
+) -> (usize, bool) {
+    let entries = digest_entries(cluster_state, self_id, scheduled, budget, rng);
+    let total = entries.len();
+    let encoding = with_encoder(|encoder| encoder.encode_digest(version, entries, budget, out));
+    if encoding.skipped > 0 {
+        warn!(
+            written = encoding.written,
+            total, "digest does not fit in one datagram: sending a partial digest"
+        );
+    }
+    (encoding.len, encoding.skipped > 0)
+}
+
+/// Syn = digest then cluster id. Returns whether the digest was partial.
+pub(crate) fn write_syn<R: Rng>(
+    cluster_state: &ClusterState,
+    self_id: &ChitchatId,
+    cluster_id: &str,
+    scheduled: &HashSet<&ChitchatId>,
+    version: ProtocolVersion,
+    rng: &mut R,
+    out: &mut Vec<u8>,
+) -> bool {
+    Encoder::write_header(out, version, TYPE_SYN);
+    let budget = MAX_UDP_DATAGRAM_PAYLOAD_SIZE - HEADER_LEN - (2 + cluster_id.len());
+    let (_, truncated) = write_digest(cluster_state, self_id, scheduled, version, budget, rng, out);
+    // The config validation bounds the cluster id to what a u16 length carries.
+    let len = u16::try_from(cluster_id.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&cluster_id.as_bytes()[..usize::from(len)]);
+    truncated
+}
+
+/// SynAck = own digest (in the version actually used) then the delta the peer needs, within
+/// what the digest left of the datagram.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_syn_ack<R: Rng>(
+    cluster_state: &ClusterState,
+    self_id: &ChitchatId,
+    scheduled: &HashSet<&ChitchatId>,
+    version: ProtocolVersion,
+    peer_digest: &Digest,
+    rng: &mut R,
+    out: &mut Vec<u8>,
+    deadline: Option<Instant>,
+) -> (bool, DeltaSummary) {
+    Encoder::write_header(out, version, TYPE_SYN_ACK);
+    let digest_budget = MAX_UDP_DATAGRAM_PAYLOAD_SIZE - HEADER_LEN - MIN_SYN_ACK_DELTA_BUDGET;
+    let (digest_len, digest_truncated) = write_digest(
+        cluster_state,
+        self_id,
+        scheduled,
+        version,
+        digest_budget,
+        rng,
+        out,
+    );
+    let summary = with_encoder(|encoder| {
+        let mut writer = encoder.delta_writer(out, wire::delta_mtu(digest_len));
+        let summary = write_delta(
+            cluster_state,
+            peer_digest,
+            scheduled,
+            rng,
+            &mut writer,
+            deadline,
+        );
+        writer.finish();
+        summary
+    });
+    (digest_truncated, summary)
+}
+
+/// Ack = the delta the peer needs, with the whole datagram as budget.
+pub(crate) fn write_ack<R: Rng>(
+    cluster_state: &ClusterState,
+    scheduled: &HashSet<&ChitchatId>,
+    version: ProtocolVersion,
+    peer_digest: &Digest,
+    rng: &mut R,
+    out: &mut Vec<u8>,
+    deadline: Option<Instant>,
+) -> DeltaSummary {
+    Encoder::write_header(out, version, TYPE_ACK);
+    with_encoder(|encoder| {
+        let mut writer = encoder.delta_writer(out, wire::delta_mtu(0));
+        let summary = write_delta(
+            cluster_state,
+            peer_digest,
+            scheduled,
+            rng,
+            &mut writer,
+            deadline,
+        );
+        writer.finish();
+        summary
+    })
+}
+
+pub(crate) fn write_bad_cluster(version: ProtocolVersion, out: &mut Vec<u8>) {
+    Encoder::write_header(out, version, TYPE_BAD_CLUSTER);
+}

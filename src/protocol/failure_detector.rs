@@ -1,0 +1,420 @@
+//! chitchat's "phi" failure detector: `phi = elapsed since last heartbeat / smoothed mean
+//! interval`, with the mean smoothed by a prior of `initial_interval` weighted 5 samples.
+//!
+//! This is not the classic normal-distribution phi-accrual: it is what chitchat 0.13 computes,
+//! and mixed clusters must agree on who is alive.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::config::FailureDetectorConfig;
+use crate::types::ChitchatId;
+
+/// Weight, in samples, of the prior mean interval.
+const PRIOR_WEIGHT: f64 = 5.0;
+
+pub(crate) struct FailureDetector {
+    windows: HashMap<ChitchatId, SamplingWindow>,
+    live_nodes: HashSet<ChitchatId>,
+    /// Dead nodes and the local time they were first seen dead.
+    dead_nodes: HashMap<ChitchatId, Instant>,
+    config: FailureDetectorConfig,
+}
+
+impl FailureDetector {
+    pub(crate) fn new(config: FailureDetectorConfig) -> Self {
+        FailureDetector {
+            windows: HashMap::new(),
+            live_nodes: HashSet::new(),
+            dead_nodes: HashMap::new(),
+            config,
+        }
+    }
+
+    fn new_window(&self) -> SamplingWindow {
+        SamplingWindow::new(
+            self.config.sampling_window_size,
+            self.config.max_interval,
+            self.config.initial_interval,
+        )
+    }
+
+    /// Records a (strictly increasing) heartbeat of `chitchat_id` observed at `now`.
+    pub(crate) fn report_heartbeat(&mut self, chitchat_id: &ChitchatId, now: Instant) {
+        if !self.windows.contains_key(chitchat_id) {
+            let window = self.new_window();
+            self.windows.insert(chitchat_id.clone(), window);
+        }
+        if let Some(window) = self.windows.get_mut(chitchat_id) {
+            window.report_heartbeat(now);
+        }
+    }
+
+    /// Makes sure a window exists without recording a heartbeat (a reset node must not look
+    /// alive).
+    pub(crate) fn ensure_window(&mut self, chitchat_id: &ChitchatId) {
+        if !self.windows.contains_key(chitchat_id) {
+            let window = self.new_window();
+            self.windows.insert(chitchat_id.clone(), window);
+        }
+    }
+
+    pub(crate) fn phi(&self, chitchat_id: &ChitchatId, now: Instant) -> Option<f64> {
+        self.windows.get(chitchat_id)?.phi(now)
+    }
+
+    /// Re-evaluates one node. A dead node's samples are cleared on every evaluation, so a revived
+    /// node has to prove itself with fresh intervals.
+    pub(crate) fn update_node_liveness(&mut self, chitchat_id: &ChitchatId, now: Instant) {
+        let alive = self
+            .phi(chitchat_id, now)
+            .is_some_and(|phi| phi <= self.config.phi_threshold);
+        if alive {
+            if !self.live_nodes.contains(chitchat_id) {
+                self.live_nodes.insert(chitchat_id.clone());
+            }
+            self.dead_nodes.remove(chitchat_id);
+        } else {
+            self.live_nodes.remove(chitchat_id);
+            if !self.dead_nodes.contains_key(chitchat_id) {
+                self.dead_nodes.insert(chitchat_id.clone(), now);
+            }
+            if let Some(window) = self.windows.get_mut(chitchat_id) {
+                window.reset();
+            }
+        }
+    }
+
+    /// Forgets the nodes dead for at least `dead_node_grace_period`; returns them.
+    pub(crate) fn garbage_collect(&mut self, now: Instant) -> Vec<ChitchatId> {
+        let grace = self.config.dead_node_grace_period;
+        let expired: Vec<ChitchatId> = self
+            .dead_nodes
+            .iter()
+            .filter(|(_, time_of_death)| now >= **time_of_death + grace)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &expired {
+            self.dead_nodes.remove(id);
+            self.windows.remove(id);
+        }
+        expired
+    }
+
+    pub(crate) fn live_nodes(&self) -> impl Iterator<Item = &ChitchatId> {
+        self.live_nodes.iter()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_live(&self, chitchat_id: &ChitchatId) -> bool {
+        self.live_nodes.contains(chitchat_id)
+    }
+
+    pub(crate) fn dead_nodes(&self) -> impl Iterator<Item = &ChitchatId> {
+        self.dead_nodes.keys()
+    }
+
+    /// Dead for strictly more than half the grace period: no longer shared with peers.
+    pub(crate) fn scheduled_for_deletion_nodes(
+        &self,
+        now: Instant,
+    ) -> impl Iterator<Item = &ChitchatId> {
+        let half_grace = self.config.dead_node_grace_period / 2;
+        self.dead_nodes
+            .iter()
+            .filter(move |(_, time_of_death)| **time_of_death + half_grace < now)
+            .map(|(id, _)| id)
+    }
+
+    /// `smoothed mean interval × phi_threshold`: how long a silence makes the node dead.
+    pub(crate) fn failure_detection_timeout(&self, chitchat_id: &ChitchatId) -> Option<Duration> {
+        let mean = self.windows.get(chitchat_id)?.mean_interval_secs()?;
+        Duration::try_from_secs_f64(mean * self.config.phi_threshold).ok()
+    }
+}
+
+/// The recent inter-heartbeat intervals of one node.
+#[derive(Debug)]
+pub(crate) struct SamplingWindow {
+    intervals: BoundedIntervals,
+    last_heartbeat: Option<Instant>,
+    max_interval: Duration,
+    prior_interval_secs: f64,
+}
+
+impl SamplingWindow {
+    pub(crate) fn new(capacity: usize, max_interval: Duration, prior_interval: Duration) -> Self {
+        SamplingWindow {
+            intervals: BoundedIntervals::with_capacity(capacity),
+            last_heartbeat: None,
+            max_interval,
+            prior_interval_secs: prior_interval.as_secs_f64(),
+        }
+    }
+
+    pub(crate) fn report_heartbeat(&mut self, now: Instant) {
+        if let Some(last) = self.last_heartbeat {
+            let interval = now.saturating_duration_since(last);
+            if interval <= self.max_interval {
+                self.intervals.push(interval.as_secs_f64());
+            }
+        }
+        self.last_heartbeat = Some(now);
+    }
+
+    /// Forgets the intervals but keeps the time of the last heartbeat.
+    pub(crate) fn reset(&mut self) {
+        self.intervals.clear();
+    }
+
+    fn mean_interval_secs(&self) -> Option<f64> {
+        let n = self.intervals.len();
+        if n == 0 {
+            return None;
+        }
+        let prior = PRIOR_WEIGHT * self.prior_interval_secs;
+        Some((self.intervals.sum() + prior) / (n as f64 + PRIOR_WEIGHT))
+    }
+
+    pub(crate) fn phi(&self, now: Instant) -> Option<f64> {
+        let mean = self.mean_interval_secs()?;
+        let last = self.last_heartbeat?;
+        let elapsed = now.saturating_duration_since(last).as_secs_f64();
+        Some(elapsed / mean)
+    }
+}
+
+/// A ring buffer of intervals (seconds) with a running sum.
+#[derive(Debug)]
+struct BoundedIntervals {
+    values: VecDeque<f64>,
+    capacity: usize,
+    sum: f64,
+}
+
+impl BoundedIntervals {
+    fn with_capacity(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        BoundedIntervals {
+            values: VecDeque::with_capacity(capacity.min(1024)),
+            capacity,
+            sum: 0.0,
+        }
+    }
+
+    fn push(&mut self, value: f64) {
+        if self.values.len() == self.capacity
+            && let Some(oldest) = self.values.pop_front()
+        {
+            self.sum -= oldest;
+        }
+        self.values.push_back(value);
+        self.sum += value;
+    }
+
+    fn clear(&mut self) {
+        self.values.clear();
+        self.sum = 0.0;
+    }
+
+    fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Never negative, whatever floating-point drift the running sum accumulated.
+    fn sum(&self) -> f64 {
+        self.sum.max(0.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    fn config() -> FailureDetectorConfig {
+        FailureDetectorConfig {
+            phi_threshold: 8.0,
+            sampling_window_size: 10_000,
+            max_interval: Duration::from_secs(10),
+            initial_interval: Duration::from_secs(5),
+            dead_node_grace_period: Duration::from_secs(24 * 3600),
+        }
+    }
+
+    fn id(port: u16) -> ChitchatId {
+        ChitchatId::for_local_test(port)
+    }
+
+    #[test]
+    fn a_single_heartbeat_is_not_enough_to_be_alive() {
+        let mut fd = FailureDetector::new(config());
+        let t0 = Instant::now();
+        fd.report_heartbeat(&id(1), t0);
+        fd.update_node_liveness(&id(1), t0);
+        assert_eq!(fd.live_nodes().count(), 0);
+        assert_eq!(fd.dead_nodes().collect::<Vec<_>>(), vec![&id(1)]);
+    }
+
+    #[test]
+    fn live_then_dead_then_garbage_collected() {
+        let mut fd = FailureDetector::new(config());
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut now = Instant::now();
+        let nodes = [id(1), id(2), id(3)];
+        for _ in 0..2001 {
+            now += Duration::from_millis(rng.random_range(1000..2000));
+            for node in &nodes {
+                fd.report_heartbeat(node, now);
+            }
+        }
+        for node in &nodes {
+            fd.update_node_liveness(node, now);
+        }
+        assert_eq!(fd.live_nodes().count(), 3);
+        now += Duration::from_secs(50);
+        for node in &nodes {
+            fd.update_node_liveness(node, now);
+        }
+        assert_eq!(fd.live_nodes().count(), 0);
+        assert_eq!(fd.dead_nodes().count(), 3);
+        assert!(fd.garbage_collect(now).is_empty());
+        now += Duration::from_secs(25 * 3600);
+        let mut collected = fd.garbage_collect(now);
+        collected.sort();
+        assert_eq!(collected, nodes.to_vec());
+        assert_eq!(fd.dead_nodes().count(), 0);
+    }
+
+    #[test]
+    fn node_goes_from_live_to_dead_to_live() {
+        let mut fd = FailureDetector::new(config());
+        let mut now = Instant::now();
+        let node = id(1);
+        for _ in 0..20 {
+            now += Duration::from_secs(1);
+            fd.report_heartbeat(&node, now);
+        }
+        fd.update_node_liveness(&node, now);
+        assert!(fd.is_live(&node));
+        now += Duration::from_secs(20);
+        fd.update_node_liveness(&node, now);
+        assert!(!fd.is_live(&node));
+        for _ in 0..500 {
+            now += Duration::from_secs(1);
+            fd.report_heartbeat(&node, now);
+        }
+        fd.update_node_liveness(&node, now);
+        assert!(fd.is_live(&node));
+        assert_eq!(fd.dead_nodes().count(), 0);
+    }
+
+    #[test]
+    fn prior_dominates_at_first_and_fades_off() {
+        // Five 1-s intervals: mean = (5 + 25) / 10 = 3 s, so 6 s of silence is phi 2: alive.
+        let mut fd = FailureDetector::new(config());
+        let node = id(1);
+        let mut now = Instant::now();
+        for _ in 0..6 {
+            fd.report_heartbeat(&node, now);
+            now += Duration::from_secs(1);
+        }
+        now += Duration::from_secs(5);
+        fd.update_node_liveness(&node, now);
+        assert!(fd.is_live(&node));
+        now += Duration::from_secs(40);
+        fd.update_node_liveness(&node, now);
+        assert!(!fd.is_live(&node));
+
+        // A thousand 200-ms intervals: the prior is negligible, 6 s of silence is phi ≈ 26: dead.
+        let mut fd = FailureDetector::new(config());
+        let mut now = Instant::now();
+        for _ in 0..1001 {
+            fd.report_heartbeat(&node, now);
+            now += Duration::from_millis(200);
+        }
+        now += Duration::from_secs(6);
+        fd.update_node_liveness(&node, now);
+        assert!(!fd.is_live(&node));
+    }
+
+    #[test]
+    fn sampling_window_exact_phi() {
+        let max_interval = Duration::from_secs(10);
+        let mut window = SamplingWindow::new(10, max_interval, Duration::from_secs(2));
+        let t0 = Instant::now();
+        window.report_heartbeat(t0);
+        assert_eq!(window.phi(t0), None, "no interval yet");
+        window.report_heartbeat(t0 + Duration::from_secs(3));
+        // mean = (3 + 5 × 2) / 6 = 13/6; elapsed 1 s → phi = 6/13.
+        let phi = window.phi(t0 + Duration::from_secs(4)).unwrap();
+        assert!((phi - 6.0 / 13.0).abs() < 1e-9, "{phi}");
+        // An interval longer than max_interval is ignored (but moves the last heartbeat).
+        window.report_heartbeat(t0 + Duration::from_secs(20));
+        let phi = window.phi(t0 + Duration::from_secs(21)).unwrap();
+        assert!((phi - 6.0 / 13.0).abs() < 1e-9, "{phi}");
+        // After a reset, two new heartbeats are needed for a phi.
+        window.reset();
+        assert_eq!(window.phi(t0 + Duration::from_secs(21)), None);
+        window.report_heartbeat(t0 + Duration::from_secs(22));
+        // mean = (2 + 10) / 6 = 2 → elapsed 2 s gives phi 1.
+        let phi = window.phi(t0 + Duration::from_secs(24)).unwrap();
+        assert!((phi - 1.0).abs() < 1e-9, "{phi}");
+    }
+
+    #[test]
+    fn bounded_intervals_keep_a_running_sum() {
+        let mut ring = BoundedIntervals::with_capacity(3);
+        for v in [1.0, 2.0, 3.0, 4.0] {
+            ring.push(v);
+        }
+        assert_eq!(ring.len(), 3);
+        assert!((ring.sum() - 9.0).abs() < 1e-12);
+        ring.clear();
+        assert_eq!(ring.len(), 0);
+        assert_eq!(ring.sum(), 0.0);
+    }
+
+    #[test]
+    fn detection_timeout_is_mean_times_threshold() {
+        let mut fd = FailureDetector::new(FailureDetectorConfig {
+            phi_threshold: 2.0,
+            initial_interval: Duration::from_secs(1),
+            ..config()
+        });
+        let node = id(1);
+        let t0 = Instant::now();
+        assert_eq!(fd.failure_detection_timeout(&node), None);
+        fd.report_heartbeat(&node, t0);
+        assert_eq!(fd.failure_detection_timeout(&node), None);
+        fd.report_heartbeat(&node, t0 + Duration::from_secs(1));
+        assert_eq!(
+            fd.failure_detection_timeout(&node),
+            Some(Duration::from_secs(2))
+        );
+    }
+
+    #[test]
+    fn scheduled_for_deletion_after_half_grace() {
+        let mut fd = FailureDetector::new(FailureDetectorConfig {
+            dead_node_grace_period: Duration::from_secs(10),
+            ..config()
+        });
+        let node = id(1);
+        let t0 = Instant::now();
+        fd.update_node_liveness(&node, t0);
+        assert_eq!(fd.dead_nodes().count(), 1);
+        assert_eq!(
+            fd.scheduled_for_deletion_nodes(t0 + Duration::from_secs(5))
+                .count(),
+            0
+        );
+        let later = t0 + Duration::from_secs(5) + Duration::from_millis(1);
+        assert_eq!(fd.scheduled_for_deletion_nodes(later).count(), 1);
+        // The time of death is the first detection, not the last evaluation.
+        fd.update_node_liveness(&node, later);
+        assert_eq!(fd.garbage_collect(t0 + Duration::from_secs(10)), vec![node]);
+    }
+}

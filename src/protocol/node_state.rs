@@ -1,0 +1,530 @@
+//! `NodeState`: one node's key-values, versions and heartbeat, as seen locally.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Bound;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tracing::{debug, warn};
+
+use crate::clock::Clock;
+use crate::config::MAX_WIRE_STRING_LEN;
+use crate::message::NodeDelta;
+use crate::protocol::listener::{KeyChangeEvent, Listeners};
+use crate::types::{
+    ChitchatId, DeletionStatus, DeletionStatusMutation, Heartbeat, Version, VersionedValue,
+};
+
+/// Largest delta a receiver accepts (an Ack: 65 507-byte datagram minus the 4-byte header).
+const ACK_DELTA_BUDGET: usize = 65_503;
+
+/// Why a key-value cannot be written into a node's own state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyValueError {
+    /// chitchat 0.13 slices `key[0..1]` when notifying listeners and panics on such a key, so
+    /// gossiping one would crash every real chitchat peer.
+    #[error(
+        "key {key:?} starts with a non-ASCII character: chitchat 0.13 peers crash on such keys, \
+         so it is not written"
+    )]
+    NonAsciiFirstChar { key: String },
+    /// The key-value would not fit in one delta datagram and would block the node's gossip.
+    #[error(
+        "key {key:?} with its value takes {size} bytes in a delta; at most {limit} fit in one datagram"
+    )]
+    TooLarge {
+        key: String,
+        size: usize,
+        limit: usize,
+    },
+}
+
+/// How a received node delta relates to the local state (SPEC §4.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DeltaStatus {
+    Apply,
+    ApplyAfterReset,
+    Reject,
+}
+
+/// State of one node as seen locally.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct NodeState {
+    chitchat_id: ChitchatId,
+    heartbeat: Heartbeat,
+    key_values: BTreeMap<String, VersionedValue>,
+    max_version: Version,
+    last_gc_version: Version,
+    #[serde(skip)]
+    listeners: Listeners,
+    #[serde(skip)]
+    clock: Clock,
+}
+
+impl fmt::Debug for NodeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeState")
+            .field("chitchat_id", &self.chitchat_id)
+            .field("heartbeat", &self.heartbeat)
+            .field("key_values", &self.key_values)
+            .field("max_version", &self.max_version)
+            .field("last_gc_version", &self.last_gc_version)
+            .finish()
+    }
+}
+
+/// Equality of the replicated content: the local instants of deletion statuses (each replica
+/// stamps its own) are not compared, only the kind of status.
+impl PartialEq for NodeState {
+    fn eq(&self, other: &Self) -> bool {
+        let same_entries =
+            self.key_values.len() == other.key_values.len()
+                && self.key_values.iter().zip(other.key_values.iter()).all(
+                    |((k1, v1), (k2, v2))| {
+                        k1 == k2
+                            && v1.value == v2.value
+                            && v1.version == v2.version
+                            && DeletionStatusMutation::from(v1.status)
+                                == DeletionStatusMutation::from(v2.status)
+                    },
+                );
+        self.chitchat_id == other.chitchat_id
+            && self.heartbeat == other.heartbeat
+            && self.max_version == other.max_version
+            && self.last_gc_version == other.last_gc_version
+            && same_entries
+    }
+}
+
+impl NodeState {
+    pub(crate) fn new(chitchat_id: ChitchatId, listeners: Listeners, clock: Clock) -> NodeState {
+        NodeState {
+            chitchat_id,
+            heartbeat: Heartbeat(0),
+            key_values: BTreeMap::new(),
+            max_version: 0,
+            last_gc_version: 0,
+            listeners,
+            clock,
+        }
+    }
+
+    /// A lone state for `test-node:0:127.0.0.1:7280`.
+    pub fn for_test() -> NodeState {
+        NodeState::new(
+            ChitchatId::new("test-node", 0, ([127, 0, 0, 1], 7280).into()),
+            Listeners::default(),
+            Clock::System,
+        )
+    }
+
+    pub fn chitchat_id(&self) -> &ChitchatId {
+        &self.chitchat_id
+    }
+
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat
+    }
+
+    pub fn max_version(&self) -> Version {
+        self.max_version
+    }
+
+    /// The highest version garbage-collected (as a tombstone or TTL'd value) from this state.
+    pub fn last_gc_version(&self) -> Version {
+        self.last_gc_version
+    }
+
+    /// `(last_gc_version, max_version)`: must never decrease lexicographically.
+    pub fn monotonic_property(&self) -> (Version, Version) {
+        (self.last_gc_version, self.max_version)
+    }
+
+    /// Every entry, tombstones included, in key order.
+    pub fn key_values_including_deleted(&self) -> impl Iterator<Item = (&str, &VersionedValue)> {
+        self.key_values.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Visible entries (deleted ones excluded, TTL'd ones included), in key order.
+    pub fn key_values(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.key_values_including_deleted()
+            .filter(|(_, v)| !v.is_deleted())
+            .map(|(k, v)| (k, v.value.as_str()))
+    }
+
+    pub fn num_key_values(&self) -> usize {
+        self.key_values().count()
+    }
+
+    /// Visible entries whose key starts with `prefix`, in key order.
+    pub fn iter_prefix<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = (&'a str, &'a VersionedValue)> + 'a {
+        self.key_values
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(move |(k, _)| k.starts_with(prefix))
+            .filter(|(_, v)| !v.is_deleted())
+            .map(|(k, v)| (k.as_str(), v))
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// The visible value of `key` (None if absent or deleted).
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.get_versioned(key)
+            .filter(|v| !v.is_deleted())
+            .map(|v| v.value.as_str())
+    }
+
+    /// The entry of `key`, tombstones included.
+    pub fn get_versioned(&self, key: &str) -> Option<&VersionedValue> {
+        self.key_values.get(key)
+    }
+
+    /// Sets `key` to `value` (a no-op if it already holds that value). A key that cannot be
+    /// gossiped safely is refused with a warning: use [`NodeState::try_set`] to handle it.
+    pub fn set(&mut self, key: impl ToString, value: impl ToString) {
+        if let Err(error) = self.try_set(key, value) {
+            warn!(node = ?self.chitchat_id, %error, "key-value refused");
+        }
+    }
+
+    /// Like [`NodeState::set`], telling the caller why a key-value is refused.
+    pub fn try_set(
+        &mut self,
+        key: impl ToString,
+        value: impl ToString,
+    ) -> Result<(), KeyValueError> {
+        self.write_value(key.to_string(), value.to_string(), false)
+    }
+
+    /// Sets `key` to `value`, visible until `marked_for_deletion_grace_period` after each node
+    /// learns it, then collected everywhere.
+    pub fn set_with_ttl(&mut self, key: impl ToString, value: impl ToString) {
+        if let Err(error) = self.try_set_with_ttl(key, value) {
+            warn!(node = ?self.chitchat_id, %error, "key-value refused");
+        }
+    }
+
+    pub fn try_set_with_ttl(
+        &mut self,
+        key: impl ToString,
+        value: impl ToString,
+    ) -> Result<(), KeyValueError> {
+        self.write_value(key.to_string(), value.to_string(), true)
+    }
+
+    fn write_value(&mut self, key: String, value: String, ttl: bool) -> Result<(), KeyValueError> {
+        self.check_gossipable(&key, &value)?;
+        if let Some(existing) = self.key_values.get(&key) {
+            let same_status = match existing.status {
+                DeletionStatus::Set => !ttl,
+                DeletionStatus::DeleteAfterTtl(_) => ttl,
+                DeletionStatus::Deleted(_) => false,
+            };
+            if same_status && existing.value == value {
+                return Ok(());
+            }
+        }
+        let status = if ttl {
+            DeletionStatus::DeleteAfterTtl(self.clock.now())
+        } else {
+            DeletionStatus::Set
+        };
+        let version = self.max_version + 1;
+        self.set_versioned_value(
+            key,
+            VersionedValue {
+                value,
+                version,
+                status,
+            },
+        );
+        Ok(())
+    }
+
+    /// Refuses what a chitchat 0.13 peer could not take (SPEC §9).
+    fn check_gossipable(&self, key: &str, value: &str) -> Result<(), KeyValueError> {
+        if key.chars().next().is_some_and(|c| !c.is_ascii()) {
+            return Err(KeyValueError::NonAsciiFirstChar {
+                key: key.to_string(),
+            });
+        }
+        let limit = max_key_value_len(&self.chitchat_id);
+        let size = key.len() + value.len();
+        if size > limit || key.len() > MAX_WIRE_STRING_LEN || value.len() > MAX_WIRE_STRING_LEN {
+            return Err(KeyValueError::TooLarge {
+                key: truncated(key),
+                size,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Deletes `key`: a tombstone with a new version, collected after the grace period.
+    /// Listeners are not notified.
+    pub fn delete(&mut self, key: &str) {
+        let now = self.clock.now();
+        let Some(entry) = self.key_values.get_mut(key) else {
+            warn!(node = ?self.chitchat_id, key, "deleting a key that does not exist");
+            return;
+        };
+        self.max_version += 1;
+        *entry = VersionedValue {
+            value: String::new(),
+            version: self.max_version,
+            status: DeletionStatus::Deleted(now),
+        };
+    }
+
+    /// Keeps `key` visible but schedules it for collection after the grace period.
+    /// Listeners are not notified. A deleted key stays deleted (chitchat would resurrect it
+    /// with an empty value).
+    pub fn delete_after_ttl(&mut self, key: &str) {
+        let now = self.clock.now();
+        let Some(entry) = self.key_values.get_mut(key) else {
+            warn!(node = ?self.chitchat_id, key, "scheduling a key that does not exist");
+            return;
+        };
+        if entry.is_deleted() {
+            debug!(node = ?self.chitchat_id, key, "key already deleted");
+            return;
+        }
+        self.max_version += 1;
+        entry.version = self.max_version;
+        entry.status = DeletionStatus::DeleteAfterTtl(now);
+    }
+
+    /// Raw setter, for applications restoring a state.
+    pub fn set_max_version(&mut self, max_version: Version) {
+        self.max_version = max_version;
+    }
+
+    /// Stores a heartbeat; true only if it is a strict increase over a known (non-zero) value:
+    /// the first value observed is not a sign of life.
+    pub fn try_set_heartbeat(&mut self, heartbeat: Heartbeat) -> bool {
+        if self.heartbeat.0 == 0 {
+            self.heartbeat = heartbeat;
+            return false;
+        }
+        if heartbeat > self.heartbeat {
+            self.heartbeat = heartbeat;
+            true
+        } else {
+            false
+        }
+    }
+
+    pub(crate) fn inc_heartbeat(&mut self) {
+        self.heartbeat.inc();
+    }
+
+    /// Raises the own heartbeat past what peers remember of a previous incarnation with the
+    /// same id, so they see it increase again.
+    pub(crate) fn fast_forward_heartbeat(&mut self, heartbeat: Heartbeat) {
+        if heartbeat >= self.heartbeat {
+            self.heartbeat = Heartbeat(heartbeat.0.saturating_add(1));
+        }
+    }
+
+    /// Inserts or replaces `key` if `value` is newer, raising `max_version`; notifies listeners
+    /// unless the value is a tombstone.
+    pub(crate) fn set_versioned_value(&mut self, key: String, value: VersionedValue) {
+        self.max_version = self.max_version.max(value.version);
+        if let Some(existing) = self.key_values.get(&key)
+            && existing.version >= value.version
+        {
+            return;
+        }
+        let notify = !value.is_deleted();
+        if notify {
+            self.listeners.trigger(KeyChangeEvent {
+                key: &key,
+                value: &value.value,
+                node: &self.chitchat_id,
+            });
+        }
+        self.key_values.insert(key, value);
+    }
+
+    /// Removes a key without leaving a tombstone (catch-up resets only).
+    pub(crate) fn remove_key(&mut self, key: &str) {
+        self.key_values.remove(key);
+    }
+
+    pub(crate) fn set_last_gc_version(&mut self, last_gc_version: Version) {
+        self.last_gc_version = last_gc_version;
+    }
+
+    /// Entries with `version > floor`, tombstones included, by ascending version: the order a
+    /// delta must carry them in.
+    pub(crate) fn stale_key_values(&self, floor: Version) -> Vec<(&str, &VersionedValue)> {
+        let mut stale: Vec<(&str, &VersionedValue)> = self
+            .key_values
+            .iter()
+            .filter(|(_, v)| v.version > floor)
+            .map(|(k, v)| (k.as_str(), v))
+            .collect();
+        stale.sort_unstable_by_key(|(_, v)| v.version);
+        stale
+    }
+
+    /// How far behind a peer at `floor` is: visible entries if it knows nothing, else entries
+    /// newer than what it has.
+    pub(crate) fn num_stale_key_values(&self, floor: Version) -> usize {
+        if floor == 0 {
+            self.key_values.values().filter(|v| !v.is_deleted()).count()
+        } else {
+            self.key_values
+                .values()
+                .filter(|v| v.version > floor)
+                .count()
+        }
+    }
+
+    /// Drops tombstones and TTL'd values older than the grace period.
+    pub(crate) fn gc_keys_marked_for_deletion(&mut self, grace_period: Duration, now: Instant) {
+        let mut last_gc_version = self.last_gc_version;
+        self.key_values.retain(|_, value| {
+            let Some(since) = value.status.time_of_start_scheduled_for_deletion() else {
+                return true;
+            };
+            if now < since + grace_period {
+                return true;
+            }
+            last_gc_version = last_gc_version.max(value.version);
+            false
+        });
+        self.last_gc_version = last_gc_version;
+    }
+
+    /// SPEC §4.5: reject deltas from the future, reset when the peer GC'd what we still hold,
+    /// apply only what is newer.
+    pub(crate) fn delta_status(&self, delta: &NodeDelta) -> DeltaStatus {
+        if delta.from_version_excluded > self.max_version {
+            debug!(node = ?self.chitchat_id, from = delta.from_version_excluded,
+                   max = self.max_version, "delta from the future rejected");
+            return DeltaStatus::Reject;
+        }
+        let compatible = delta.last_gc_version <= self.last_gc_version
+            || delta.last_gc_version <= self.max_version;
+        if !compatible {
+            if delta.from_version_excluded != 0 {
+                warn!(node = ?self.chitchat_id, "incompatible delta is not a reset: rejected");
+                return DeltaStatus::Reject;
+            }
+            return DeltaStatus::ApplyAfterReset;
+        }
+        if self.max_version < delta.max_version {
+            DeltaStatus::Apply
+        } else {
+            DeltaStatus::Reject
+        }
+    }
+
+    /// Wipes the state before a reset delta: listeners and clock are kept, the heartbeat goes
+    /// back to 0 so the next observed value is again a non-reported first value.
+    pub(crate) fn reset_for_delta(&mut self, last_gc_version: Version) {
+        self.key_values.clear();
+        self.heartbeat = Heartbeat(0);
+        self.max_version = 0;
+        self.last_gc_version = last_gc_version;
+    }
+
+    /// Applies the key-values of an accepted node delta (after a possible reset).
+    pub(crate) fn apply_delta(&mut self, delta: &NodeDelta, now: Instant) {
+        let current_max = self.max_version;
+        for kv in &delta.key_values {
+            if kv.version <= current_max {
+                continue;
+            }
+            if kv.status.scheduled_for_deletion() && kv.version <= self.last_gc_version {
+                continue;
+            }
+            self.set_versioned_value(
+                kv.key.clone(),
+                VersionedValue {
+                    value: kv.value.clone(),
+                    version: kv.version,
+                    status: kv.status.into_status(now),
+                },
+            );
+        }
+        // A sender's max_version never goes below its own KVs; a forged one must not lower ours.
+        self.max_version = self.max_version.max(delta.max_version);
+    }
+
+    /// A peer sent us a copy of our own state with versions beyond ours: it is the state of a
+    /// previous incarnation that used the same id. Jump past those versions and re-issue our
+    /// current entries (and tombstones for keys we no longer have) so peers replace the stale copy.
+    pub(crate) fn supersede_stale_self_copy(&mut self, delta: &NodeDelta) {
+        let stale_max = delta
+            .key_values
+            .iter()
+            .map(|kv| kv.version)
+            .max()
+            .unwrap_or(0)
+            .max(delta.max_version);
+        if stale_max <= self.max_version {
+            return;
+        }
+        warn!(node = ?self.chitchat_id, stale_max, own_max = self.max_version,
+              "peers hold a newer copy of this node's state (restart with the same generation id?): superseding it");
+        self.max_version = stale_max;
+        let now = self.clock.now();
+        let mut keys: Vec<String> = self.key_values.keys().cloned().collect();
+        for kv in &delta.key_values {
+            if !self.key_values.contains_key(&kv.key) {
+                keys.push(kv.key.clone());
+            }
+        }
+        for key in keys {
+            self.max_version += 1;
+            let version = self.max_version;
+            match self.key_values.get_mut(&key) {
+                Some(entry) => entry.version = version,
+                None => {
+                    self.key_values.insert(
+                        key,
+                        VersionedValue {
+                            value: String::new(),
+                            version,
+                            status: DeletionStatus::Deleted(now),
+                        },
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The largest `key.len() + value.len()` that still fits in one Ack delta for this node.
+pub(crate) fn max_key_value_len(chitchat_id: &ChitchatId) -> usize {
+    let id_len = chitchat_id_wire_len(chitchat_id);
+    // Block stream: 3-byte block header + terminator; node op: tag + id + 2 u64;
+    // KV op: tag + 2 length prefixes + version + status; plus the upper-bound slack of 3 bytes.
+    let overhead = 3 + 1 + (1 + id_len + 16) + (1 + 2 + 2 + 8 + 1) + 3;
+    ACK_DELTA_BUDGET.saturating_sub(overhead)
+}
+
+/// Bytes of a ChitchatId on the wire (SPEC §3.2).
+pub(crate) fn chitchat_id_wire_len(chitchat_id: &ChitchatId) -> usize {
+    let ip_len = if chitchat_id.gossip_advertise_addr.is_ipv4() {
+        5
+    } else {
+        17
+    };
+    2 + chitchat_id.node_id.len() + 8 + ip_len + 2
+}
+
+fn truncated(key: &str) -> String {
+    match key.char_indices().nth(64) {
+        Some((idx, _)) => format!("{}…", &key[..idx]),
+        None => key.to_string(),
+    }
+}

@@ -1,0 +1,229 @@
+//! Whom a gossip round talks to (SPEC §4.2): a few live nodes, sometimes a dead one (so a
+//! revived node is noticed), sometimes a seed (so partitions caused by seeds heal).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use rand::Rng;
+use rand::seq::{IndexedRandom, SliceRandom};
+
+/// Live nodes contacted per round.
+pub const GOSSIP_COUNT: usize = 3;
+
+/// The targets of one round.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GossipTargets {
+    pub nodes: Vec<SocketAddr>,
+    pub dead_node: Option<SocketAddr>,
+    pub seed_node: Option<SocketAddr>,
+}
+
+impl GossipTargets {
+    /// Every address to send a Syn to, in order: live nodes, the dead node, the seed.
+    pub fn all(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.nodes
+            .iter()
+            .copied()
+            .chain(self.dead_node)
+            .chain(self.seed_node)
+    }
+}
+
+/// Sorted, so that the choice depends only on the RNG and not on hash order.
+fn sorted(set: &HashSet<SocketAddr>) -> Vec<SocketAddr> {
+    let mut addrs: Vec<SocketAddr> = set.iter().copied().collect();
+    addrs.sort_unstable();
+    addrs
+}
+
+/// Picks up to `GOSSIP_COUNT` live nodes (any known peer while none is live), a dead node with
+/// probability `|dead| / (|live| + 1)`, and a seed when needed (SPEC §4.2).
+pub fn select_nodes_for_gossip<R: Rng + ?Sized>(
+    rng: &mut R,
+    peer_nodes: &HashSet<SocketAddr>,
+    live_nodes: &HashSet<SocketAddr>,
+    dead_nodes: &HashSet<SocketAddr>,
+    seed_nodes: &HashSet<SocketAddr>,
+) -> GossipTargets {
+    let live_count = live_nodes.len();
+    let dead_count = dead_nodes.len();
+    let pool = if live_count == 0 {
+        sorted(peer_nodes)
+    } else {
+        sorted(live_nodes)
+    };
+    let mut nodes: Vec<SocketAddr> = pool.choose_multiple(rng, GOSSIP_COUNT).copied().collect();
+    nodes.shuffle(rng);
+    let gossiped_with_seed = nodes.iter().any(|addr| seed_nodes.contains(addr));
+    let dead_node = select_dead_node_to_gossip_with(rng, dead_nodes, live_count, dead_count);
+    let seed_node = if !gossiped_with_seed || live_count < seed_nodes.len() {
+        select_seed_node_to_gossip_with(rng, seed_nodes, live_count, dead_count)
+    } else {
+        None
+    };
+    GossipTargets {
+        nodes,
+        dead_node,
+        seed_node,
+    }
+}
+
+/// A dead node with probability `|dead| / (|live| + 1)`.
+pub fn select_dead_node_to_gossip_with<R: Rng + ?Sized>(
+    rng: &mut R,
+    dead_nodes: &HashSet<SocketAddr>,
+    live_count: usize,
+    dead_count: usize,
+) -> Option<SocketAddr> {
+    let probability = dead_count as f64 / (live_count + 1) as f64;
+    if probability > rng.random::<f64>() {
+        return sorted(dead_nodes).choose(rng).copied();
+    }
+    None
+}
+
+/// A seed always while no node is live, else with probability `|seeds| / (|live| + |dead|)`.
+pub fn select_seed_node_to_gossip_with<R: Rng + ?Sized>(
+    rng: &mut R,
+    seed_nodes: &HashSet<SocketAddr>,
+    live_count: usize,
+    dead_count: usize,
+) -> Option<SocketAddr> {
+    if live_count == 0 {
+        return sorted(seed_nodes).choose(rng).copied();
+    }
+    let probability = seed_nodes.len() as f64 / (live_count + dead_count) as f64;
+    if rng.random::<f64>() <= probability {
+        return sorted(seed_nodes).choose(rng).copied();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::RngCore;
+
+    use super::*;
+
+    /// An RNG whose `random::<f64>()` returns a chosen value (its top 53 bits), so probability
+    /// thresholds can be tested exactly.
+    struct FixedRng(u64);
+
+    impl RngCore for FixedRng {
+        fn next_u32(&mut self) -> u32 {
+            (self.0 >> 32) as u32
+        }
+        fn next_u64(&mut self) -> u64 {
+            self.0
+        }
+        fn fill_bytes(&mut self, dest: &mut [u8]) {
+            for (i, byte) in dest.iter_mut().enumerate() {
+                *byte = self.0.to_le_bytes()[i % 8];
+            }
+        }
+    }
+
+    /// `random::<f64>()` of FixedRng::for_unit(x) is x (for x a multiple of 2^-53).
+    fn for_unit(x: f64) -> FixedRng {
+        FixedRng(((x * (1u64 << 53) as f64) as u64) << 11)
+    }
+
+    fn addrs(ports: impl IntoIterator<Item = u16>) -> HashSet<SocketAddr> {
+        ports
+            .into_iter()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+            .collect()
+    }
+
+    #[test]
+    fn fixed_rng_yields_the_chosen_unit_value() {
+        assert_eq!(for_unit(0.25).random::<f64>(), 0.25);
+        assert_eq!(for_unit(0.0).random::<f64>(), 0.0);
+    }
+
+    #[test]
+    fn picks_live_nodes_first_and_peers_when_none_is_live() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+        let peers = addrs(1..=10);
+        let live = addrs([1, 2, 3, 4, 5]);
+        let targets =
+            select_nodes_for_gossip(&mut rng, &peers, &live, &HashSet::new(), &HashSet::new());
+        assert_eq!(targets.nodes.len(), GOSSIP_COUNT);
+        assert!(targets.nodes.iter().all(|a| live.contains(a)));
+        assert_eq!(targets.dead_node, None, "no dead node, probability 0");
+        assert_eq!(targets.seed_node, None);
+
+        let targets = select_nodes_for_gossip(
+            &mut rng,
+            &peers,
+            &HashSet::new(),
+            &HashSet::new(),
+            &HashSet::new(),
+        );
+        assert_eq!(targets.nodes.len(), GOSSIP_COUNT);
+        assert!(targets.nodes.iter().all(|a| peers.contains(a)));
+        let distinct: HashSet<_> = targets.nodes.iter().collect();
+        assert_eq!(distinct.len(), GOSSIP_COUNT);
+    }
+
+    #[test]
+    fn dead_node_probability_is_dead_over_live_plus_one() {
+        let dead = addrs([20, 21]);
+        // 2 dead, 3 live: p = 0.5. U = 0.49 < p → chosen; U = 0.5 → not (strict).
+        assert!(select_dead_node_to_gossip_with(&mut for_unit(0.49), &dead, 3, 2).is_some());
+        assert!(select_dead_node_to_gossip_with(&mut for_unit(0.5), &dead, 3, 2).is_none());
+        // No dead node: never.
+        assert!(
+            select_dead_node_to_gossip_with(&mut for_unit(0.0), &HashSet::new(), 3, 0).is_none()
+        );
+    }
+
+    #[test]
+    fn seed_probability_is_seeds_over_live_plus_dead() {
+        let seeds = addrs([30, 31]);
+        // No live node: a seed always.
+        assert!(select_seed_node_to_gossip_with(&mut for_unit(0.99), &seeds, 0, 5).is_some());
+        // 2 seeds, 3 live + 1 dead: p = 0.5, inclusive.
+        assert!(select_seed_node_to_gossip_with(&mut for_unit(0.5), &seeds, 3, 1).is_some());
+        assert!(select_seed_node_to_gossip_with(&mut for_unit(0.51), &seeds, 3, 1).is_none());
+    }
+
+    #[test]
+    fn no_seed_when_a_live_seed_was_picked_and_seeds_are_few() {
+        let seeds = addrs([1]);
+        let live = addrs([1]);
+        let targets =
+            select_nodes_for_gossip(&mut for_unit(0.0), &live, &live, &HashSet::new(), &seeds);
+        assert_eq!(targets.nodes, vec![SocketAddr::from(([127, 0, 0, 1], 1))]);
+        assert_eq!(targets.seed_node, None);
+    }
+
+    #[test]
+    fn dead_and_seed_nodes_are_added_to_a_round() {
+        let live = addrs([1, 2, 3]);
+        let dead = addrs([4, 5, 6, 7]);
+        let seeds = addrs([8]);
+        let peers: HashSet<_> = live.union(&dead).copied().collect();
+        // U = 0: dead probability 4/4 > 0, seed probability 1/7 ≥ 0.
+        let targets = select_nodes_for_gossip(&mut for_unit(0.0), &peers, &live, &dead, &seeds);
+        assert_eq!(targets.nodes.len(), 3);
+        assert!(dead.contains(&targets.dead_node.unwrap()));
+        assert_eq!(
+            targets.seed_node,
+            Some(SocketAddr::from(([127, 0, 0, 1], 8)))
+        );
+        assert_eq!(targets.all().count(), 5);
+    }
+
+    #[test]
+    fn same_seed_same_choice() {
+        let peers = addrs(1..=50);
+        let pick = |seed| {
+            let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+            select_nodes_for_gossip(&mut rng, &peers, &peers, &HashSet::new(), &HashSet::new())
+        };
+        assert_eq!(pick(3), pick(3));
+    }
+
+    use rand::SeedableRng;
+}
