@@ -118,7 +118,10 @@ impl ChitchatConfig {
             ));
         }
         if self.gossip_interval.is_zero() {
-            return Err(ConfigError::new("gossip_interval", "must be greater than zero"));
+            return Err(ConfigError::new(
+                "gossip_interval",
+                "must be greater than zero",
+            ));
         }
         for (i, seed) in self.seed_nodes.iter().enumerate() {
             if let Err(reason) = check_seed(seed) {
@@ -307,7 +310,10 @@ mod tests {
 
         let mut c = ChitchatConfig::for_test(1);
         c.failure_detector_config.dead_node_grace_period = Duration::from_millis(10);
-        assert_eq!(field_of(&c), "failure_detector_config.dead_node_grace_period");
+        assert_eq!(
+            field_of(&c),
+            "failure_detector_config.dead_node_grace_period"
+        );
 
         let mut c = ChitchatConfig::for_test(1);
         c.marked_for_deletion_grace_period = Duration::ZERO;

@@ -5,6 +5,8 @@
 pub mod config;
 pub mod message;
 pub mod protocol;
+mod runtime;
+pub mod transport;
 pub mod types;
 
 pub use config::{

@@ -285,7 +285,10 @@ mod tests {
             status: DeletionStatus::DeleteAfterTtl(Instant::now()),
         };
         let json = serde_json::to_string(&v).unwrap();
-        assert_eq!(json, r#"{"value":"v","version":4,"status":"DeleteAfterTtl"}"#);
+        assert_eq!(
+            json,
+            r#"{"value":"v","version":4,"status":"DeleteAfterTtl"}"#
+        );
         let back: VersionedValue = serde_json::from_str(&json).unwrap();
         assert!(matches!(back.status, DeletionStatus::DeleteAfterTtl(_)));
         assert!(!back.is_deleted());
