@@ -558,6 +558,9 @@ impl SendSlot {
 
 /// The worker's send slots; grows when a batch needs more and keeps what it grew.
 pub(crate) struct SlotPool {
+    // Boxed on purpose: in-flight io_uring sends point into slots, which must not move when the
+    // vector grows.
+    #[allow(clippy::vec_box)]
     pub slots: Vec<Box<SendSlot>>,
     pub free: Vec<u32>,
 }
@@ -705,8 +708,7 @@ pub(crate) fn apply_reply_faults(
     };
     scratch.clear();
     let mut dropped = 0;
-    for k in start..queued.len() {
-        let i = queued[k];
+    for &i in &queued[start..] {
         let plan = injector.apply(&mut pool.slot(i).buf);
         if plan.drop {
             dropped += 1;
@@ -765,7 +767,13 @@ impl BatchScratch {
     pub fn put_back(&mut self, mut v: Vec<Datagram<'_>>) {
         v.clear();
         // In-place collect keeps the allocation: the vector is empty, nothing is mapped.
-        self.v = v.into_iter().filter_map(|_| None).collect();
+        self.v = v
+            .into_iter()
+            .map(|d| Datagram {
+                from: d.from,
+                payload: &[],
+            })
+            .collect();
     }
 }
 

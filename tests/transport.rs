@@ -528,7 +528,7 @@ fn channel_panic_isolation() {
     let t = ChannelTransport::new();
     let bad = Arc::new(Recorder::default());
     let bad_ep = t.open(addr(1), bad.clone()).unwrap();
-    let good_ep = t.open(addr(2), Arc::new(Recorder::default())).unwrap();
+    let _good_ep = t.open(addr(2), Arc::new(Recorder::default())).unwrap();
     let rec = Recorder::silent();
     let client = t.open(addr(3), rec.clone()).unwrap();
     client.send_to(addr(1), b"panic").unwrap();
@@ -583,7 +583,10 @@ fn hundred_channel_endpoints_few_threads() {
         })
         .collect();
     let eps: Vec<Box<dyn Endpoint>> = (0..n)
-        .map(|i| t.open(addr(2000 + i), handlers[i as usize].clone()).unwrap())
+        .map(|i| {
+            t.open(addr(2000 + i), handlers[i as usize].clone())
+                .unwrap()
+        })
         .collect();
     // Every node starts a 10-hop relay: every node receives 10 datagrams in total.
     for (i, ep) in eps.iter().enumerate() {

@@ -371,10 +371,12 @@ impl Worker {
             let now = Instant::now();
             for inc in self.inbox.drain(..) {
                 match inc.at {
-                    Some(at) if at > now => self
+                    // Even if already due: the queue releases them in deadline order, which is
+                    // what reorders them (a late wake-up must not restore the send order).
+                    Some(at) => self
                         .delayed
                         .push_delayed(Delayed::new(at, inc.id, inc.from, inc.from, inc.data)),
-                    _ => self.ready.push(inc),
+                    None => self.ready.push(inc),
                 }
             }
             while let Some(d) = self.delayed.pop_due(now) {

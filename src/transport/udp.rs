@@ -423,6 +423,48 @@ mod tests {
     fn const_and_default_agree() {
         let by_const: &UdpTransport = &UdpTransport;
         assert_eq!(by_const, &UdpTransport::default());
-        assert!(UdpTransport::DEFAULT.recv_buffer_len >= MAX_DATAGRAM_LEN + RECV_HEADER_LEN);
+        const { assert!(UdpTransport::DEFAULT.recv_buffer_len >= MAX_DATAGRAM_LEN + RECV_HEADER_LEN) };
+    }
+
+    struct Nop;
+    impl crate::transport::DatagramHandler for Nop {
+        fn handle_batch(
+            &self,
+            _batch: &[crate::transport::Datagram<'_>],
+            _replies: &mut dyn crate::transport::ReplySink,
+        ) {
+        }
+    }
+
+    /// Workers exit when the last endpoint of their runtime is gone (no leaked threads).
+    #[test]
+    fn runtime_stops_with_last_endpoint() {
+        for mode in [UdpMode::Uring, UdpMode::Epoll] {
+            // An odd slot count no other test uses: this runtime is ours alone.
+            let t = UdpTransport {
+                mode,
+                send_slots: 31,
+                workers: Some(2),
+                ..UdpTransport::DEFAULT
+            };
+            let backend = if mode == UdpMode::Uring {
+                Backend::Uring
+            } else {
+                Backend::Epoll
+            };
+            let config = t.config(backend, 2);
+            let a = t
+                .open("127.0.0.1:0".parse().unwrap(), Arc::new(Nop))
+                .unwrap();
+            let b = t
+                .open("127.0.0.1:0".parse().unwrap(), Arc::new(Nop))
+                .unwrap();
+            assert!(crate::runtime::runtime_alive(&config));
+            drop(a);
+            assert!(crate::runtime::runtime_alive(&config));
+            b.close();
+            drop(b);
+            assert!(!crate::runtime::runtime_alive(&config));
+        }
     }
 }

@@ -441,11 +441,7 @@ impl Worker {
             let (ud, res, flags) = self.cqes[k];
             let (kind, payload) = split_user_data(ud);
             match kind {
-                KIND_RECV => {
-                    if self.on_recv(payload, res, flags) {
-                        received += 1;
-                    }
-                }
+                KIND_RECV if self.on_recv(payload, res, flags) => received += 1,
                 KIND_SEND => self.on_send(payload, res),
                 KIND_WAKE => self.woken = true,
                 KIND_CANCEL => {
