@@ -6,6 +6,8 @@ pub mod clock;
 pub mod config;
 pub mod message;
 pub mod protocol;
+mod runtime;
+pub mod transport;
 pub mod types;
 pub mod wire;
 

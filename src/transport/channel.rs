@@ -1,0 +1,466 @@
+//! In-memory datagrams for tests and simulations of many nodes in one process: every endpoint
+//! lives on one worker of a shared channel runtime (so 100+ nodes need a handful of threads),
+//! datagrams travel through worker inboxes, links can be cut to simulate partitions.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::bail;
+use parking_lot::Mutex;
+
+use crate::runtime::{
+    Backend, BatchScratch, Command, DelayQueue, Delayed, EndpointCore, Incoming, Ready, Runtime,
+    RuntimeConfig, SlotPool, WorkerCtx, WorkerShared, bump, call_handler, default_workers,
+    endpoint_panicked, get_runtime, until,
+};
+use crate::transport::faults::{FaultInjector, Faults};
+use crate::transport::{
+    Datagram, DatagramHandler, Endpoint, EndpointStats, Transport, TransportKind,
+};
+
+/// Datagrams that may wait for one endpoint before new ones are dropped (the reference bounds
+/// each socket's queue too, at 100).
+const MAX_BACKLOG: usize = 1024;
+
+/// Traffic counters of a channel network: every send attempt, including dropped ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Statistics {
+    pub num_bytes_total: u64,
+    pub num_messages_total: u64,
+}
+
+/// In-memory transport; clones share one network.
+#[derive(Clone)]
+pub struct ChannelTransport {
+    network: Arc<Network>,
+    faults: Faults,
+}
+
+impl fmt::Debug for ChannelTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChannelTransport")
+            .field("mtu", &self.network.mtu)
+            .field("faults", &self.faults)
+            .field("statistics", &self.statistics())
+            .finish()
+    }
+}
+
+impl Default for ChannelTransport {
+    fn default() -> Self {
+        ChannelTransport::new()
+    }
+}
+
+impl ChannelTransport {
+    /// A new network without MTU.
+    pub fn new() -> ChannelTransport {
+        ChannelTransport::build(None)
+    }
+
+    /// A new network whose sends larger than `mtu` fail ("Serialized message size exceeds MTU").
+    pub fn with_mtu(mtu: usize) -> ChannelTransport {
+        ChannelTransport::build(Some(mtu))
+    }
+
+    fn build(mtu: Option<usize>) -> ChannelTransport {
+        ChannelTransport {
+            network: Arc::new(Network {
+                mtu,
+                state: Mutex::new(NetState::default()),
+            }),
+            faults: Faults::NONE,
+        }
+    }
+
+    /// The same network, with `faults` applied to the sends of endpoints opened from the result.
+    pub fn with_faults(mut self, faults: Faults) -> ChannelTransport {
+        self.faults = faults;
+        self
+    }
+
+    pub fn statistics(&self) -> Statistics {
+        self.network.state.lock().statistics
+    }
+
+    /// Restores the (symmetric) link between `a` and `b`.
+    pub fn add_link(&self, a: SocketAddr, b: SocketAddr) {
+        let mut st = self.network.state.lock();
+        if let Some(set) = st.removed_links.get_mut(&a) {
+            set.remove(&b);
+        }
+        if let Some(set) = st.removed_links.get_mut(&b) {
+            set.remove(&a);
+        }
+    }
+
+    /// Cuts the (symmetric) link between `a` and `b`: datagrams are silently dropped.
+    pub fn remove_link(&self, a: SocketAddr, b: SocketAddr) {
+        let mut st = self.network.state.lock();
+        st.removed_links.entry(a).or_default().insert(b);
+        st.removed_links.entry(b).or_default().insert(a);
+    }
+}
+
+fn channel_runtime() -> Result<Arc<Runtime>, String> {
+    get_runtime(&RuntimeConfig {
+        backend: Backend::Channel,
+        workers: default_workers(),
+        ring_entries: 0,
+        recv_buffers: 0,
+        recv_buffer_len: 0,
+        send_slots: 64,
+    })
+}
+
+impl Transport for ChannelTransport {
+    fn open(
+        &self,
+        listen_addr: SocketAddr,
+        handler: Arc<dyn DatagramHandler>,
+    ) -> anyhow::Result<Box<dyn Endpoint>> {
+        let runtime = channel_runtime().map_err(anyhow::Error::msg)?;
+        let worker_index = runtime.pick_worker();
+        let worker = runtime.worker(worker_index).clone();
+        let mut st = self.network.state.lock();
+        let mut addr = listen_addr;
+        if addr.port() == 0 {
+            let Some(port) = (1..=u16::MAX).find(|&p| {
+                let mut a = addr;
+                a.set_port(p);
+                !st.endpoints.contains_key(&a)
+            }) else {
+                bail!("no free port for `{listen_addr}`");
+            };
+            addr.set_port(port);
+        }
+        if st.endpoints.contains_key(&addr) {
+            bail!("Address not available `{addr}`");
+        }
+        let salt = addr_salt(addr);
+        let core = Arc::new(EndpointCore::new(
+            addr,
+            handler,
+            FaultInjector::new(&self.faults, salt),
+            Some(self.network.clone()),
+        ));
+        st.endpoints.insert(
+            addr,
+            Route {
+                core: core.clone(),
+                worker: worker.clone(),
+            },
+        );
+        drop(st);
+        worker.push(Command::Open {
+            core: core.clone(),
+            socket: None,
+        });
+        Ok(Box::new(ChannelEndpoint {
+            core,
+            network: self.network.clone(),
+            runtime,
+            worker: worker_index,
+            closed: AtomicBool::new(false),
+        }))
+    }
+}
+
+/// Mixes an address into the fault seed so endpoints sharing a seed draw differently.
+pub(crate) fn addr_salt(addr: SocketAddr) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    addr.hash(&mut h);
+    h.finish()
+}
+
+/// The shared in-memory network.
+pub(crate) struct Network {
+    mtu: Option<usize>,
+    state: Mutex<NetState>,
+}
+
+#[derive(Default)]
+struct NetState {
+    endpoints: HashMap<SocketAddr, Route>,
+    removed_links: HashMap<SocketAddr, HashSet<SocketAddr>>,
+    statistics: Statistics,
+}
+
+struct Route {
+    core: Arc<EndpointCore>,
+    worker: Arc<WorkerShared>,
+}
+
+impl Network {
+    /// Frees `addr` if endpoint `id` still holds it.
+    pub(crate) fn unregister(&self, addr: SocketAddr, id: u64) {
+        let mut st = self.state.lock();
+        if st.endpoints.get(&addr).is_some_and(|r| r.core.id == id) {
+            st.endpoints.remove(&addr);
+        }
+    }
+
+    /// Sends `payload` from `sender`: MTU check, statistics, faults, links, then the
+    /// destination worker's inbox. Unknown destinations and cut links drop silently.
+    fn send(&self, sender: &EndpointCore, to: SocketAddr, payload: &[u8]) -> io::Result<()> {
+        if let Some(mtu) = self.mtu
+            && payload.len() > mtu
+        {
+            bump(&sender.stats.send_errors, 1);
+            return Err(io::Error::other("Serialized message size exceeds MTU"));
+        }
+        let mut data = payload.to_vec();
+        let plan = sender.faults.as_ref().map(|inj| inj.apply(&mut data));
+        let mut st = self.state.lock();
+        st.statistics.num_bytes_total += payload.len() as u64;
+        st.statistics.num_messages_total += 1;
+        if plan.is_some_and(|p| p.drop) {
+            drop(st);
+            bump(&sender.stats.dropped_by_faults, 1);
+            return Ok(());
+        }
+        bump(&sender.stats.datagrams_sent, 1);
+        bump(&sender.stats.bytes_sent, data.len() as u64);
+        let from = sender.local_addr;
+        if st
+            .removed_links
+            .get(&from)
+            .is_some_and(|set| set.contains(&to))
+        {
+            return Ok(());
+        }
+        let Some(route) = st.endpoints.get(&to) else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let (duplicate, delays) = match plan {
+            Some(p) => (p.duplicate, p.delay),
+            None => (false, [None, None]),
+        };
+        let copies = if duplicate { 2 } else { 1 };
+        for (k, delay) in delays.iter().enumerate().take(copies) {
+            if route.core.backlog.fetch_add(1, Ordering::Relaxed) >= MAX_BACKLOG {
+                route.core.backlog.fetch_sub(1, Ordering::Relaxed);
+                continue;
+            }
+            let bytes = if k + 1 == copies {
+                std::mem::take(&mut data)
+            } else {
+                data.clone()
+            };
+            route.worker.deliver(Incoming {
+                id: route.core.id,
+                from,
+                data: bytes,
+                at: delay.map(|d| now + d),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A channel endpoint handle.
+struct ChannelEndpoint {
+    core: Arc<EndpointCore>,
+    network: Arc<Network>,
+    runtime: Arc<Runtime>,
+    worker: usize,
+    closed: AtomicBool,
+}
+
+impl Endpoint for ChannelEndpoint {
+    fn local_addr(&self) -> SocketAddr {
+        self.core.local_addr
+    }
+
+    fn kind(&self) -> TransportKind {
+        TransportKind::Channel
+    }
+
+    fn send_to(&self, to: SocketAddr, payload: &[u8]) -> io::Result<()> {
+        if self.core.is_closed() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "endpoint closed",
+            ));
+        }
+        self.network.send(&self.core, to, payload)
+    }
+
+    fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.core.closed.store(true, Ordering::Release);
+        self.network.unregister(self.core.local_addr, self.core.id);
+        self.runtime.close_endpoint(self.core.id, Some(self.worker));
+    }
+
+    fn stats(&self) -> EndpointStats {
+        self.core.stats.snapshot()
+    }
+}
+
+impl Drop for ChannelEndpoint {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Channel worker
+// ---------------------------------------------------------------------------------------------
+
+struct Worker {
+    ctx: WorkerCtx,
+    eps: HashMap<u64, Arc<EndpointCore>>,
+    inbox: Vec<Incoming>,
+    ready: Vec<Incoming>,
+    pool: SlotPool,
+    queued: Vec<u32>,
+    batch: BatchScratch,
+    delayed: DelayQueue,
+    commands: Vec<Command>,
+    shutdown: bool,
+}
+
+pub(crate) fn run_worker(ctx: WorkerCtx, ready: Ready) {
+    ready(Ok(()));
+    let mut w = Worker {
+        pool: SlotPool::new(ctx.config.send_slots),
+        ctx,
+        eps: HashMap::new(),
+        inbox: Vec::new(),
+        ready: Vec::new(),
+        queued: Vec::new(),
+        batch: BatchScratch::default(),
+        delayed: DelayQueue::default(),
+        commands: Vec::new(),
+        shutdown: false,
+    };
+    w.run();
+}
+
+impl Worker {
+    fn run(&mut self) {
+        while !self.shutdown {
+            self.wait();
+            self.ctx.me.take_commands(&mut self.commands);
+            for command in std::mem::take(&mut self.commands) {
+                match command {
+                    Command::Open { core, .. } => {
+                        self.eps.insert(core.id, core);
+                    }
+                    Command::Close { id, ack } => {
+                        self.eps.remove(&id);
+                        if let Some(a) = ack {
+                            a.ack();
+                        }
+                    }
+                    Command::SendLater(_) => {}
+                    Command::Shutdown => self.shutdown = true,
+                }
+            }
+            self.ctx.me.take_inbox(&mut self.inbox);
+            let now = Instant::now();
+            for inc in self.inbox.drain(..) {
+                match inc.at {
+                    // Even if already due: the queue releases them in deadline order, which is
+                    // what reorders them (a late wake-up must not restore the send order).
+                    Some(at) => self
+                        .delayed
+                        .push_delayed(Delayed::new(at, inc.id, inc.from, inc.from, inc.data)),
+                    None => self.ready.push(inc),
+                }
+            }
+            while let Some(d) = self.delayed.pop_due(now) {
+                self.ready.push(Incoming {
+                    id: d.id,
+                    from: d.from,
+                    data: d.data,
+                    at: None,
+                });
+            }
+            self.dispatch();
+        }
+    }
+
+    /// Sleeps on the eventfd until woken or the next delayed datagram is due.
+    fn wait(&mut self) {
+        let timeout = match until(self.delayed.next_deadline()) {
+            None => -1,
+            Some(d) => d.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
+        };
+        let mut pfd = libc::pollfd {
+            fd: self.ctx.me.eventfd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout) };
+        if n > 0 && pfd.revents & libc::POLLIN != 0 {
+            self.ctx.me.consume_eventfd();
+            self.ctx.me.rearm_wake();
+        }
+    }
+
+    /// Groups ready datagrams per endpoint (arrival order kept) and calls each handler once.
+    fn dispatch(&mut self) {
+        if self.ready.is_empty() {
+            return;
+        }
+        for inc in &self.ready {
+            if let Some(core) = self.eps.get(&inc.id) {
+                core.backlog.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.ready.sort_by_key(|inc| inc.id);
+        let mut k = 0;
+        while k < self.ready.len() {
+            let id = self.ready[k].id;
+            let end = k + self.ready[k..].iter().take_while(|i| i.id == id).count();
+            if let Some(core) = self.eps.get(&id).cloned()
+                && !core.is_closed()
+            {
+                let mut batch = self.batch.take();
+                batch.extend(self.ready[k..end].iter().map(|i| Datagram {
+                    from: i.from,
+                    payload: &i.data,
+                }));
+                let start = self.queued.len();
+                let result = call_handler(&core, 0, &batch, &mut self.pool, &mut self.queued);
+                self.batch.put_back(batch);
+                match result {
+                    Ok(()) => {
+                        if let Some(network) = &core.network {
+                            for &i in &self.queued[start..] {
+                                let slot = self.pool.slot(i);
+                                if let Err(e) = network.send(&core, slot.to, &slot.buf) {
+                                    tracing::debug!(addr = %core.local_addr, "channel reply: {e}");
+                                }
+                            }
+                        }
+                    }
+                    Err(message) => {
+                        endpoint_panicked(&self.ctx, &core, message);
+                        if let Some(network) = &core.network {
+                            network.unregister(core.local_addr, core.id);
+                        }
+                        self.eps.remove(&id);
+                    }
+                }
+                for i in self.queued.drain(..) {
+                    self.pool.release(i);
+                }
+            }
+            k = end;
+        }
+        self.ready.clear();
+    }
+}
