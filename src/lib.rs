@@ -4,9 +4,12 @@
 
 pub mod clock;
 pub mod config;
+mod control;
+mod dns;
 pub mod message;
 pub mod protocol;
 mod runtime;
+pub mod server;
 pub mod transport;
 pub mod types;
 pub mod wire;
@@ -19,5 +22,9 @@ pub use message::{ChitchatEnvelope, ChitchatMessage, ProtocolVersion};
 pub use protocol::{
     Chitchat, ClusterStateSnapshot, KeyChangeEvent, KeyValueError, ListenerHandle, NodeState,
 };
+pub use server::{
+    ChitchatHandle, ChitchatRef, Command, MESSAGE_HANDLING_BOUND, ServerStats, spawn_chitchat,
+};
+pub use transport::{ChannelTransport, Transport, TransportKind, UdpTransport};
 pub use types::{ChitchatId, DeletionStatus, Heartbeat, Version, VersionedValue};
 pub use wire::MAX_UDP_DATAGRAM_PAYLOAD_SIZE;

@@ -1,0 +1,479 @@
+//! The running node: `spawn_chitchat`, `ChitchatHandle`, the gossip `Server` loop and the
+//! datagram handler that the I/O workers call.
+//!
+//! Datagrams are handled on the transport's worker threads (one lock of the state per batch);
+//! the gossip interval, commands and DNS refresh run on the shared control thread.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use parking_lot::{Mutex, MutexGuard};
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, error, info, warn};
+
+use crate::config::ChitchatConfig;
+use crate::control::ControlThread;
+use crate::dns::{self, DNS_POLLING_DURATION, Seeds};
+use crate::protocol::{Chitchat, select_nodes_for_gossip};
+use crate::transport::{
+    Datagram, DatagramHandler, Endpoint, EndpointStats, ReplySink, Transport, TransportKind,
+};
+use crate::types::ChitchatId;
+
+pub use crate::protocol::GOSSIP_COUNT;
+pub use crate::protocol::peer_selection::{
+    select_dead_node_to_gossip_with, select_seed_node_to_gossip_with,
+};
+
+/// Longest a received message may take from receipt to reply; past it, the reply is abandoned.
+pub const MESSAGE_HANDLING_BOUND: Duration = Duration::from_secs(2);
+
+/// The shared cluster state of a node. Lock it for short protocol work only: the I/O workers
+/// and the gossip loop need it too.
+#[derive(Clone)]
+pub struct ChitchatRef {
+    inner: Arc<Mutex<Chitchat>>,
+}
+
+impl ChitchatRef {
+    pub fn new(chitchat: Chitchat) -> Self {
+        ChitchatRef {
+            inner: Arc::new(Mutex::new(chitchat)),
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Chitchat> {
+        self.inner.lock()
+    }
+}
+
+/// What the handle asks of the server loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Send a Syn to this address now.
+    Gossip(SocketAddr),
+    /// Stop gossiping, close the sockets, end.
+    Shutdown,
+}
+
+/// Counters of one node's server.
+#[derive(Debug, Default)]
+struct Counters {
+    datagrams_handled: AtomicU64,
+    malformed: AtomicU64,
+    abandoned: AtomicU64,
+    replies: AtomicU64,
+    syns_sent: AtomicU64,
+    gossip_send_errors: AtomicU64,
+    gossip_rounds: AtomicU64,
+    last_malformed_log_ms: AtomicU64,
+}
+
+/// A snapshot of a node's server counters.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Datagrams decoded and processed.
+    pub datagrams_handled: u64,
+    /// Datagrams that did not decode: counted and dropped.
+    pub malformed: u64,
+    /// Messages whose handling exceeded `MESSAGE_HANDLING_BOUND`: reply dropped.
+    pub abandoned: u64,
+    pub replies: u64,
+    pub syns_sent: u64,
+    pub gossip_send_errors: u64,
+    pub gossip_rounds: u64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> ServerStats {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        ServerStats {
+            datagrams_handled: get(&self.datagrams_handled),
+            malformed: get(&self.malformed),
+            abandoned: get(&self.abandoned),
+            replies: get(&self.replies),
+            syns_sent: get(&self.syns_sent),
+            gossip_send_errors: get(&self.gossip_send_errors),
+            gossip_rounds: get(&self.gossip_rounds),
+        }
+    }
+}
+
+/// The protocol side of the node's endpoint, called on the I/O worker threads.
+struct NodeHandler {
+    chitchat: ChitchatRef,
+    counters: Arc<Counters>,
+    panic_tx: watch::Sender<Option<String>>,
+    started: Instant,
+}
+
+impl NodeHandler {
+    /// Logs malformed datagrams at most once a second per node; every one is counted.
+    fn note_malformed(&self, from: SocketAddr, error: &crate::wire::DecodeError) {
+        self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+        let now_ms = self.started.elapsed().as_millis() as u64;
+        let last = self.counters.last_malformed_log_ms.load(Ordering::Relaxed);
+        if (now_ms >= last + 1_000 || last == 0)
+            && self
+                .counters
+                .last_malformed_log_ms
+                .compare_exchange(last, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let total = self.counters.malformed.load(Ordering::Relaxed);
+            warn!(%from, kind = error.kind(), %error, total, "dropping malformed datagram");
+        }
+    }
+}
+
+impl DatagramHandler for NodeHandler {
+    fn handle_batch(&self, batch: &[Datagram<'_>], replies: &mut dyn ReplySink) {
+        let received_at = Instant::now();
+        let deadline = received_at + MESSAGE_HANDLING_BOUND;
+        let mut chitchat = self.chitchat.lock();
+        for (i, datagram) in batch.iter().enumerate() {
+            if Instant::now() >= deadline {
+                let stale = (batch.len() - i) as u64;
+                self.counters.abandoned.fetch_add(stale, Ordering::Relaxed);
+                warn!(
+                    stale,
+                    "message handling exceeded {MESSAGE_HANDLING_BOUND:?}: abandoning"
+                );
+                break;
+            }
+            let reply = replies.buffer();
+            match chitchat.handle_datagram(datagram.payload, reply, Some(deadline)) {
+                Ok(outcome) => {
+                    self.counters
+                        .datagrams_handled
+                        .fetch_add(1, Ordering::Relaxed);
+                    if !outcome.replied {
+                        continue;
+                    }
+                    if Instant::now() >= deadline {
+                        self.counters.abandoned.fetch_add(1, Ordering::Relaxed);
+                        warn!(from = %datagram.from,
+                              "message handling exceeded {MESSAGE_HANDLING_BOUND:?}: reply abandoned");
+                        continue;
+                    }
+                    replies.send(datagram.from);
+                    self.counters.replies.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) => self.note_malformed(datagram.from, &error),
+            }
+        }
+    }
+
+    fn on_panic(&self, message: String) {
+        error!(%message, "chitchat server panicked while handling a datagram");
+        self.panic_tx.send_replace(Some(message));
+    }
+}
+
+/// The gossip loop of one node: rounds every `gossip_interval`, commands from the handle.
+pub struct Server {
+    command_rx: mpsc::UnboundedReceiver<Command>,
+    chitchat: ChitchatRef,
+    endpoint: Arc<dyn Endpoint>,
+    rng: SmallRng,
+    panic_rx: watch::Receiver<Option<String>>,
+    counters: Arc<Counters>,
+    syn_buf: Vec<u8>,
+}
+
+impl Server {
+    fn new(
+        command_rx: mpsc::UnboundedReceiver<Command>,
+        chitchat: ChitchatRef,
+        endpoint: Arc<dyn Endpoint>,
+        panic_rx: watch::Receiver<Option<String>>,
+        counters: Arc<Counters>,
+    ) -> Self {
+        Server {
+            command_rx,
+            chitchat,
+            endpoint,
+            rng: SmallRng::from_rng(&mut rand::rng()),
+            panic_rx,
+            counters,
+            syn_buf: Vec::with_capacity(2_048),
+        }
+    }
+
+    /// Gossips every interval (the first round at once) until shutdown, the handle's drop, or a
+    /// panic in the datagram handler.
+    async fn run(&mut self) -> anyhow::Result<()> {
+        let gossip_interval = self.chitchat.lock().config().gossip_interval;
+        let mut interval = tokio::time::interval(gossip_interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => self.gossip_multiple(),
+                command = self.command_rx.recv() => match command {
+                    Some(Command::Gossip(addr)) => {
+                        if let Err(error) = self.gossip(addr) {
+                            warn!(%addr, %error, "failed to gossip");
+                        }
+                    }
+                    Some(Command::Shutdown) | None => break,
+                },
+                changed = self.panic_rx.changed() => {
+                    let message = self.panic_rx.borrow().clone();
+                    if changed.is_ok() && let Some(message) = message {
+                        return Err(anyhow!("Chitchat server panicked: {message}"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One round (SPEC §4.2): pick targets, bump the heartbeat, collect tombstones, send Syns,
+    /// then re-evaluate liveness.
+    fn gossip_multiple(&mut self) {
+        self.counters.gossip_rounds.fetch_add(1, Ordering::Relaxed);
+        let targets = {
+            let mut chitchat = self.chitchat.lock();
+            let peers = chitchat.peer_addrs();
+            let live = chitchat.live_addrs();
+            let dead = chitchat.dead_addrs();
+            let seeds = chitchat.seed_addrs_except_self();
+            let targets = select_nodes_for_gossip(&mut self.rng, &peers, &live, &dead, &seeds);
+            chitchat.update_self_heartbeat();
+            chitchat.gc_keys_marked_for_deletion();
+            targets
+        };
+        for addr in targets.all() {
+            if let Err(error) = self.gossip(addr) {
+                if Some(addr) == targets.dead_node {
+                    debug!(%addr, %error, "failed to gossip with a dead node");
+                } else {
+                    warn!(%addr, %error, "failed to gossip");
+                }
+            }
+        }
+        self.chitchat.lock().update_nodes_liveness();
+    }
+
+    /// Sends one Syn, built under the lock with a fresh digest.
+    fn gossip(&mut self, addr: SocketAddr) -> std::io::Result<()> {
+        {
+            let mut chitchat = self.chitchat.lock();
+            let version = chitchat.config().protocol_version;
+            chitchat.write_syn(version, &mut self.syn_buf);
+        }
+        match self.endpoint.send_to(addr, &self.syn_buf) {
+            Ok(()) => {
+                self.counters.syns_sent.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(error) => {
+                self.counters
+                    .gossip_send_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(error)
+            }
+        }
+    }
+}
+
+/// How the server task ended: Ok, or the error message.
+type Termination = Option<Result<(), String>>;
+
+/// A running node. Dropping it shuts the node down.
+pub struct ChitchatHandle {
+    chitchat_id: ChitchatId,
+    command_tx: mpsc::UnboundedSender<Command>,
+    chitchat: ChitchatRef,
+    termination_rx: watch::Receiver<Termination>,
+    endpoint: Arc<dyn Endpoint>,
+    counters: Arc<Counters>,
+    _control: Arc<ControlThread>,
+}
+
+impl ChitchatHandle {
+    pub fn chitchat_id(&self) -> &ChitchatId {
+        &self.chitchat_id
+    }
+
+    pub fn chitchat(&self) -> ChitchatRef {
+        self.chitchat.clone()
+    }
+
+    /// Runs `fun` with the state locked.
+    pub async fn with_chitchat<F, T>(&self, mut fun: F) -> T
+    where
+        F: FnMut(&mut Chitchat) -> T,
+    {
+        let mut chitchat = self.chitchat.lock();
+        fun(&mut chitchat)
+    }
+
+    /// Sends a Syn to `addr` now (errors only if the server is gone).
+    pub fn gossip(&self, addr: SocketAddr) -> anyhow::Result<()> {
+        self.command_tx
+            .send(Command::Gossip(addr))
+            .map_err(|_| anyhow!("the chitchat server has stopped"))
+    }
+
+    /// Asks the server to stop without waiting.
+    pub fn initiate_shutdown(&self) -> anyhow::Result<()> {
+        self.command_tx
+            .send(Command::Shutdown)
+            .map_err(|_| anyhow!("the chitchat server has stopped"))
+    }
+
+    /// Stops the server without waiting (like `initiate_shutdown`, ignoring a stopped server).
+    pub fn abort(&self) {
+        let _ = self.command_tx.send(Command::Shutdown);
+    }
+
+    /// Stops the server and waits until its sockets are closed (the port is free when this
+    /// returns); returns the error it ended with, if any.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.command_tx.send(Command::Shutdown);
+        self.termination_watcher().await
+    }
+
+    /// Resolves when the server ends: `Ok`, its error, or "Chitchat server panicked".
+    pub fn termination_watcher(&self) -> impl Future<Output = anyhow::Result<()>> + use<> {
+        let mut termination_rx = self.termination_rx.clone();
+        async move {
+            match termination_rx.wait_for(Option::is_some).await {
+                Ok(termination) => match termination.as_ref() {
+                    Some(Ok(())) => Ok(()),
+                    Some(Err(message)) => Err(anyhow!("{message}")),
+                    None => Err(anyhow!("Chitchat server panicked")),
+                },
+                Err(_) => Err(anyhow!("Chitchat server panicked")),
+            }
+        }
+    }
+
+    /// The address the node's sockets are bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint.local_addr()
+    }
+
+    /// The transport serving the node (io_uring, or epoll and why).
+    pub fn transport_kind(&self) -> TransportKind {
+        self.endpoint.kind()
+    }
+
+    pub fn endpoint_stats(&self) -> EndpointStats {
+        self.endpoint.stats()
+    }
+
+    pub fn server_stats(&self) -> ServerStats {
+        self.counters.snapshot()
+    }
+}
+
+/// Validates the config, resolves the seeds, binds the transport and starts gossiping.
+///
+/// A bad config is an error naming the field; a bind failure names the address.
+pub async fn spawn_chitchat(
+    config: ChitchatConfig,
+    initial_key_values: Vec<(String, String)>,
+    transport: &dyn Transport,
+) -> anyhow::Result<ChitchatHandle> {
+    config.validate()?;
+    let control = ControlThread::shared().context("failed to start the control thread")?;
+    let listen_addr = config.listen_addr;
+    let seeds = Seeds::parse(&config.seed_nodes);
+
+    // Resolve hostname seeds once before starting, on the control runtime (hickory needs
+    // tokio; the caller may be on any executor).
+    let (resolver, seed_addrs) = if seeds.hostnames.is_empty() {
+        (None, seeds.static_addrs.clone())
+    } else {
+        let (tx, rx) = oneshot::channel();
+        let to_resolve = seeds.clone();
+        control.handle().spawn(async move {
+            let resolver = dns::system_resolver();
+            let addrs = dns::resolve_seeds(&resolver, &to_resolve, listen_addr).await;
+            let _ = tx.send((resolver, addrs));
+        });
+        let (resolver, addrs) = rx.await.context("seed resolution did not complete")?;
+        (Some(resolver), addrs)
+    };
+    let (seed_tx, seed_rx) = watch::channel::<HashSet<SocketAddr>>(seed_addrs);
+
+    let chitchat_id = config.chitchat_id.clone();
+    let chitchat = ChitchatRef::new(Chitchat::with_chitchat_id_and_seeds(
+        config,
+        seed_rx,
+        initial_key_values,
+    ));
+    let counters = Arc::new(Counters::default());
+    let (panic_tx, panic_rx) = watch::channel(None);
+    let handler = Arc::new(NodeHandler {
+        chitchat: chitchat.clone(),
+        counters: counters.clone(),
+        panic_tx,
+        started: Instant::now(),
+    });
+    let endpoint: Arc<dyn Endpoint> = Arc::from(
+        transport
+            .open(listen_addr, handler)
+            .with_context(|| format!("failed to open the gossip socket on {listen_addr}"))?,
+    );
+    info!(node = ?chitchat_id, local_addr = %endpoint.local_addr(), transport = ?endpoint.kind(),
+          "chitchat node started");
+
+    if let Some(resolver) = resolver {
+        control.handle().spawn(dns::dns_refresh_loop(
+            resolver,
+            seeds,
+            listen_addr,
+            seed_tx,
+            DNS_POLLING_DURATION,
+        ));
+    }
+
+    let (command_tx, command_rx) = mpsc::unbounded_channel();
+    let (termination_tx, termination_rx) = watch::channel::<Termination>(None);
+    let mut server = Server::new(
+        command_rx,
+        chitchat.clone(),
+        endpoint.clone(),
+        panic_rx,
+        counters.clone(),
+    );
+    let task_endpoint = endpoint.clone();
+    let task_control = control.clone();
+    control.handle().spawn(async move {
+        let task = tokio::spawn(async move { server.run().await });
+        let result = match task.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(format!("{error:#}")),
+            Err(join_error) if join_error.is_panic() => Err("Chitchat server panicked".to_string()),
+            Err(join_error) => Err(format!("chitchat server task failed: {join_error}")),
+        };
+        // Closing waits for the I/O workers to release the sockets: the port is free after.
+        task_endpoint.close();
+        drop(task_endpoint);
+        if let Err(message) = &result {
+            error!(%message, "chitchat server stopped with an error");
+        }
+        termination_tx.send_replace(Some(result));
+        drop(task_control);
+    });
+
+    Ok(ChitchatHandle {
+        chitchat_id,
+        command_tx,
+        chitchat,
+        termination_rx,
+        endpoint,
+        counters,
+        _control: control,
+    })
+}
