@@ -1,6 +1,4 @@
-//! chitchat-uring: cluster membership, phi failure detection and Scuttlebutt key-value
-//! replication over UDP, wire-compatible with the `chitchat` crate 0.13, with its datagram paths
-//! on io_uring.
+#![doc = include_str!("../README.md")]
 
 pub mod clock;
 pub mod config;
