@@ -15,7 +15,11 @@ const KEYS_PER_NODE: u64 = 10;
 
 fn node_id(i: u32) -> ChitchatId {
     let addr = SocketAddr::new(Ipv4Addr::from(0x0a00_0000 + i).into(), 7280);
-    ChitchatId::new(format!("indexer-{i:05}"), 1_700_000_000 + u64::from(i), addr)
+    ChitchatId::new(
+        format!("indexer-{i:05}"),
+        1_700_000_000 + u64::from(i),
+        addr,
+    )
 }
 
 fn digest(num_nodes: u32) -> Digest {
@@ -92,7 +96,11 @@ fn bench_digest(c: &mut Criterion) {
 fn write_delta(encoder: &mut Encoder, delta: &Delta, mtu: usize, out: &mut Vec<u8>) -> usize {
     let mut writer = encoder.delta_writer(out, mtu);
     'nodes: for nd in &delta.node_deltas {
-        if !writer.try_add_node(&nd.chitchat_id, nd.last_gc_version, nd.from_version_excluded) {
+        if !writer.try_add_node(
+            &nd.chitchat_id,
+            nd.last_gc_version,
+            nd.from_version_excluded,
+        ) {
             break;
         }
         for kv in &nd.key_values {
