@@ -163,6 +163,8 @@ impl DeltaWriter<'_> {
             None => {
                 let len = self.stream.finish();
                 self.finished_len = Some(len);
+                // Do not keep node ids alive until the next delta.
+                self.written_nodes.clear();
                 len
             }
         }

@@ -2,13 +2,12 @@
 //! (Syn = digest + cluster id, SynAck = digest + delta, Ack = delta, BadCluster = nothing).
 
 use super::primitives::{Reader, put_str, put_u8, put_u16};
-use super::{DecodeError, Decoder, EncodeError, Encoder, MAGIC_NUMBER};
+use super::{
+    DecodeError, Decoder, EncodeError, Encoder, MAGIC_NUMBER, MESSAGE_TYPE_ACK as ACK,
+    MESSAGE_TYPE_BAD_CLUSTER as BAD_CLUSTER, MESSAGE_TYPE_SYN as SYN,
+    MESSAGE_TYPE_SYN_ACK as SYN_ACK,
+};
 use crate::message::{ChitchatEnvelope, ChitchatMessage, ProtocolVersion};
-
-const SYN: u8 = 0;
-const SYN_ACK: u8 = 1;
-const ACK: u8 = 2;
-const BAD_CLUSTER: u8 = 3;
 
 impl Encoder {
     /// Appends magic, version byte, message-type byte.
@@ -393,6 +392,46 @@ mod tests {
             DecodeError::BadMagic(0x53b0).to_string(),
             "bad magic number 0x53b0 (expected 0xb053)"
         );
+    }
+
+    #[test]
+    fn message_type_constants_match_the_messages() {
+        let digest = Digest::default;
+        let delta = Delta::default;
+        let messages = [
+            (SYN, syn(ProtocolVersion::V0, "c", digest()).message),
+            (
+                SYN_ACK,
+                ChitchatMessage::SynAck {
+                    digest: digest(),
+                    delta: delta(),
+                },
+            ),
+            (ACK, ChitchatMessage::Ack { delta: delta() }),
+            (BAD_CLUSTER, ChitchatMessage::BadCluster),
+        ];
+        for (code, message) in messages {
+            assert_eq!(message.type_code(), code);
+        }
+    }
+
+    #[test]
+    fn zstd_bomb_in_an_ack_is_rejected() {
+        let frame = zstd::bulk::compress(&[0u8; 65_535], 19).unwrap();
+        let mut bytes = hex("53 b0 00 02");
+        while bytes.len() + frame.len() + 4 < MAX_UDP_DATAGRAM_PAYLOAD_SIZE {
+            bytes.push(1);
+            bytes.extend_from_slice(&(frame.len() as u16).to_le_bytes());
+            bytes.extend_from_slice(&frame);
+        }
+        bytes.push(0);
+        let error = decode_envelope(&bytes).unwrap_err();
+        assert_eq!(error, DecodeError::StreamTooLarge);
+        assert_eq!(error.kind(), "stream-too-large");
+        // Same in a V1 digest.
+        bytes[2] = 1;
+        bytes[3] = 0;
+        assert_eq!(decode_envelope(&bytes), Err(DecodeError::StreamTooLarge));
     }
 
     #[test]

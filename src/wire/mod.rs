@@ -32,6 +32,11 @@ pub const MAGIC_NUMBER: u16 = 45_139;
 pub const HEADER_LEN: usize = 4;
 /// Largest UDP payload over IPv4: the size budget of every message.
 pub const MAX_UDP_DATAGRAM_PAYLOAD_SIZE: usize = 65_507;
+/// Message-type bytes of the header, for [`Encoder::write_header`].
+pub const MESSAGE_TYPE_SYN: u8 = 0;
+pub const MESSAGE_TYPE_SYN_ACK: u8 = 1;
+pub const MESSAGE_TYPE_ACK: u8 = 2;
+pub const MESSAGE_TYPE_BAD_CLUSTER: u8 = 3;
 /// Uncompressed size at which the block stream writers cut a block, as the reference does.
 pub const BLOCK_THRESHOLD: usize = 16_384;
 /// Largest decompressed size of one compressed block (the reference decompresses into a buffer
