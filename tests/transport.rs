@@ -491,7 +491,13 @@ fn channel_faults() {
     });
     let b = dup.open(addr(2), Recorder::silent()).unwrap();
     b.send_to(addr(9), b"dd").unwrap();
-    assert!(wait_until(WAIT, || rec.count() == 2));
+    assert!(
+        wait_until(WAIT, || rec.count() == 2),
+        "{:?} {:?} {:?}",
+        rec.received.lock(),
+        b.stats(),
+        base.statistics()
+    );
     let corrupt = base.clone().with_faults(Faults {
         corrupt: 1.0,
         truncate: 1.0,

@@ -149,6 +149,11 @@ impl Transport for ChannelTransport {
             FaultInjector::new(&self.faults, salt),
             Some(self.network.clone()),
         ));
+        // Queued before the route exists, so no datagram can overtake the Open.
+        worker.push(Command::Open {
+            core: core.clone(),
+            socket: None,
+        });
         st.endpoints.insert(
             addr,
             Route {
@@ -157,10 +162,6 @@ impl Transport for ChannelTransport {
             },
         );
         drop(st);
-        worker.push(Command::Open {
-            core: core.clone(),
-            socket: None,
-        });
         Ok(Box::new(ChannelEndpoint {
             core,
             network: self.network.clone(),
@@ -351,6 +352,9 @@ impl Worker {
     fn run(&mut self) {
         while !self.shutdown {
             self.wait();
+            // Inbox before commands: a datagram is only routed after its endpoint's Open was
+            // queued, so every datagram taken here finds its endpoint opened below.
+            self.ctx.me.take_inbox(&mut self.inbox);
             self.ctx.me.take_commands(&mut self.commands);
             for command in std::mem::take(&mut self.commands) {
                 match command {
@@ -367,7 +371,6 @@ impl Worker {
                     Command::Shutdown => self.shutdown = true,
                 }
             }
-            self.ctx.me.take_inbox(&mut self.inbox);
             let now = Instant::now();
             for inc in self.inbox.drain(..) {
                 match inc.at {
