@@ -490,6 +490,15 @@ fn channel_mtu() {
     a.send_to(addr(2), &[0u8; 100]).unwrap();
     assert!(wait_until(WAIT, || rec.count() == 1));
     assert_eq!(a.stats().send_errors, 1);
+    // The UDP-sized network carries a maximal datagram whole.
+    let t = ChannelTransport::with_mtu(MAX_DATAGRAM_LEN);
+    let a = t.open(addr(1), Recorder::silent()).unwrap();
+    let rec = Recorder::silent();
+    let _b = t.open(addr(2), rec.clone()).unwrap();
+    a.send_to(addr(2), &[5u8; MAX_DATAGRAM_LEN]).unwrap();
+    assert!(a.send_to(addr(2), &[5u8; MAX_DATAGRAM_LEN + 1]).is_err());
+    assert!(wait_until(WAIT, || rec.count() == 1));
+    assert_eq!(rec.received.lock()[0].1.len(), MAX_DATAGRAM_LEN);
 }
 
 #[test]

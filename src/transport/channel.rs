@@ -34,6 +34,14 @@ pub struct Statistics {
     pub num_messages_total: u64,
 }
 
+impl Statistics {
+    /// Counts one message of `message_num_bytes` (same method as the reference's).
+    pub fn record_message_len(&mut self, message_num_bytes: usize) {
+        self.num_bytes_total += message_num_bytes as u64;
+        self.num_messages_total += 1;
+    }
+}
+
 /// In-memory transport; clones share one network.
 #[derive(Clone)]
 pub struct ChannelTransport {
@@ -219,8 +227,7 @@ impl Network {
         let mut data = payload.to_vec();
         let plan = sender.faults.as_ref().map(|inj| inj.apply(&mut data));
         let mut st = self.state.lock();
-        st.statistics.num_bytes_total += payload.len() as u64;
-        st.statistics.num_messages_total += 1;
+        st.statistics.record_message_len(payload.len());
         if plan.is_some_and(|p| p.drop) {
             drop(st);
             bump(&sender.stats.dropped_by_faults, 1);

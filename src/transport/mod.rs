@@ -71,6 +71,9 @@ pub trait ReplySink {
 pub trait DatagramHandler: Send + Sync + 'static {
     /// All datagrams one wake-up received for this endpoint, in arrival order. Called on a worker
     /// thread.
+    ///
+    /// Workers are shared by every endpoint of the process, so this must not block; with several
+    /// workers it runs concurrently for the endpoint's different sockets.
     fn handle_batch(&self, batch: &[Datagram<'_>], replies: &mut dyn ReplySink);
 
     /// The handler panicked: the runtime caught it (catch_unwind), closed this endpoint (other

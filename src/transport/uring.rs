@@ -836,6 +836,22 @@ mod tests {
     }
 
     #[test]
+    fn ring_gets_single_issuer_and_defer_taskrun_here() {
+        // Kernel 6.18: the first, fastest configuration must be the one that is used.
+        let ring = build_ring(64).unwrap();
+        assert!(ring.params().is_setup_single_issuer());
+        assert!(check_ring(&ring).is_ok());
+    }
+
+    #[test]
+    fn buffer_ring_rounds_to_power_of_two() {
+        let b = BufRing::new(5, 128).unwrap();
+        assert_eq!(b.entries, 8);
+        assert!(b.filled(8, 10).is_none());
+        assert_eq!(b.filled(7, 1000).unwrap().len(), 128);
+    }
+
+    #[test]
     fn probe_works_here() {
         // This machine has io_uring; the probe must agree.
         assert_eq!(probe_once(), Ok(()));
