@@ -20,10 +20,16 @@ use chitchat_uring::transport::{
 const SIZES: [usize; 3] = [64, 1400, 8192];
 const WARMUP: Duration = Duration::from_millis(300);
 
-struct Echo;
+/// Echoes every datagram (receive-only with `BENCH_NO_REPLY`, to split receive and send costs).
+struct Echo {
+    reply: bool,
+}
 
 impl DatagramHandler for Echo {
     fn handle_batch(&self, batch: &[Datagram<'_>], replies: &mut dyn ReplySink) {
+        if !self.reply {
+            return;
+        }
         for d in batch {
             replies.buffer().extend_from_slice(d.payload);
             replies.send(d.from);
@@ -110,6 +116,10 @@ struct Row {
     offered: [f64; 3],
 }
 
+fn reply() -> bool {
+    std::env::var_os("BENCH_NO_REPLY").is_none()
+}
+
 fn window() -> Duration {
     let secs = std::env::var("BENCH_SECS")
         .ok()
@@ -170,7 +180,10 @@ fn bench_transport(path: &'static str, mode: UdpMode, blaster_cpu: usize) -> Row
             ..UdpTransport::DEFAULT
         };
         let ep = transport
-            .open("127.0.0.1:0".parse().unwrap(), Arc::new(Echo))
+            .open(
+                "127.0.0.1:0".parse().unwrap(),
+                Arc::new(Echo { reply: reply() }),
+            )
             .expect("open");
         let counter = || ep.stats().datagrams_received;
         (row.kpps[k], row.cpu_us[k], row.offered[k]) =
@@ -189,11 +202,10 @@ fn bench_tokio(cpu: usize, blaster_cpu: usize) -> Row {
     };
     for (k, &size) in SIZES.iter().enumerate() {
         let handled = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
         let std_socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         std_socket.set_nonblocking(true).unwrap();
         let addr = std_socket.local_addr().unwrap();
-        let (h, s) = (handled.clone(), stop.clone());
+        let h = handled.clone();
         let server = std::thread::Builder::new()
             .name("tokio-echo".into())
             .spawn(move || {
@@ -205,16 +217,15 @@ fn bench_tokio(cpu: usize, blaster_cpu: usize) -> Row {
                 rt.block_on(async move {
                     let socket = tokio::net::UdpSocket::from_std(std_socket).unwrap();
                     let mut buf = vec![0u8; 65_536];
-                    while !s.load(Ordering::Relaxed) {
-                        let recv = tokio::time::timeout(
-                            Duration::from_millis(100),
-                            socket.recv_from(&mut buf),
-                        )
-                        .await;
-                        if let Ok(Ok((n, from))) = recv {
-                            let _ = socket.send_to(&buf[..n], from).await;
-                            h.fetch_add(1, Ordering::Relaxed);
+                    // The plain chitchat loop: one recv, one send. An empty datagram stops it.
+                    while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                        if n == 0 {
+                            break;
                         }
+                        if reply() {
+                            let _ = socket.send_to(&buf[..n], from).await;
+                        }
+                        h.fetch_add(1, Ordering::Relaxed);
                     }
                 });
             })
@@ -222,7 +233,12 @@ fn bench_tokio(cpu: usize, blaster_cpu: usize) -> Row {
         let counter = || handled.load(Ordering::Relaxed);
         (row.kpps[k], row.cpu_us[k], row.offered[k]) =
             measure(addr, size, blaster_cpu, &counter, "tokio-echo");
-        stop.store(true, Ordering::Relaxed);
+        let stopper = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !server.is_finished() && Instant::now() < deadline {
+            let _ = stopper.send_to(&[], addr);
+            std::thread::sleep(Duration::from_millis(10));
+        }
         server.join().unwrap();
     }
     row
