@@ -15,8 +15,8 @@ use parking_lot::Mutex;
 
 use crate::runtime::{
     Backend, BatchScratch, Command, DelayQueue, Delayed, EndpointCore, Incoming, Ready, Runtime,
-    RuntimeConfig, SlotPool, WorkerCtx, WorkerShared, bump, call_handler, default_workers,
-    endpoint_panicked, get_runtime, until,
+    RuntimeConfig, SlotPool, WorkerCtx, WorkerShared, bump, call_handler, deadline_after,
+    default_workers, endpoint_panicked, get_runtime, until,
 };
 use crate::transport::faults::{FaultInjector, Faults};
 use crate::transport::{
@@ -266,7 +266,7 @@ impl Network {
                 id: route.core.id,
                 from,
                 data: bytes,
-                at: delay.map(|d| now + d),
+                at: delay.map(|d| deadline_after(now, d)),
             });
         }
         Ok(())

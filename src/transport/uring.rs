@@ -584,10 +584,11 @@ impl Worker {
             let core = ep.core.clone();
             let mut batch = self.batch.take();
             for it in self.items.iter().filter(|it| it.ep == s) {
-                if let Some(buf) = self.bufs.filled(it.bid, (it.off + it.len) as usize) {
+                let buf = self.bufs.filled(it.bid, (it.off + it.len) as usize);
+                if let Some(payload) = buf.and_then(|b| b.get(it.off as usize..)) {
                     batch.push(Datagram {
                         from: it.from,
-                        payload: &buf[it.off as usize..],
+                        payload,
                     });
                 }
             }
