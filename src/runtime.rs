@@ -721,7 +721,7 @@ pub(crate) fn apply_reply_faults(
             let copies = if plan.duplicate { 2 } else { 1 };
             for d in plan.delay.iter().take(copies).flatten() {
                 delayed.push(
-                    now + *d,
+                    deadline_after(now, *d),
                     core.id,
                     core.local_addr,
                     slot.to,
@@ -850,6 +850,13 @@ impl DelayQueue {
             None
         }
     }
+}
+
+/// `now + d`, saturating at a year for absurd configured delays (`Instant + Duration` panics on
+/// overflow).
+pub(crate) fn deadline_after(now: Instant, d: Duration) -> Instant {
+    let year = Duration::from_secs(365 * 86_400);
+    now.checked_add(d.min(year)).unwrap_or(now)
 }
 
 /// Time to wait before the next delayed datagram is due (`None`: nothing pending).
@@ -1061,6 +1068,12 @@ mod tests {
         let later = now + Duration::from_millis(10);
         assert_eq!(q.pop_due(later).unwrap().data, vec![1]);
         assert_eq!(q.pop_due(later).unwrap().data, vec![2]);
+    }
+
+    #[test]
+    fn absurd_delay_does_not_overflow() {
+        let now = Instant::now();
+        assert!(deadline_after(now, Duration::MAX) > now);
     }
 
     #[test]

@@ -332,6 +332,48 @@ fn udp_faults(mode: UdpMode) {
     assert!(start.elapsed() >= Duration::from_millis(30));
 }
 
+fn ipv6_echo(mode: UdpMode) {
+    let ep = udp(mode)
+        .open("[::1]:0".parse().unwrap(), Arc::new(Recorder::default()))
+        .unwrap();
+    let c = UdpSocket::bind("[::1]:0").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.send_to(b"six", ep.local_addr()).unwrap();
+    let (reply, from) = recv(&c).expect("v6 echo");
+    assert_eq!(reply, b"six");
+    assert_eq!(from, ep.local_addr());
+}
+
+/// Closes its own endpoint from inside `handle_batch`: must not deadlock its worker.
+#[derive(Default)]
+struct SelfCloser {
+    ep: std::sync::OnceLock<Box<dyn Endpoint>>,
+}
+
+impl DatagramHandler for SelfCloser {
+    fn handle_batch(&self, _batch: &[Datagram<'_>], _replies: &mut dyn ReplySink) {
+        if let Some(ep) = self.ep.get() {
+            ep.close();
+        }
+    }
+}
+
+fn close_from_handler(mode: UdpMode) {
+    let handler = Arc::new(SelfCloser::default());
+    let ep = udp(mode).open(localhost(), handler.clone()).unwrap();
+    let addr = ep.local_addr();
+    assert!(handler.ep.set(ep).is_ok());
+    client().send_to(b"close yourself", addr).unwrap();
+    assert!(wait_until(WAIT, || UdpSocket::bind(addr).is_ok()));
+    // The worker is still alive: another endpoint on the same runtime answers.
+    let other = udp(mode)
+        .open(localhost(), Arc::new(Recorder::default()))
+        .unwrap();
+    let c = client();
+    c.send_to(b"alive", other.local_addr()).unwrap();
+    assert_eq!(recv(&c).unwrap().0, b"alive");
+}
+
 macro_rules! udp_tests {
     ($($name:ident),* $(,)?) => {
         mod uring {
@@ -355,6 +397,8 @@ udp_tests!(
     large_datagram,
     oversized_for_buffers_is_dropped,
     udp_faults,
+    ipv6_echo,
+    close_from_handler,
 );
 
 #[test]
@@ -446,6 +490,15 @@ fn channel_mtu() {
     a.send_to(addr(2), &[0u8; 100]).unwrap();
     assert!(wait_until(WAIT, || rec.count() == 1));
     assert_eq!(a.stats().send_errors, 1);
+    // The UDP-sized network carries a maximal datagram whole.
+    let t = ChannelTransport::with_mtu(MAX_DATAGRAM_LEN);
+    let a = t.open(addr(1), Recorder::silent()).unwrap();
+    let rec = Recorder::silent();
+    let _b = t.open(addr(2), rec.clone()).unwrap();
+    a.send_to(addr(2), &[5u8; MAX_DATAGRAM_LEN]).unwrap();
+    assert!(a.send_to(addr(2), &[5u8; MAX_DATAGRAM_LEN + 1]).is_err());
+    assert!(wait_until(WAIT, || rec.count() == 1));
+    assert_eq!(rec.received.lock()[0].1.len(), MAX_DATAGRAM_LEN);
 }
 
 #[test]
@@ -491,7 +544,13 @@ fn channel_faults() {
     });
     let b = dup.open(addr(2), Recorder::silent()).unwrap();
     b.send_to(addr(9), b"dd").unwrap();
-    assert!(wait_until(WAIT, || rec.count() == 2));
+    assert!(
+        wait_until(WAIT, || rec.count() == 2),
+        "{:?} {:?} {:?}",
+        rec.received.lock(),
+        b.stats(),
+        base.statistics()
+    );
     let corrupt = base.clone().with_faults(Faults {
         corrupt: 1.0,
         truncate: 1.0,

@@ -15,8 +15,8 @@ use parking_lot::Mutex;
 
 use crate::runtime::{
     Backend, BatchScratch, Command, DelayQueue, Delayed, EndpointCore, Incoming, Ready, Runtime,
-    RuntimeConfig, SlotPool, WorkerCtx, WorkerShared, bump, call_handler, default_workers,
-    endpoint_panicked, get_runtime, until,
+    RuntimeConfig, SlotPool, WorkerCtx, WorkerShared, bump, call_handler, deadline_after,
+    default_workers, endpoint_panicked, get_runtime, until,
 };
 use crate::transport::faults::{FaultInjector, Faults};
 use crate::transport::{
@@ -32,6 +32,14 @@ const MAX_BACKLOG: usize = 1024;
 pub struct Statistics {
     pub num_bytes_total: u64,
     pub num_messages_total: u64,
+}
+
+impl Statistics {
+    /// Counts one message of `message_num_bytes` (same method as the reference's).
+    pub fn record_message_len(&mut self, message_num_bytes: usize) {
+        self.num_bytes_total += message_num_bytes as u64;
+        self.num_messages_total += 1;
+    }
 }
 
 /// In-memory transport; clones share one network.
@@ -149,6 +157,11 @@ impl Transport for ChannelTransport {
             FaultInjector::new(&self.faults, salt),
             Some(self.network.clone()),
         ));
+        // Queued before the route exists, so no datagram can overtake the Open.
+        worker.push(Command::Open {
+            core: core.clone(),
+            socket: None,
+        });
         st.endpoints.insert(
             addr,
             Route {
@@ -157,10 +170,6 @@ impl Transport for ChannelTransport {
             },
         );
         drop(st);
-        worker.push(Command::Open {
-            core: core.clone(),
-            socket: None,
-        });
         Ok(Box::new(ChannelEndpoint {
             core,
             network: self.network.clone(),
@@ -218,8 +227,7 @@ impl Network {
         let mut data = payload.to_vec();
         let plan = sender.faults.as_ref().map(|inj| inj.apply(&mut data));
         let mut st = self.state.lock();
-        st.statistics.num_bytes_total += payload.len() as u64;
-        st.statistics.num_messages_total += 1;
+        st.statistics.record_message_len(payload.len());
         if plan.is_some_and(|p| p.drop) {
             drop(st);
             bump(&sender.stats.dropped_by_faults, 1);
@@ -258,7 +266,7 @@ impl Network {
                 id: route.core.id,
                 from,
                 data: bytes,
-                at: delay.map(|d| now + d),
+                at: delay.map(|d| deadline_after(now, d)),
             });
         }
         Ok(())
@@ -351,6 +359,9 @@ impl Worker {
     fn run(&mut self) {
         while !self.shutdown {
             self.wait();
+            // Inbox before commands: a datagram is only routed after its endpoint's Open was
+            // queued, so every datagram taken here finds its endpoint opened below.
+            self.ctx.me.take_inbox(&mut self.inbox);
             self.ctx.me.take_commands(&mut self.commands);
             for command in std::mem::take(&mut self.commands) {
                 match command {
@@ -367,7 +378,6 @@ impl Worker {
                     Command::Shutdown => self.shutdown = true,
                 }
             }
-            self.ctx.me.take_inbox(&mut self.inbox);
             let now = Instant::now();
             for inc in self.inbox.drain(..) {
                 match inc.at {

@@ -5,6 +5,31 @@
 //! socket of the endpoint (all bound to the same address with `SO_REUSEPORT`), receives a batch
 //! of datagrams per wake-up, hands the batch to the handler and sends the replies the handler
 //! queued in pre-allocated send slots, in one batch.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use chitchat_uring::transport::{Datagram, DatagramHandler, ReplySink, Transport, UdpTransport};
+//!
+//! struct Echo;
+//! impl DatagramHandler for Echo {
+//!     fn handle_batch(&self, batch: &[Datagram<'_>], replies: &mut dyn ReplySink) {
+//!         for d in batch {
+//!             replies.buffer().extend_from_slice(d.payload);
+//!             replies.send(d.from);
+//!         }
+//!     }
+//! }
+//!
+//! let endpoint = UdpTransport.open("127.0.0.1:0".parse()?, Arc::new(Echo))?;
+//! let peer = std::net::UdpSocket::bind("127.0.0.1:0")?;
+//! peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+//! peer.send_to(b"ping", endpoint.local_addr())?;
+//! let mut buf = [0u8; 16];
+//! let (n, from) = peer.recv_from(&mut buf)?;
+//! assert_eq!((&buf[..n], from), (&b"ping"[..], endpoint.local_addr()));
+//! endpoint.close(); // the port is free again
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,6 +71,9 @@ pub trait ReplySink {
 pub trait DatagramHandler: Send + Sync + 'static {
     /// All datagrams one wake-up received for this endpoint, in arrival order. Called on a worker
     /// thread.
+    ///
+    /// Workers are shared by every endpoint of the process, so this must not block; with several
+    /// workers it runs concurrently for the endpoint's different sockets.
     fn handle_batch(&self, batch: &[Datagram<'_>], replies: &mut dyn ReplySink);
 
     /// The handler panicked: the runtime caught it (catch_unwind), closed this endpoint (other

@@ -11,8 +11,8 @@ use std::time::Instant;
 use anyhow::anyhow;
 
 use crate::runtime::{
-    Backend, Command, Delayed, EndpointCore, Runtime, RuntimeConfig, bump, default_workers,
-    get_runtime, is_v6, sockaddr_from_raw, sockaddr_to_raw,
+    Backend, Command, Delayed, EndpointCore, Runtime, RuntimeConfig, bump, deadline_after,
+    default_workers, get_runtime, is_v6, sockaddr_from_raw, sockaddr_to_raw,
 };
 use crate::transport::channel::addr_salt;
 use crate::transport::faults::{FaultInjector, Faults};
@@ -364,7 +364,7 @@ impl Endpoint for UdpEndpoint {
             let now = Instant::now();
             for d in plan.delay.iter().take(copies).flatten() {
                 self.runtime.worker(0).push(Command::SendLater(Delayed::new(
-                    now + *d,
+                    deadline_after(now, *d),
                     self.core.id,
                     self.core.local_addr,
                     to,

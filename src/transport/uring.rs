@@ -584,10 +584,11 @@ impl Worker {
             let core = ep.core.clone();
             let mut batch = self.batch.take();
             for it in self.items.iter().filter(|it| it.ep == s) {
-                if let Some(buf) = self.bufs.filled(it.bid, (it.off + it.len) as usize) {
+                let buf = self.bufs.filled(it.bid, (it.off + it.len) as usize);
+                if let Some(payload) = buf.and_then(|b| b.get(it.off as usize..)) {
                     batch.push(Datagram {
                         from: it.from,
-                        payload: &buf[it.off as usize..],
+                        payload,
                     });
                 }
             }
@@ -833,6 +834,22 @@ mod tests {
             split_user_data(user_data(KIND_RECV, u32::MAX)),
             (KIND_RECV, u32::MAX)
         );
+    }
+
+    #[test]
+    fn ring_gets_single_issuer_and_defer_taskrun_here() {
+        // Kernel 6.18: the first, fastest configuration must be the one that is used.
+        let ring = build_ring(64).unwrap();
+        assert!(ring.params().is_setup_single_issuer());
+        assert!(check_ring(&ring).is_ok());
+    }
+
+    #[test]
+    fn buffer_ring_rounds_to_power_of_two() {
+        let b = BufRing::new(5, 128).unwrap();
+        assert_eq!(b.entries, 8);
+        assert!(b.filled(8, 10).is_none());
+        assert_eq!(b.filled(7, 1000).unwrap().len(), 128);
     }
 
     #[test]
