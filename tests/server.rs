@@ -380,6 +380,42 @@ async fn a_panicking_listener_is_reported_by_the_termination_watcher() {
     }
 }
 
+/// A message that cannot be handled within the 2-second bound (here: the state is locked by the
+/// application for longer) is abandoned and counted; the node goes on answering afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_past_the_handling_bound_are_abandoned_and_counted() {
+    for (name, transport) in udp_transports() {
+        let port = free_port();
+        let node = start(port, 60_000, &[], &[], &transport).await;
+        let node_addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let peer = FakePeer::bind();
+        let chitchat = node.chitchat();
+        let guard = chitchat.lock();
+        peer.send(
+            node_addr,
+            &syn("test-cluster", Digest::default(), ProtocolVersion::V0),
+        );
+        // Hold the state past the bound; the worker is blocked on the lock meanwhile.
+        std::thread::sleep(chitchat_uring::MESSAGE_HANDLING_BOUND + Duration::from_millis(500));
+        drop(guard);
+        assert!(
+            wait_until(WAIT, || node.server_stats().abandoned == 1).await,
+            "{name}: {:?}",
+            node.server_stats()
+        );
+        assert!(
+            peer.recv_within(Duration::from_millis(300)).is_none(),
+            "{name}: the late reply must not be sent"
+        );
+        peer.send(
+            node_addr,
+            &syn("test-cluster", Digest::default(), ProtocolVersion::V0),
+        );
+        assert!(peer.recv_within(WAIT).is_some(), "{name}: answering again");
+        node.shutdown().await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn bad_config_and_busy_port_are_clear_errors() {
     let (_, transport) = &udp_transports()[0];
@@ -467,18 +503,40 @@ async fn five_node_cluster(name: &str, transport: &dyn Transport) {
         wait_until(Duration::from_secs(30), || seen_dead(&nodes)).await,
         "{name}: the stopped node was not seen dead"
     );
-    let views: Vec<BTreeMap<ChitchatId, u64>> = nodes
-        .iter()
-        .map(|node| {
-            node.chitchat()
-                .lock()
-                .node_states()
-                .iter()
-                .map(|(id, s)| (id.clone(), s.max_version()))
-                .collect()
-        })
-        .collect();
-    assert!(views.windows(2).all(|w| w[0] == w[1]), "{name}: {views:?}");
+    // The live-nodes watcher drops it too (waiting for the exact set tolerates a transient
+    // false suspicion on a loaded machine).
+    let watcher = nodes[0].chitchat().lock().live_nodes_watcher();
+    let remaining: Vec<ChitchatId> = nodes.iter().map(|n| n.chitchat_id().clone()).collect();
+    assert!(
+        wait_until(Duration::from_secs(20), || watcher
+            .borrow()
+            .keys()
+            .eq(remaining.iter().collect::<std::collections::BTreeSet<_>>()))
+        .await,
+        "{name}: the watcher does not list exactly the 4 remaining nodes: {:?}",
+        watcher.borrow().keys().collect::<Vec<_>>()
+    );
+    let views = |nodes: &[ChitchatHandle]| -> Vec<BTreeMap<ChitchatId, u64>> {
+        nodes
+            .iter()
+            .map(|node| {
+                node.chitchat()
+                    .lock()
+                    .node_states()
+                    .iter()
+                    .map(|(id, s)| (id.clone(), s.max_version()))
+                    .collect()
+            })
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || views(&nodes)
+            .windows(2)
+            .all(|w| w[0] == w[1]))
+        .await,
+        "{name}: {:?}",
+        views(&nodes)
+    );
     for node in nodes {
         node.shutdown().await.unwrap();
     }
