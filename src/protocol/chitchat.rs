@@ -297,9 +297,25 @@ impl Chitchat {
         }
     }
 
+    /// `report_heartbeat` for every entry of a digest. Digest and node states are both sorted
+    /// by id, so known nodes are matched in one merged pass instead of a search per entry; only
+    /// new ids (and our own) take the general path.
     fn report_heartbeats(&mut self, digest: &Digest, now: Instant) {
+        let mut others: Vec<(&ChitchatId, Heartbeat)> = Vec::new();
+        let mut states = self.cluster_state.node_states.iter_mut().peekable();
         for (id, node_digest) in &digest.node_digests {
-            self.report_heartbeat_at(id, node_digest.heartbeat, now);
+            while states.next_if(|(state_id, _)| *state_id < id).is_some() {}
+            match states.peek_mut() {
+                Some((state_id, state)) if *state_id == id && *id != self.config.chitchat_id => {
+                    if state.try_set_heartbeat(node_digest.heartbeat) {
+                        self.failure_detector.report_heartbeat(id, now);
+                    }
+                }
+                _ => others.push((id, node_digest.heartbeat)),
+            }
+        }
+        for (id, heartbeat) in others {
+            self.report_heartbeat_at(id, heartbeat, now);
         }
     }
 

@@ -59,16 +59,16 @@ pub(crate) fn write_delta<S: DeltaSink, R: Rng>(
     deadline: Option<Instant>,
 ) -> DeltaSummary {
     let mut candidates: Vec<Candidate> = Vec::new();
+    // Both maps are sorted by id: walk them together rather than searching the digest.
+    let mut peer_entries = peer_digest.node_digests.iter().peekable();
     for (id, state) in &cluster_state.node_states {
-        if scheduled_for_deletion.contains(id) {
-            continue;
-        }
-        let (peer_gc, peer_max) = peer_digest
-            .node_digests
-            .get(id)
-            .map(|d| (d.last_gc_version, d.max_version))
+        while peer_entries.next_if(|(peer_id, _)| *peer_id < id).is_some() {}
+        let (peer_gc, peer_max) = peer_entries
+            .peek()
+            .filter(|(peer_id, _)| *peer_id == id)
+            .map(|(_, d)| (d.last_gc_version, d.max_version))
             .unwrap_or((0, 0));
-        if state.max_version() <= peer_max {
+        if state.max_version() <= peer_max || scheduled_for_deletion.contains(id) {
             continue;
         }
         let should_reset = peer_gc < state.last_gc_version() && peer_max < state.last_gc_version();

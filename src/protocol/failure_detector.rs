@@ -41,13 +41,13 @@ impl FailureDetector {
 
     /// Records a (strictly increasing) heartbeat of `chitchat_id` observed at `now`.
     pub(crate) fn report_heartbeat(&mut self, chitchat_id: &ChitchatId, now: Instant) {
-        if !self.windows.contains_key(chitchat_id) {
-            let window = self.new_window();
-            self.windows.insert(chitchat_id.clone(), window);
-        }
         if let Some(window) = self.windows.get_mut(chitchat_id) {
             window.report_heartbeat(now);
+            return;
         }
+        let mut window = self.new_window();
+        window.report_heartbeat(now);
+        self.windows.insert(chitchat_id.clone(), window);
     }
 
     /// Makes sure a window exists without recording a heartbeat (a reset node must not look

@@ -1,6 +1,8 @@
 //! Digests: V0 is a u16 count followed by `(ChitchatId, NodeDigest)` entries; V1 is a block
 //! stream of the same entries without a count.
 
+use std::collections::BTreeMap;
+
 use super::block_stream::{BlockStreamWriter, read_block_stream};
 use super::primitives::{Reader, chitchat_id_len, put_chitchat_id, put_u16, put_u64};
 use super::{BLOCK_THRESHOLD, DecodeError, Decoder, EncodeError, Encoder};
@@ -151,6 +153,20 @@ fn encode_digest_v0<'a>(
     }
 }
 
+/// Builds the map in one pass: entries usually arrive in id order, so the stable sort is
+/// linear and the bulk build avoids a tree search per entry. Of duplicate ids the last wins.
+fn collect_sorted(mut entries: Vec<(ChitchatId, NodeDigest)>) -> BTreeMap<ChitchatId, NodeDigest> {
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut deduped: Vec<(ChitchatId, NodeDigest)> = Vec::with_capacity(entries.len());
+    for entry in entries {
+        match deduped.last_mut() {
+            Some(last) if last.0 == entry.0 => *last = entry,
+            _ => deduped.push(entry),
+        }
+    }
+    deduped.into_iter().collect()
+}
+
 impl Decoder {
     /// Reads a digest in `version`; later duplicates of an id overwrite earlier ones.
     pub(crate) fn decode_digest(
@@ -162,10 +178,12 @@ impl Decoder {
         match version {
             ProtocolVersion::V0 => {
                 let count = reader.u16("digest entry count")?;
+                // Bounded by what the bytes left can hold, whatever the count claims.
+                let mut entries = Vec::with_capacity(usize::from(count).min(reader.len() / 24));
                 for _ in 0..count {
-                    let (id, node_digest) = read_entry(reader)?;
-                    digest.add_node(id, node_digest);
+                    entries.push(read_entry(reader)?);
                 }
+                digest.node_digests = collect_sorted(entries);
             }
             ProtocolVersion::V1 => {
                 let payload = read_block_stream(
@@ -174,11 +192,12 @@ impl Decoder {
                     &mut self.block,
                     &mut self.stream,
                 )?;
-                let mut entries = Reader::new(payload);
-                while !entries.is_empty() {
-                    let (id, node_digest) = read_entry(&mut entries)?;
-                    digest.add_node(id, node_digest);
+                let mut reader = Reader::new(payload);
+                let mut entries = Vec::new();
+                while !reader.is_empty() {
+                    entries.push(read_entry(&mut reader)?);
                 }
+                digest.node_digests = collect_sorted(entries);
             }
         }
         Ok(digest)
