@@ -216,7 +216,7 @@ impl Network {
             return Err(io::Error::other("Serialized message size exceeds MTU"));
         }
         let mut data = payload.to_vec();
-        let plan = sender.faults.as_ref().map(|inj| inj.apply(&mut data));
+        let plan = sender.faults.as_ref().map(|inj| inj.apply(to, &mut data));
         let mut st = self.state.lock();
         st.statistics.num_bytes_total += payload.len() as u64;
         st.statistics.num_messages_total += 1;
