@@ -442,26 +442,30 @@ async fn converges_under_faults(transports: Vec<Box<dyn Transport>>, ports: Vec<
     }
     let all: Vec<&ChitchatHandle> = nodes.iter().collect();
     wait_all_live(&all, label).await;
-    for (i, node) in nodes.iter().enumerate() {
-        node.with_chitchat(|c| {
-            let own = c.self_node_state();
-            for k in 0..20 {
-                own.set(format!("key-{k:02}"), format!("value-{i}-{k}"));
-            }
-            for k in 0..5 {
-                own.delete(&format!("key-{k:02}"));
-            }
-            own.set_with_ttl("ttl", "visible until the grace period");
-            own.set("key-19", "overwritten");
-        })
-        .await;
-    }
-    wait_views_agree(&all, label).await;
-    let agreed = view(&nodes[0]);
-    for node in &nodes {
-        let owner = &*node.chitchat_id().node_id;
-        assert_eq!(agreed[owner].len(), 16, "{label}: 15 keys + ttl");
-        assert_eq!(agreed[owner]["key-19"].0, "overwritten");
+    // Three rounds of writes, each converging before the next.
+    for round in 0..3 {
+        for (i, node) in nodes.iter().enumerate() {
+            node.with_chitchat(|c| {
+                let own = c.self_node_state();
+                for k in 0..20 {
+                    own.set(format!("key-{k:02}"), format!("value-{i}-{k}-{round}"));
+                }
+                for k in 0..5 {
+                    own.delete(&format!("key-{k:02}"));
+                }
+                own.set_with_ttl("ttl", format!("visible until the grace period {round}"));
+                own.set("key-19", "overwritten");
+            })
+            .await;
+        }
+        wait_views_agree(&all, label).await;
+        let agreed = view(&nodes[0]);
+        for (i, node) in nodes.iter().enumerate() {
+            let owner = &*node.chitchat_id().node_id;
+            assert_eq!(agreed[owner].len(), 16, "{label}: 15 keys + ttl");
+            assert_eq!(agreed[owner]["key-19"].0, "overwritten");
+            assert_eq!(agreed[owner]["key-05"].0, format!("value-{i}-5-{round}"));
+        }
     }
     let malformed: u64 = nodes.iter().map(|n| n.server_stats().malformed).sum();
     let handled: u64 = nodes

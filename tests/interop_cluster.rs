@@ -92,9 +92,24 @@ async fn shutdown_all(nodes: Vec<Node>) {
 /// The full replication scenario on a mixed cluster: formation, initial key-values, set,
 /// delete, set-with-TTL from every node, listeners of our nodes firing for their writes.
 async fn mixed_cluster_converges(ours: usize, theirs: usize, seed_side: Side) {
+    mixed_cluster_converges_with(ours, theirs, seed_side, false).await;
+}
+
+/// `mixed_versions`: every other node is configured for V1, the rest keep V0.
+async fn mixed_cluster_converges_with(
+    ours: usize,
+    theirs: usize,
+    seed_side: Side,
+    mixed_versions: bool,
+) {
     reference_log();
-    let specs = cluster_specs(ours, theirs, seed_side);
-    let label = format!("{ours}+{theirs}, seed {seed_side:?}");
+    let mut specs = cluster_specs(ours, theirs, seed_side);
+    if mixed_versions {
+        for spec in specs.iter_mut().step_by(2) {
+            spec.v1 = true;
+        }
+    }
+    let label = format!("{ours}+{theirs}, seed {seed_side:?}, mixed versions {mixed_versions}");
     let nodes = spawn_all(&specs).await;
     let logs: Vec<(String, EventLog)> = nodes
         .iter()
@@ -192,6 +207,13 @@ async fn one_plus_one_converges_with_the_seed_on_either_side() {
     for seed_side in [Side::Ours, Side::Theirs] {
         mixed_cluster_converges(1, 1, seed_side).await;
     }
+}
+
+/// Nodes configured for different protocol versions (V1 on every other node, of both
+/// implementations) form one cluster and replicate: replies echo the initiator's version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_configured_for_different_versions_converge() {
+    mixed_cluster_converges_with(2, 2, Side::Theirs, true).await;
 }
 
 /// Three of ours and three chitchat nodes, with the seed on either side: same checks.
@@ -531,4 +553,156 @@ async fn keys_that_crash_chitchat_are_never_sent_to_it() {
     wait_all_live(&nodes, &live, FORM).await;
     assert_healthy(&nodes).await;
     shutdown_all(nodes).await;
+}
+
+/// SPEC §4.7 across implementations, both ways, on a one-way-cut 1+1 cluster: our node's
+/// `Partition` drops everything it sends to the chitchat node, so only digests (the chitchat
+/// node's Syns) cross, never a delta. The writer deletes keys and garbage-collects the
+/// tombstones; after healing, the isolated node gets a reset delta built by the *other*
+/// implementation, applies it (ends with exactly the writer's key-values) and its catch-up
+/// callback fires; the writer's never does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_cross_implementations_after_a_partition() {
+    use std::sync::atomic::AtomicUsize;
+
+    use chitchat_uring::transport::Partition;
+    reference_log();
+    for isolated_side in [Side::Theirs, Side::Ours] {
+        let partition = Partition::new();
+        let mut ours = NodeSpec::new(Side::Ours, free_port());
+        let mut theirs = NodeSpec::new(Side::Theirs, free_port());
+        let seed = ours.addr();
+        ours.partition = Some(partition.clone());
+        for spec in [&mut ours, &mut theirs] {
+            spec.seeds = vec![seed];
+            spec.marked_for_deletion_grace_period = TTL_GRACE;
+            spec.catchups = Some(Arc::new(AtomicUsize::new(0)));
+        }
+        let nodes = vec![ours.spawn(&[]).await, theirs.spawn(&[]).await];
+        let both = BTreeSet::from([ours.id(), theirs.id()]);
+        wait_all_live(&nodes, &both, FORM).await;
+        let (writer, isolated) = match isolated_side {
+            Side::Theirs => (0, 1),
+            Side::Ours => (1, 0),
+        };
+        let specs = [&ours, &theirs];
+        let (writer_id, label) = (specs[writer].id(), format!("{isolated_side:?} isolated"));
+        for (key, value) in [("a", "1"), ("b", "2"), ("c", "3")] {
+            nodes[writer].set(key, value).await;
+        }
+        wait_all_see(&nodes, &writer_id, "c", Some("3"), SPREAD).await;
+
+        partition.block(theirs.addr());
+        let cut = eventually(FORM, || async {
+            !nodes[1].live().await.contains(&ours.id())
+        })
+        .await;
+        assert!(cut, "[{label}] the chitchat node still hears from ours");
+        nodes[writer].delete("a").await;
+        nodes[writer].set("e", "5").await;
+        nodes[writer].delete("e").await;
+        let collected = eventually(FORM, || async {
+            nodes[writer]
+                .last_gc_version_of(&writer_id)
+                .await
+                .is_some_and(|gc| gc >= 6)
+        })
+        .await;
+        assert!(
+            collected,
+            "[{label}] the writer did not collect its tombstones"
+        );
+        assert_eq!(
+            nodes[isolated].get(&writer_id, "a").await.as_deref(),
+            Some("1"),
+            "[{label}] the isolated node must not have heard of the deletion"
+        );
+
+        partition.heal();
+        wait_all_live(&nodes, &both, FORM).await;
+        let healed = eventually(SPREAD, || async {
+            let expected = nodes[writer].view().await.get(&writer_id).cloned();
+            nodes[isolated].view().await.get(&writer_id).cloned() == expected
+        })
+        .await;
+        assert!(healed, "[{label}] {:?}", nodes[isolated].view().await);
+        let kvs = nodes[isolated].view().await[&writer_id].clone();
+        assert_eq!(
+            kvs.keys().collect::<Vec<_>>(),
+            ["b", "c"],
+            "[{label}] the deleted keys are gone"
+        );
+        let catchups = |i: usize| specs[i].catchups.as_ref().unwrap().load(Ordering::SeqCst);
+        assert!(
+            catchups(isolated) >= 1,
+            "[{label}] no catch-up on the isolated node"
+        );
+        assert_eq!(catchups(writer), 0, "[{label}] the writer was reset");
+        eprintln!(
+            "[{label}] reset by the {:?} writer; catch-up called {} time(s)",
+            specs[writer].side,
+            catchups(isolated)
+        );
+        assert_healthy(&nodes).await;
+        shutdown_all(nodes).await;
+    }
+}
+
+/// States far larger than a datagram (4 nodes × 1 500 key-values of ~200 random bytes) stream
+/// between the implementations in MTU-bounded, truncated deltas, in V0 and V1: every node ends
+/// with every owner's exact key-values, then again after half of them are deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_states_stream_across_many_datagrams_both_ways() {
+    use rand::distr::{Alphanumeric, SampleString};
+    use rand::{SeedableRng, rngs::SmallRng};
+    reference_log();
+    const KEYS: usize = 1_500;
+    for v1 in [false, true] {
+        let mut specs = cluster_specs(2, 2, Side::Ours);
+        for spec in &mut specs {
+            spec.v1 = v1;
+        }
+        let mut nodes = Vec::new();
+        for (n, spec) in specs.iter().enumerate() {
+            let mut rng = SmallRng::seed_from_u64(n as u64);
+            let kvs = (0..KEYS)
+                .map(|i| {
+                    (
+                        format!("bulk/{i:05}"),
+                        Alphanumeric.sample_string(&mut rng, 200),
+                    )
+                })
+                .collect();
+            nodes.push(spec.spawn_with(kvs).await);
+        }
+        let started = Instant::now();
+        wait_all_live(&nodes, &ids(&specs), FORM).await;
+        let converged = |expected: usize| {
+            let nodes = &nodes;
+            async move {
+                let views = futures_views(nodes).await;
+                views.windows(2).all(|w| w[0] == w[1])
+                    && views[0].len() == nodes.len()
+                    && views[0].values().all(|kvs| kvs.len() == expected)
+            }
+        };
+        let synced = eventually(Duration::from_secs(60), || converged(KEYS)).await;
+        assert!(synced, "v1={v1}: states did not converge");
+        let first = started.elapsed();
+        for node in &nodes {
+            for i in (0..KEYS).step_by(2) {
+                node.delete(&format!("bulk/{i:05}")).await;
+            }
+        }
+        let deleted = Instant::now();
+        let synced = eventually(Duration::from_secs(60), || converged(KEYS / 2)).await;
+        assert!(synced, "v1={v1}: deletions did not converge");
+        eprintln!(
+            "v1={v1}: 4 × {KEYS} key-values replicated in {first:?}, {} deletions each in {:?}",
+            KEYS / 2,
+            deleted.elapsed()
+        );
+        assert_healthy(&nodes).await;
+        shutdown_all(nodes).await;
+    }
 }

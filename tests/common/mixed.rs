@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use chitchat_uring::transport::UdpMode;
+use chitchat_uring::transport::{Faults, Partition, UdpMode};
 use chitchat_uring::{ChitchatHandle, ProtocolVersion, UdpTransport, spawn_chitchat};
 
 /// The cluster id every mixed test uses.
@@ -38,6 +38,10 @@ pub struct NodeSpec {
     pub phi_threshold: f64,
     pub dead_node_grace_period: Duration,
     pub marked_for_deletion_grace_period: Duration,
+    /// Ours only: destinations whose datagrams this node drops (a partition on real UDP).
+    pub partition: Option<Partition>,
+    /// Counts the calls of the catch-up callback (both sides).
+    pub catchups: Option<Arc<AtomicUsize>>,
 }
 
 impl NodeSpec {
@@ -59,7 +63,17 @@ impl NodeSpec {
             phi_threshold: 8.0,
             dead_node_grace_period: Duration::from_secs(3_600),
             marked_for_deletion_grace_period: Duration::from_secs(3_600),
+            partition: None,
+            catchups: None,
         }
+    }
+
+    /// A catch-up callback that counts its calls, for either implementation.
+    fn catchup_callback(&self) -> Option<Box<dyn Fn() + Send>> {
+        let counter = self.catchups.clone()?;
+        Some(Box::new(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }))
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -86,11 +100,11 @@ impl NodeSpec {
             ..chitchat_uring::FailureDetectorConfig::default()
         };
         config.marked_for_deletion_grace_period = self.marked_for_deletion_grace_period;
-        config.protocol_version = if self.v1 {
-            ProtocolVersion::V1
-        } else {
-            ProtocolVersion::V0
-        };
+        config.catchup_callback = self.catchup_callback();
+        // Left at our default (V0) unless V1 is asked for: tests rely on the default.
+        if self.v1 {
+            config.protocol_version = ProtocolVersion::V1;
+        }
         config
     }
 
@@ -112,7 +126,7 @@ impl NodeSpec {
                 ..chitchat::FailureDetectorConfig::default()
             },
             marked_for_deletion_grace_period: self.marked_for_deletion_grace_period,
-            catchup_callback: None,
+            catchup_callback: self.catchup_callback(),
             extra_liveness_predicate: None,
             protocol_version: if self.v1 {
                 chitchat::ProtocolVersion::V1
@@ -128,10 +142,18 @@ impl NodeSpec {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        self.spawn_with(kvs).await
+    }
+
+    pub async fn spawn_with(&self, kvs: Vec<(String, String)>) -> Node {
         match self.side {
             Side::Ours => {
                 let transport = UdpTransport {
                     mode: UdpMode::Auto,
+                    faults: Faults {
+                        partition: self.partition.clone(),
+                        ..Faults::NONE
+                    },
                     ..UdpTransport::DEFAULT
                 };
                 Node::Ours(
@@ -259,6 +281,28 @@ impl Node {
                             (theirs_id(id), kvs)
                         })
                         .collect()
+                })
+                .await
+            }
+        }
+    }
+
+    /// `last_gc_version` of node `owner`'s state, as this node sees it.
+    pub async fn last_gc_version_of(&self, owner: &str) -> Option<u64> {
+        match self {
+            Node::Ours(h) => h
+                .chitchat()
+                .lock()
+                .node_states()
+                .iter()
+                .find(|(id, _)| ours_id(id) == owner)
+                .map(|(_, s)| s.last_gc_version()),
+            Node::Theirs(h) => {
+                h.with_chitchat(|c| {
+                    c.node_states()
+                        .iter()
+                        .find(|(id, _)| theirs_id(id) == owner)
+                        .map(|(_, s)| s.last_gc_version())
                 })
                 .await
             }
