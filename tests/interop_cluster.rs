@@ -706,3 +706,58 @@ async fn large_states_stream_across_many_datagrams_both_ways() {
         shutdown_all(nodes).await;
     }
 }
+
+/// Rolling upgrade, the path a chitchat user takes: a cluster of three chitchat nodes has its
+/// nodes replaced one at a time by nodes of ours, on the same address with the same node id and
+/// a new generation. After each step every node sees the current incarnations live and every
+/// node's key-values; at the end the three old incarnations are garbage-collected everywhere.
+/// Then one node is downgraded back to chitchat the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_upgrade_from_chitchat_to_ours_and_back() {
+    reference_log();
+    let mut specs = cluster_specs(0, 3, Side::Theirs);
+    for spec in &mut specs {
+        spec.dead_node_grace_period = Duration::from_secs(3);
+    }
+    let mut nodes = Vec::new();
+    for spec in &specs {
+        nodes.push(spec.spawn(&[("service", &spec.node_id)]).await);
+    }
+    wait_all_live(&nodes, &ids(&specs), FORM).await;
+    let mut retired = Vec::new();
+    let steps = [
+        (0, Side::Ours),
+        (1, Side::Ours),
+        (2, Side::Ours),
+        (1, Side::Theirs),
+    ];
+    for (step, (index, side)) in steps.into_iter().enumerate() {
+        retired.push(specs[index].id());
+        nodes.remove(index).shutdown().await;
+        specs[index].side = side;
+        specs[index].generation += 1;
+        let spec = &specs[index];
+        nodes.insert(index, spec.spawn(&[("service", &spec.node_id)]).await);
+        wait_all_live(&nodes, &ids(&specs), FORM).await;
+        for spec in &specs {
+            wait_all_see(&nodes, &spec.id(), "service", Some(&spec.node_id), SPREAD).await;
+        }
+        eprintln!("upgrade step {step}: {} is now {side:?}", spec.id());
+    }
+    let collected = eventually(FORM, || async {
+        for node in &nodes {
+            let known = node.known().await;
+            if retired.iter().any(|id| known.contains(id)) {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert!(collected, "old incarnations still known: {retired:?}");
+    for node in &nodes {
+        assert_eq!(node.known().await, ids(&specs), "{}", node.id());
+    }
+    assert_healthy(&nodes).await;
+    shutdown_all(nodes).await;
+}
