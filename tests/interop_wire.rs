@@ -273,9 +273,10 @@ async fn reference_applies_our_syn_ack_and_answers_with_an_ack() {
     );
 }
 
-/// A 200-node digest encoded by us, V0 (plain) and V1 (zstd block stream), creates the same
-/// 200 node states on the real node, and its SynAck digest (V1: compressed by it) decodes
-/// with ours and lists them all.
+/// A 400-node digest encoded by us, V0 (plain) and V1 (a zstd block stream of two blocks, the
+/// writer cutting at 16 KiB so entries straddle blocks), creates the same 400 node states on
+/// the real node, and its SynAck digest (V1: compressed and cut by it) decodes with ours and
+/// lists them all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reference_decodes_our_large_v0_and_v1_digests() {
     let log = reference_log();
@@ -283,7 +284,7 @@ async fn reference_decodes_our_large_v0_and_v1_digests() {
         let (node, addr) = quiet_reference_node(&[], false).await;
         let peer = FakePeer::bind();
         let mut digest = Digest::default();
-        for i in 0..200u16 {
+        for i in 0..400u16 {
             let id = ChitchatId::new(
                 format!("digest-node-{i:03}"),
                 1,
@@ -295,6 +296,8 @@ async fn reference_decodes_our_large_v0_and_v1_digests() {
             chitchat_uring::wire::encode_envelope(&envelope(version, syn(digest.clone()))).unwrap();
         if version == ProtocolVersion::V1 {
             assert_eq!(bytes[4], 1, "the V1 digest is compressed");
+            let first_block = u16::from_le_bytes([bytes[5], bytes[6]]) as usize;
+            assert_ne!(bytes[7 + first_block], 0, "and made of more than one block");
         }
         peer.send_raw(addr, &bytes);
         let (_, reply, _) = peer
@@ -308,11 +311,11 @@ async fn reference_decodes_our_large_v0_and_v1_digests() {
         for id in digest.node_digests.keys() {
             assert!(theirs.node_digests.contains_key(id), "{id:?} missing");
         }
-        assert_eq!(theirs.node_digests.len(), 201);
+        assert_eq!(theirs.node_digests.len(), 401);
         let Node::Theirs(handle) = &node else {
             unreachable!()
         };
-        assert_eq!(handle.with_chitchat(|c| c.node_states().len()).await, 201);
+        assert_eq!(handle.with_chitchat(|c| c.node_states().len()).await, 401);
         node.shutdown().await;
     }
     assert!(
