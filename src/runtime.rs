@@ -709,7 +709,8 @@ pub(crate) fn apply_reply_faults(
     scratch.clear();
     let mut dropped = 0;
     for &i in &queued[start..] {
-        let plan = injector.apply(&mut pool.slot(i).buf);
+        let slot = pool.slot(i);
+        let plan = injector.apply(slot.to, &mut slot.buf);
         if plan.drop {
             dropped += 1;
             pool.release(i);

@@ -225,7 +225,7 @@ impl Network {
             return Err(io::Error::other("Serialized message size exceeds MTU"));
         }
         let mut data = payload.to_vec();
-        let plan = sender.faults.as_ref().map(|inj| inj.apply(&mut data));
+        let plan = sender.faults.as_ref().map(|inj| inj.apply(to, &mut data));
         let mut st = self.state.lock();
         st.statistics.record_message_len(payload.len());
         if plan.is_some_and(|p| p.drop) {

@@ -1,9 +1,14 @@
 //! Fault injection on the send path: the machine has no `tc netem`, so loss, duplication,
 //! corruption, truncation and delay are simulated here, for UDP and in-memory transports alike.
+//! A [`Partition`] cuts a node off from chosen destinations while it runs.
 
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -22,6 +27,57 @@ pub struct Faults {
     pub delay: Option<(Duration, Duration)>,
     /// Seed of the fault RNG (mixed with the endpoint address), for reproducible runs.
     pub seed: Option<u64>,
+    /// Destinations whose datagrams are dropped (counted in `dropped_by_faults`), changed at run
+    /// time through the shared handle: a network partition on real UDP.
+    pub partition: Option<Partition>,
+}
+
+/// A shared, mutable set of blocked destinations. Clones share the set: keep one to cut and
+/// heal the links of the endpoints opened with it while they run.
+///
+/// Blocking acts on sends only; a symmetric partition between A and B blocks B in A's set and
+/// A in B's.
+#[derive(Clone, Default)]
+pub struct Partition {
+    blocked: Arc<RwLock<HashSet<SocketAddr>>>,
+}
+
+impl Partition {
+    pub fn new() -> Partition {
+        Partition::default()
+    }
+
+    /// Drops every datagram sent to `addr` from now on.
+    pub fn block(&self, addr: SocketAddr) {
+        self.blocked.write().insert(addr);
+    }
+
+    /// Delivers datagrams to `addr` again.
+    pub fn unblock(&self, addr: SocketAddr) {
+        self.blocked.write().remove(&addr);
+    }
+
+    /// Unblocks every destination.
+    pub fn heal(&self) {
+        self.blocked.write().clear();
+    }
+
+    pub fn is_blocked(&self, addr: SocketAddr) -> bool {
+        self.blocked.read().contains(&addr)
+    }
+}
+
+impl fmt::Debug for Partition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.blocked.read().iter()).finish()
+    }
+}
+
+/// Two partitions are equal when they are the same shared set.
+impl PartialEq for Partition {
+    fn eq(&self, other: &Partition) -> bool {
+        Arc::ptr_eq(&self.blocked, &other.blocked)
+    }
 }
 
 impl Faults {
@@ -33,6 +89,7 @@ impl Faults {
         truncate: 0.0,
         delay: None,
         seed: None,
+        partition: None,
     };
 
     /// True when nothing would ever be altered, so the send path can skip the RNG entirely.
@@ -42,6 +99,7 @@ impl Faults {
             && self.corrupt <= 0.0
             && self.truncate <= 0.0
             && self.delay.is_none()
+            && self.partition.is_none()
     }
 }
 
@@ -83,15 +141,19 @@ impl FaultInjector {
         })
     }
 
-    /// Decides the fate of one datagram, corrupting or truncating `buf` in place.
-    pub fn apply(&self, buf: &mut Vec<u8>) -> FaultPlan {
+    /// Decides the fate of one datagram to `to`, corrupting or truncating `buf` in place.
+    pub fn apply(&self, to: SocketAddr, buf: &mut Vec<u8>) -> FaultPlan {
         let f = &self.faults;
-        let mut rng = self.rng.lock();
         let mut plan = FaultPlan {
             drop: false,
             duplicate: false,
             delay: [None, None],
         };
+        if f.partition.as_ref().is_some_and(|p| p.is_blocked(to)) {
+            plan.drop = true;
+            return plan;
+        }
+        let mut rng = self.rng.lock();
         if chance(&mut rng, f.loss) {
             plan.drop = true;
             return plan;
@@ -137,6 +199,8 @@ fn chance(rng: &mut SmallRng, p: f64) -> bool {
 mod tests {
     use super::*;
 
+    const TO: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9);
+
     #[test]
     fn no_faults_is_none() {
         assert!(FaultInjector::new(&Faults::default(), 1).is_none());
@@ -153,7 +217,7 @@ mod tests {
         let inj = FaultInjector::new(&f, 1).unwrap();
         for _ in 0..100 {
             let mut buf = vec![0u8; 10];
-            let plan = inj.apply(&mut buf);
+            let plan = inj.apply(TO, &mut buf);
             assert!(!plan.drop);
             assert_ne!(buf, vec![0u8; 10]);
         }
@@ -164,10 +228,10 @@ mod tests {
         };
         let inj = FaultInjector::new(&f, 1).unwrap();
         let mut buf = vec![1u8; 10];
-        inj.apply(&mut buf);
+        inj.apply(TO, &mut buf);
         assert!(buf.len() < 10);
         let mut empty = Vec::new();
-        inj.apply(&mut empty);
+        inj.apply(TO, &mut empty);
         assert!(empty.is_empty());
     }
 
@@ -179,11 +243,35 @@ mod tests {
             ..Faults::NONE
         };
         let inj = FaultInjector::new(&f, 3).unwrap();
-        let plan = inj.apply(&mut vec![1, 2, 3]);
+        let plan = inj.apply(TO, &mut vec![1, 2, 3]);
         assert!(!plan.drop);
         for d in plan.delay {
             let d = d.unwrap();
             assert!(d >= Duration::from_millis(1) && d <= Duration::from_millis(5));
         }
+    }
+
+    #[test]
+    fn partition_drops_only_blocked_destinations_until_healed() {
+        let partition = Partition::new();
+        let f = Faults {
+            partition: Some(partition.clone()),
+            ..Faults::NONE
+        };
+        assert!(!f.is_none());
+        let inj = FaultInjector::new(&f, 1).unwrap();
+        let other: SocketAddr = "127.0.0.1:10".parse().unwrap();
+        assert!(!inj.apply(TO, &mut vec![1]).drop);
+        partition.block(TO);
+        assert!(inj.apply(TO, &mut vec![1]).drop);
+        assert!(!inj.apply(other, &mut vec![1]).drop);
+        assert_eq!(f.partition.as_ref(), Some(&partition));
+        assert_ne!(Some(&Partition::new()), f.partition.as_ref());
+        partition.unblock(TO);
+        assert!(!inj.apply(TO, &mut vec![1]).drop);
+        partition.block(TO);
+        partition.block(other);
+        partition.heal();
+        assert!(!inj.apply(TO, &mut vec![1]).drop && !inj.apply(other, &mut vec![1]).drop);
     }
 }

@@ -41,7 +41,7 @@ pub(crate) mod udp;
 pub(crate) mod uring;
 
 pub use channel::{ChannelTransport, Statistics};
-pub use faults::Faults;
+pub use faults::{Faults, Partition};
 pub use udp::{TRANSPORT_ENV, UdpMode, UdpTransport};
 
 /// Largest payload of one UDP datagram over IPv4 (65 535 − 8 byte UDP header − 20 byte IP header).

@@ -354,7 +354,7 @@ impl Endpoint for UdpEndpoint {
             return self.raw_send(fd, to, payload);
         };
         let mut buf = payload.to_vec();
-        let plan = injector.apply(&mut buf);
+        let plan = injector.apply(to, &mut buf);
         if plan.drop {
             bump(&self.core.stats.dropped_by_faults, 1);
             return Ok(());

@@ -2,6 +2,9 @@
 //! our codec, and bounded waits on conditions.
 #![allow(dead_code)]
 
+pub mod capture;
+pub mod mixed;
+
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
