@@ -2,10 +2,12 @@
 //! replication over UDP, wire-compatible with the `chitchat` crate 0.13, with its datagram paths
 //! on io_uring.
 
+pub mod bench_support;
 pub mod clock;
 pub mod config;
 mod control;
 mod dns;
+pub mod loadgen;
 pub mod message;
 pub mod protocol;
 mod runtime;
