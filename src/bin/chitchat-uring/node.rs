@@ -178,10 +178,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             break "--for-secs elapsed";
         }
         // Sleeps up to 20 ms, and notices a server that stopped by itself.
-        if let Ok(result) = runtime.block_on(tokio::time::timeout(
-            Duration::from_millis(20),
-            &mut termination,
-        )) {
+        let ended = runtime.block_on(async {
+            tokio::time::timeout(Duration::from_millis(20), &mut termination).await
+        });
+        if let Ok(result) = ended {
             return match result {
                 Ok(()) => Ok(ExitCode::SUCCESS),
                 Err(error) => Err(error.context("the node stopped")),
@@ -221,10 +221,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     tracing::info!(reason, "shutting down");
     drop(termination);
-    match runtime.block_on(tokio::time::timeout(
-        Duration::from_secs(15),
-        handle.shutdown(),
-    )) {
+    let stopped = runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(15), handle.shutdown()).await });
+    match stopped {
         Ok(Ok(())) => Ok(ExitCode::SUCCESS),
         Ok(Err(error)) => Err(error.context("the node stopped with an error")),
         Err(_) => Err(anyhow!("the node did not stop within 15 s")),
