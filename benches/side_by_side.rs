@@ -481,13 +481,13 @@ fn render_markdown(results: &Results) -> String {
     let _ = writeln!(
         md,
         "### One node under Syn load (16 source ports, one Syn in flight each)\n\n\
-         | implementation | state (nodes × 10 keys) | digest | Syn/s answered | node CPU per Syn | node CPU (cores) | p50 | p99 | reply size |\n\
-         |---|---:|---|---:|---:|---:|---:|---:|---:|"
+         | implementation | state (nodes × 10 keys) | digest | Syn/s answered | node CPU per Syn | node CPU (cores) | p50 | p99 | lost (no reply in 1 s) | reply size |\n\
+         |---|---:|---|---:|---:|---:|---:|---:|---:|---:|"
     );
     for row in &results.load {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {:.0} | {:.1} µs | {:.2} | {:.0} µs | {:.0} µs | {} B |",
+            "| {} | {} | {} | {:.0} | {:.1} µs | {:.2} | {:.0} µs | {:.0} µs | {} | {} B |",
             row.implementation,
             row.state_nodes,
             row.digest,
@@ -496,6 +496,7 @@ fn render_markdown(results: &Results) -> String {
             row.node_cores,
             row.p50_us,
             row.p99_us,
+            row.lost,
             row.reply_bytes_avg
         );
     }
