@@ -409,3 +409,61 @@ fn every_subcommand_has_help() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--nodes"));
 }
+
+#[test]
+fn node_joins_a_chitchat_0_13_node_and_they_exchange_keys() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let theirs_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = chitchat::ChitchatConfig {
+        chitchat_id: chitchat::ChitchatId::new("chitchat-node", 1, theirs_addr),
+        cluster_id: "testing".to_string(),
+        gossip_interval: Duration::from_millis(50),
+        listen_addr: theirs_addr,
+        seed_nodes: vec![],
+        failure_detector_config: chitchat::FailureDetectorConfig {
+            initial_interval: Duration::from_millis(100),
+            ..chitchat::FailureDetectorConfig::default()
+        },
+        marked_for_deletion_grace_period: Duration::from_secs(3_600),
+        catchup_callback: None,
+        extra_liveness_predicate: None,
+        protocol_version: chitchat::ProtocolVersion::V0,
+    };
+    let theirs = rt
+        .block_on(chitchat::spawn_chitchat(
+            config,
+            vec![("from".to_string(), "chitchat".to_string())],
+            &chitchat::transport::UdpTransport,
+        ))
+        .unwrap();
+    let seed = theirs_addr.to_string();
+    let mut ours = Node::start("ours", free_port(), &["--seed", &seed, "--protocol", "v0"]);
+    ours.wait_status(Duration::from_secs(20), |s| {
+        live_count(s) == 2 && value_of(s, "chitchat-node", "from") == Some("chitchat")
+    })
+    .expect("our node never saw the chitchat node alive with its key");
+    ours.send("set from chitchat-uring");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen = rt.block_on(theirs.with_chitchat(|c| {
+            c.live_nodes().count() == 2
+                && c.node_states().iter().any(|(id, state)| {
+                    &*id.node_id == "ours" && state.get("from") == Some("chitchat-uring")
+                })
+        }));
+        if seen {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the chitchat node never saw our node alive with its key"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ours.quit();
+    rt.block_on(theirs.shutdown()).unwrap();
+}
