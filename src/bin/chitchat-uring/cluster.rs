@@ -101,13 +101,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     match report.outcome {
         Outcome::Interrupted => display.line("interrupted: stopping every node"),
         Outcome::ConvergenceTimeout => display.line(&format!(
-            "the cluster did not converge within {:.0} s: {}/{} nodes saw the whole cluster",
+            "the cluster did not converge within {:.1} s: {}/{} nodes saw the whole cluster",
             timeout.as_secs_f64(),
             report.converged_nodes,
             report.nodes
         )),
         Outcome::PropagationTimeout => display.line(&format!(
-            "the update did not reach every node within {:.0} s",
+            "the update did not reach every node within {:.1} s",
             timeout.as_secs_f64()
         )),
         Outcome::Complete => {}
@@ -190,7 +190,16 @@ fn print_summary(report: &ClusterReport) {
                 )
             })),
         ),
-        ("outcome".to_string(), format!("{:?}", report.outcome)),
+        (
+            "outcome".to_string(),
+            match report.outcome {
+                Outcome::Complete => "complete",
+                Outcome::Interrupted => "interrupted (figures so far)",
+                Outcome::ConvergenceTimeout => "did not converge in time",
+                Outcome::PropagationTimeout => "the update did not reach every node in time",
+            }
+            .to_string(),
+        ),
     ];
     common::print_table(&rows);
 }
@@ -250,6 +259,11 @@ impl ProgressDisplay {
             ),
         };
         if self.tty {
+            // A finished phase keeps its last bar on its own line.
+            if self.drawn && phase != self.last_phase {
+                eprintln!();
+            }
+            self.last_phase = phase;
             let width = 30;
             let filled = (done * width).checked_div(total).unwrap_or(0).min(width);
             let mut err = std::io::stderr().lock();
