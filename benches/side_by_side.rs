@@ -41,6 +41,8 @@ struct Plan {
     timeout_secs: f64,
     out: PathBuf,
     quick: bool,
+    /// Redraw the report from a saved `side_by_side.json` instead of measuring.
+    from_json: Option<PathBuf>,
 }
 
 impl Plan {
@@ -53,6 +55,7 @@ impl Plan {
             timeout_secs: 90.0,
             out: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench-report")),
             quick: false,
+            from_json: None,
         };
         let mut iter = args.iter();
         while let Some(arg) = iter.next() {
@@ -71,6 +74,7 @@ impl Plan {
                     plan.timeout_secs = 45.0;
                 }
                 "--out" => plan.out = PathBuf::from(value("--out")?),
+                "--from-json" => plan.from_json = Some(PathBuf::from(value("--from-json")?)),
                 "--sizes" => plan.cluster_sizes = parse_list(&value("--sizes")?)?,
                 "--steady-secs" => plan.steady_secs = parse_num(&value("--steady-secs")?)?,
                 "--load-secs" => plan.load_secs = parse_num(&value("--load-secs")?)?,
@@ -389,6 +393,18 @@ fn measure_cluster_child(which: Impl, nodes: usize, plan: &Plan) -> Result<Clust
 }
 
 fn orchestrate(plan: &Plan) -> i32 {
+    if let Some(path) = &plan.from_json {
+        let results = std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| serde_json::from_str::<Results>(&text).map_err(|e| e.to_string()));
+        return match results {
+            Ok(results) => write_report(plan, &results),
+            Err(error) => {
+                eprintln!("cannot read {}: {error}", path.display());
+                1
+            }
+        };
+    }
     let started = Instant::now();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
@@ -427,11 +443,16 @@ fn orchestrate(plan: &Plan) -> i32 {
         }
     }
     results.runtime_secs = started.elapsed().as_secs_f64();
+    write_report(plan, &results)
+}
+
+/// Writes the markdown, JSON and SVG reports and prints the markdown.
+fn write_report(plan: &Plan, results: &Results) -> i32 {
     if let Err(error) = std::fs::create_dir_all(&plan.out) {
         eprintln!("cannot create {}: {error}", plan.out.display());
         return 1;
     }
-    let markdown = render_markdown(&results);
+    let markdown = render_markdown(results);
     let md_path = plan.out.join("side_by_side.md");
     let json_path = plan.out.join("side_by_side.json");
     let svg_path = plan.out.join("side_by_side.svg");
@@ -440,7 +461,7 @@ fn orchestrate(plan: &Plan) -> i32 {
         (&md_path, markdown.clone()),
         (
             &json_path,
-            serde_json::to_string_pretty(&results).expect("serializable"),
+            serde_json::to_string_pretty(results).expect("serializable"),
         ),
     ] {
         if let Err(error) = std::fs::write(path, contents) {
@@ -448,7 +469,7 @@ fn orchestrate(plan: &Plan) -> i32 {
             code = 1;
         }
     }
-    if let Err(error) = plot(&results, &svg_path) {
+    if let Err(error) = plot(results, &svg_path) {
         eprintln!("cannot draw {}: {error}", svg_path.display());
         code = 1;
     }
@@ -636,6 +657,8 @@ fn plot(results: &Results, path: &Path) -> Result<(), Box<dyn std::error::Error>
             .build_cartesian_2d(0.0..max_nodes * 1.05, 0.0..max_y)?;
         chart
             .configure_mesh()
+            .light_line_style(WHITE.mix(0.0))
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .x_desc("cluster size (nodes)")
             .y_desc(unit)
             .draw()?;
