@@ -101,6 +101,12 @@ impl Node {
         stdin.flush().unwrap();
     }
 
+    fn send_bytes(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().unwrap();
+        stdin.write_all(bytes).unwrap();
+        stdin.flush().unwrap();
+    }
+
     /// The first status line (parsed) satisfying `pred` within `timeout`.
     fn wait_status(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
         let deadline = Instant::now() + timeout;
@@ -227,6 +233,7 @@ fn two_nodes_converge_and_a_set_reaches_the_other() {
 
     // A bad command is reported, and the node keeps running.
     a.send("frobnicate now");
+    a.send_bytes(b"set \xff\xfe oops\n");
     a.send("set color blue sky");
     b.wait_status(wait, |s| value_of(s, "node-a", "color") == Some("blue sky"))
         .expect("the value set on node-a never reached node-b");

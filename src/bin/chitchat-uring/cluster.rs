@@ -53,6 +53,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         gossip_interval: Duration::from_millis(args.gossip_ms),
         cluster_id: "chitchat-uring-local".to_string(),
     };
+    common::raise_open_files_limit();
     let transport = args.transport.transport();
     let mut display = ProgressDisplay::new();
     display.line(&format!(

@@ -129,3 +129,17 @@ pub fn print_table(rows: &[(String, String)]) {
         println!("{key:<width$}  {value}");
     }
 }
+
+/// Raises the soft limit on open files to the hard limit: every node holds a socket per I/O
+/// worker, so large local clusters need more than the usual 1024.
+pub fn raise_open_files_limit() {
+    // SAFETY: getrlimit/setrlimit on a valid struct.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}

@@ -80,6 +80,8 @@ struct Status {
 /// A line read from stdin.
 enum Input {
     Line(String),
+    /// A line that is not UTF-8.
+    Invalid,
     Eof,
 }
 
@@ -152,14 +154,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     std::thread::Builder::new()
         .name("stdin".to_string())
         .spawn(move || {
-            for line in std::io::stdin().lock().lines() {
-                match line {
-                    Ok(line) => {
-                        if input_tx.send(Input::Line(line)).is_err() {
-                            return;
-                        }
-                    }
-                    Err(_) => break,
+            // Raw lines: a line that is not UTF-8 is a bad command, not the end of input.
+            for line in std::io::stdin().lock().split(b'\n') {
+                let Ok(mut bytes) = line else { break };
+                if bytes.last() == Some(&b'\r') {
+                    bytes.pop();
+                }
+                let input = match String::from_utf8(bytes) {
+                    Ok(line) => Input::Line(line),
+                    Err(_) => Input::Invalid,
+                };
+                if input_tx.send(input).is_err() {
+                    return;
                 }
             }
             let _ = input_tx.send(Input::Eof);
@@ -191,6 +197,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         while let Ok(input) = input_rx.try_recv() {
             match input {
                 Input::Eof => quit = Some("end of stdin"),
+                Input::Invalid => eprintln!("error: a command line that is not UTF-8 was ignored"),
                 Input::Line(line) => match handle_command(&handle, &line) {
                     Ok(Flow::Continue) => {}
                     Ok(Flow::Status) => {
