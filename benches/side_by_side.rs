@@ -227,6 +227,7 @@ fn child_cluster(args: &[String]) -> i32 {
         steady_secs: None,
         messages_per_sec_per_node: None,
         bytes_per_sec_per_node: None,
+        datagrams_lost_percent: None,
         cpu_ms_per_node_per_sec: None,
         peak_rss_bytes: None,
     };
@@ -524,13 +525,13 @@ fn render_markdown(results: &Results) -> String {
     let _ = writeln!(
         md,
         "\n### Local clusters (all nodes in one process, 100 ms gossip, 10 keys of 32 B per node)\n\n\
-         | implementation | nodes | convergence | update reaches all | CPU per node | messages/s per node | bytes/s per node | peak memory | outcome |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---|"
+         | implementation | nodes | convergence | update reaches all | CPU per node | messages/s per node | bytes/s per node | datagrams lost | peak memory | outcome |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     );
     for r in &results.clusters {
         let _ = writeln!(
             md,
-            "| {} | {} | {} s | {} s | {} ms/s | {} | {} | {} | {:?} |",
+            "| {} | {} | {} s | {} s | {} ms/s | {} | {} | {} % | {} | {:?} |",
             r.implementation,
             r.nodes,
             opt(r.convergence_secs, 2),
@@ -538,6 +539,7 @@ fn render_markdown(results: &Results) -> String {
             opt(r.cpu_ms_per_node_per_sec, 2),
             opt(r.messages_per_sec_per_node, 1),
             opt(r.bytes_per_sec_per_node, 0),
+            opt(r.datagrams_lost_percent, 2),
             r.peak_rss_bytes.map_or("-".to_string(), |b| format!(
                 "{:.1} MiB",
                 b as f64 / 1_048_576.0

@@ -116,6 +116,9 @@ impl Percentiles {
 pub struct Traffic {
     pub messages_sent: u64,
     pub bytes_sent: u64,
+    /// Datagrams delivered to the nodes: in a cluster that only talks to itself, the shortfall
+    /// against `messages_sent` is what the network (or a transport) lost.
+    pub messages_received: u64,
 }
 
 /// A cluster of nodes running in this process, whatever the implementation: what the
@@ -211,6 +214,10 @@ pub struct ClusterReport {
     pub messages_per_sec_per_node: Option<f64>,
     /// Bytes sent per node per second over the steady-state window.
     pub bytes_per_sec_per_node: Option<f64>,
+    /// Share of the datagrams sent during the window that no node received, in percent (the
+    /// nodes only talk to each other; datagrams in flight at the window's edges blur it a little).
+    #[serde(default)]
+    pub datagrams_lost_percent: Option<f64>,
     /// Process CPU milliseconds per node per second of the window (1000 = a whole core).
     pub cpu_ms_per_node_per_sec: Option<f64>,
     /// Peak resident memory of the whole process (VmHWM).
@@ -317,6 +324,16 @@ pub fn measure_cluster(
             traffic.bytes_sent.saturating_sub(traffic_before.bytes_sent) as f64,
         ));
         report.cpu_ms_per_node_per_sec = Some(per_node_sec(cpu * 1_000.0));
+        let sent = traffic
+            .messages_sent
+            .saturating_sub(traffic_before.messages_sent);
+        let received = traffic
+            .messages_received
+            .saturating_sub(traffic_before.messages_received);
+        if sent > 0 {
+            report.datagrams_lost_percent =
+                Some(sent.saturating_sub(received) as f64 * 100.0 / sent as f64);
+        }
     }
     finish(report, outcome)
 }
@@ -493,6 +510,7 @@ impl LocalCluster for UringCluster {
             Traffic {
                 messages_sent: acc.messages_sent + stats.datagrams_sent,
                 bytes_sent: acc.bytes_sent + stats.bytes_sent,
+                messages_received: acc.messages_received + stats.datagrams_received,
             }
         })
     }

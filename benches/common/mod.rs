@@ -208,6 +208,7 @@ impl ServedNode {
 pub struct Counters {
     messages: AtomicU64,
     bytes: AtomicU64,
+    received: AtomicU64,
 }
 
 pub struct CountingTransport {
@@ -250,7 +251,9 @@ impl Socket for CountingSocket {
     }
 
     async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
-        self.inner.recv().await
+        let outcome = self.inner.recv().await?;
+        self.counters.received.fetch_add(1, Ordering::Relaxed);
+        Ok(outcome)
     }
 }
 
@@ -368,6 +371,7 @@ impl LocalCluster for ChitchatCluster {
         Traffic {
             messages_sent: self.counters.messages.load(Ordering::Relaxed),
             bytes_sent: self.counters.bytes.load(Ordering::Relaxed),
+            messages_received: self.counters.received.load(Ordering::Relaxed),
         }
     }
 

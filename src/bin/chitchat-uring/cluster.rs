@@ -82,6 +82,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         steady_secs: None,
         messages_per_sec_per_node: None,
         bytes_per_sec_per_node: None,
+        datagrams_lost_percent: None,
         cpu_ms_per_node_per_sec: None,
         peak_rss_bytes: None,
     };
@@ -171,6 +172,14 @@ fn print_summary(report: &ClusterReport) {
                 report
                     .bytes_per_sec_per_node
                     .map(|b| format!("{}/s", human_bytes(b))),
+            ),
+        ),
+        (
+            "datagrams lost".to_string(),
+            or_dash(
+                report
+                    .datagrams_lost_percent
+                    .map(|p| format!("{p:.2} % of those sent in the window")),
             ),
         ),
         (
