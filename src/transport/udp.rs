@@ -51,7 +51,12 @@ pub struct UdpTransport {
     pub faults: Faults,
     /// Submission queue entries per io_uring (the completion queue gets 4x).
     pub ring_entries: u32,
-    /// Receive buffers per worker (rounded up to a power of two, at most 32 768).
+    /// Receive buffers per worker (rounded up to a power of two, at most 32 768), shared by every
+    /// socket the worker serves. When a busy worker lets more datagrams pile up than it has
+    /// buffers, every multishot receive ends with ENOBUFS and must be re-armed: with 200 nodes
+    /// in one process on a loaded machine, 64 buffers meant about one re-arm per datagram and
+    /// overflowing socket queues, 512 none. The memory is mapped, not locked: pages become
+    /// resident only as large datagrams land in them.
     pub recv_buffers: u32,
     /// Bytes per receive buffer: the largest datagram received plus the 44-byte header of a
     /// multishot receive. Larger datagrams are dropped and counted as receive errors.
@@ -61,13 +66,13 @@ pub struct UdpTransport {
 }
 
 impl UdpTransport {
-    /// Auto mode, a worker per CPU, no faults, 64 receive buffers of 64 KiB per worker.
+    /// Auto mode, a worker per CPU, no faults, 512 receive buffers of 64 KiB per worker.
     pub const DEFAULT: UdpTransport = UdpTransport {
         mode: UdpMode::Auto,
         workers: None,
         faults: Faults::NONE,
         ring_entries: 1024,
-        recv_buffers: 64,
+        recv_buffers: 512,
         recv_buffer_len: (MAX_DATAGRAM_LEN + RECV_HEADER_LEN).next_multiple_of(64),
         send_slots: 256,
     };
