@@ -248,10 +248,13 @@ impl Server {
             let targets = select_nodes_for_gossip(&mut self.rng, &peers, &live, &dead, &seeds);
             chitchat.update_self_heartbeat();
             chitchat.gc_keys_marked_for_deletion();
+            // One Syn for the whole round: the targets get the same digest, encoded once.
+            let version = chitchat.config().protocol_version;
+            chitchat.write_syn(version, &mut self.syn_buf);
             targets
         };
         for addr in targets.all() {
-            if let Err(error) = self.gossip(addr) {
+            if let Err(error) = self.send_syn(addr) {
                 if Some(addr) == targets.dead_node {
                     debug!(%addr, %error, "failed to gossip with a dead node");
                 } else {
@@ -269,6 +272,11 @@ impl Server {
             let version = chitchat.config().protocol_version;
             chitchat.write_syn(version, &mut self.syn_buf);
         }
+        self.send_syn(addr)
+    }
+
+    /// Sends the Syn in `syn_buf`.
+    fn send_syn(&mut self, addr: SocketAddr) -> std::io::Result<()> {
         match self.endpoint.send_to(addr, &self.syn_buf) {
             Ok(()) => {
                 self.counters.syns_sent.fetch_add(1, Ordering::Relaxed);
