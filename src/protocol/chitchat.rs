@@ -2,7 +2,7 @@
 //! it knows no sockets, threads or timers. Time comes from the `Clock` it is given, randomness
 //! from a seeded RNG.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -52,7 +52,7 @@ pub struct Chitchat {
     cluster_state: ClusterState,
     failure_detector: FailureDetector,
     /// Live nodes (self included) → max_version, as last published.
-    previous_live_nodes: HashMap<ChitchatId, Version>,
+    previous_live_nodes: Vec<(ChitchatId, Version)>,
     live_nodes_tx: watch::Sender<BTreeMap<ChitchatId, NodeState>>,
     seed_addrs: watch::Receiver<HashSet<SocketAddr>>,
     clock: Clock,
@@ -91,7 +91,7 @@ impl Chitchat {
             cluster_state: ClusterState::new(Listeners::default(), clock.clone()),
             config,
             failure_detector,
-            previous_live_nodes: HashMap::new(),
+            previous_live_nodes: Vec::new(),
             live_nodes_tx,
             seed_addrs,
             clock,
@@ -342,28 +342,30 @@ impl Chitchat {
     /// for longer than the grace period. Called at the end of every gossip round.
     pub fn update_nodes_liveness(&mut self) {
         let now = self.clock.now();
-        let self_id = self.config.chitchat_id.clone();
-        let ids: Vec<ChitchatId> = self
+        let self_id = &self.config.chitchat_id;
+        for id in self.cluster_state.node_states.keys() {
+            if id != self_id {
+                self.failure_detector.update_node_liveness(id, now);
+            }
+        }
+        // Live nodes (self included) and their max versions, in id order: compared with what
+        // was published last without allocating, republished only when it changed.
+        let failure_detector = &self.failure_detector;
+        let live = self
             .cluster_state
             .node_states
-            .keys()
-            .filter(|id| **id != self_id)
-            .cloned()
-            .collect();
-        for id in &ids {
-            self.failure_detector.update_node_liveness(id, now);
-        }
-        let current: HashMap<ChitchatId, Version> = self
-            .live_nodes()
-            .filter_map(|id| {
-                let state = self.cluster_state.node_state(id)?;
-                Some((id.clone(), state.max_version()))
-            })
-            .collect();
-        if current != self.previous_live_nodes {
+            .iter()
+            .filter(|(id, _)| *id == self_id || failure_detector.is_live(id))
+            .map(|(id, state)| (id, state.max_version()));
+        let unchanged = live
+            .clone()
+            .eq(self.previous_live_nodes.iter().map(|(id, v)| (id, *v)));
+        if !unchanged {
+            let current: Vec<(ChitchatId, Version)> =
+                live.map(|(id, version)| (id.clone(), version)).collect();
             let published: BTreeMap<ChitchatId, NodeState> = current
-                .keys()
-                .filter_map(|id| {
+                .iter()
+                .filter_map(|(id, _)| {
                     let state = self.cluster_state.node_state(id)?;
                     let keep = self
                         .config

@@ -105,7 +105,6 @@ impl FailureDetector {
         self.live_nodes.iter()
     }
 
-    #[cfg(test)]
     pub(crate) fn is_live(&self, chitchat_id: &ChitchatId) -> bool {
         self.live_nodes.contains(chitchat_id)
     }

@@ -60,6 +60,34 @@ pub struct NodeState {
     listeners: Listeners,
     #[serde(skip)]
     clock: Clock,
+    #[serde(skip)]
+    gc_hint: GcHint,
+}
+
+/// What tombstone GC may find in a state, so that a gossip round does not scan every key of
+/// every node when nothing can be due.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum GcHint {
+    /// Not tracked (a deserialized state): scan.
+    #[default]
+    Unknown,
+    /// No entry has a deletion status.
+    Nothing,
+    /// No entry's deletion started before this instant.
+    NotBefore(Instant),
+}
+
+impl GcHint {
+    fn note(&mut self, status: DeletionStatus) {
+        let Some(since) = status.time_of_start_scheduled_for_deletion() else {
+            return;
+        };
+        *self = match *self {
+            GcHint::Unknown => GcHint::Unknown,
+            GcHint::Nothing => GcHint::NotBefore(since),
+            GcHint::NotBefore(earliest) => GcHint::NotBefore(earliest.min(since)),
+        };
+    }
 }
 
 impl fmt::Debug for NodeState {
@@ -107,6 +135,7 @@ impl NodeState {
             last_gc_version: 0,
             listeners,
             clock,
+            gc_hint: GcHint::Nothing,
         }
     }
 
@@ -280,6 +309,7 @@ impl NodeState {
             version: self.max_version,
             status: DeletionStatus::Deleted(now),
         };
+        self.gc_hint.note(entry.status);
     }
 
     /// Keeps `key` visible but schedules it for collection after the grace period.
@@ -298,6 +328,7 @@ impl NodeState {
         self.max_version += 1;
         entry.version = self.max_version;
         entry.status = DeletionStatus::DeleteAfterTtl(now);
+        self.gc_hint.note(entry.status);
     }
 
     /// Raw setter, for applications restoring a state.
@@ -341,6 +372,7 @@ impl NodeState {
         {
             return;
         }
+        self.gc_hint.note(value.status);
         let notify = !value.is_deleted();
         if notify {
             self.listeners.trigger(KeyChangeEvent {
@@ -389,18 +421,26 @@ impl NodeState {
 
     /// Drops tombstones and TTL'd values older than the grace period.
     pub(crate) fn gc_keys_marked_for_deletion(&mut self, grace_period: Duration, now: Instant) {
+        match self.gc_hint {
+            GcHint::Nothing => return,
+            GcHint::NotBefore(earliest) if now < earliest + grace_period => return,
+            GcHint::NotBefore(_) | GcHint::Unknown => {}
+        }
         let mut last_gc_version = self.last_gc_version;
+        let mut remaining = GcHint::Nothing;
         self.key_values.retain(|_, value| {
             let Some(since) = value.status.time_of_start_scheduled_for_deletion() else {
                 return true;
             };
             if now < since + grace_period {
+                remaining.note(value.status);
                 return true;
             }
             last_gc_version = last_gc_version.max(value.version);
             false
         });
         self.last_gc_version = last_gc_version;
+        self.gc_hint = remaining;
     }
 
     /// SPEC §4.5: reject deltas from the future, reset when the peer GC'd what we still hold,
@@ -431,6 +471,7 @@ impl NodeState {
     /// back to 0 so the next observed value is again a non-reported first value.
     pub(crate) fn reset_for_delta(&mut self, last_gc_version: Version) {
         self.key_values.clear();
+        self.gc_hint = GcHint::Nothing;
         self.heartbeat = Heartbeat(0);
         self.max_version = 0;
         self.last_gc_version = last_gc_version;
@@ -489,12 +530,14 @@ impl NodeState {
             match self.key_values.get_mut(&key) {
                 Some(entry) => entry.version = version,
                 None => {
+                    let status = DeletionStatus::Deleted(now);
+                    self.gc_hint.note(status);
                     self.key_values.insert(
                         key,
                         VersionedValue {
                             value: String::new(),
                             version,
-                            status: DeletionStatus::Deleted(now),
+                            status,
                         },
                     );
                 }

@@ -428,3 +428,38 @@ fn json_shape_matches_chitchat() {
     let back: NodeState = serde_json::from_value(json).unwrap();
     assert_eq!(back, state);
 }
+
+#[test]
+fn gc_skips_states_with_nothing_due_and_still_collects_what_is() {
+    let (mut state, clock) = state_with_clock();
+    let grace = Duration::from_secs(10);
+    state.set("a", "1");
+    state.gc_keys_marked_for_deletion(grace, clock.now());
+    assert_eq!(state.num_key_values(), 1);
+    state.delete("a"); // t0
+    clock.advance(Duration::from_secs(6));
+    state.set_with_ttl("b", "2"); // t0 + 6
+    clock.advance(Duration::from_secs(5));
+    state.gc_keys_marked_for_deletion(grace, clock.now());
+    assert!(state.get_versioned("a").is_none(), "due at t0 + 10");
+    assert_eq!(state.get("b"), Some("2"), "not due before t0 + 16");
+    clock.advance(Duration::from_secs(5));
+    state.gc_keys_marked_for_deletion(grace, clock.now());
+    assert!(state.get_versioned("b").is_none());
+    assert_eq!(state.last_gc_version(), 3);
+    // Received tombstones count too, and a deserialized state is scanned.
+    let delta = node_delta(
+        0,
+        0,
+        5,
+        vec![kv("c", "", 5, DeletionStatusMutation::Delete)],
+    );
+    state.apply_delta(&delta, clock.now());
+    let mut copy: NodeState =
+        serde_json::from_value(serde_json::to_value(&state).unwrap()).unwrap();
+    clock.advance(grace);
+    state.gc_keys_marked_for_deletion(grace, clock.now());
+    assert!(state.get_versioned("c").is_none());
+    copy.gc_keys_marked_for_deletion(grace, std::time::Instant::now() + grace);
+    assert!(copy.get_versioned("c").is_none());
+}
