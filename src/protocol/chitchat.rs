@@ -22,6 +22,7 @@ use crate::protocol::listener::{KeyChangeEvent, ListenerHandle, Listeners};
 use crate::protocol::node_state::NodeState;
 use crate::types::{ChitchatId, Heartbeat, Version, VersionedValue};
 use crate::wire::DecodeError;
+use crate::wire::{DigestView, MessageView};
 
 /// Most node states one `Chitchat` keeps: a digest cannot carry more (u16 count), and it bounds
 /// what forged digests can make a node allocate.
@@ -300,22 +301,27 @@ impl Chitchat {
     /// `report_heartbeat` for every entry of a digest. Digest and node states are both sorted
     /// by id, so known nodes are matched in one merged pass instead of a search per entry; only
     /// new ids (and our own) take the general path.
-    fn report_heartbeats(&mut self, digest: &Digest, now: Instant) {
-        let mut others: Vec<(&ChitchatId, Heartbeat)> = Vec::new();
+    fn report_heartbeats(&mut self, digest: &DigestView<'_>, now: Instant) {
+        let mut others: Vec<(ChitchatId, Heartbeat)> = Vec::new();
         let mut states = self.cluster_state.node_states.iter_mut().peekable();
-        for (id, node_digest) in &digest.node_digests {
-            while states.next_if(|(state_id, _)| *state_id < id).is_some() {}
+        for (id, node_digest) in digest.entries() {
+            while states
+                .next_if(|(state_id, _)| id.cmp_id(state_id).is_gt())
+                .is_some()
+            {}
             match states.peek_mut() {
-                Some((state_id, state)) if *state_id == id && *id != self.config.chitchat_id => {
+                Some((state_id, state))
+                    if id.cmp_id(state_id).is_eq() && **state_id != self.config.chitchat_id =>
+                {
                     if state.try_set_heartbeat(node_digest.heartbeat) {
-                        self.failure_detector.report_heartbeat(id, now);
+                        self.failure_detector.report_heartbeat(state_id, now);
                     }
                 }
-                _ => others.push((id, node_digest.heartbeat)),
+                _ => others.push((id.to_owned_id(), node_digest.heartbeat)),
             }
         }
         for (id, heartbeat) in others {
-            self.report_heartbeat_at(id, heartbeat, now);
+            self.report_heartbeat_at(&id, heartbeat, now);
         }
     }
 
@@ -458,19 +464,31 @@ impl Chitchat {
         reply: &mut Vec<u8>,
         deadline: Option<Instant>,
     ) -> Result<ReplyOutcome, DecodeError> {
-        let envelope = codec::decode(payload)?;
-        Ok(self.process_envelope_into(envelope, reply, deadline))
+        codec::with_view(payload, |view| {
+            self.process_view_into(view.version, view.message, reply, deadline)
+        })
     }
 
-    /// The handshake logic (SPEC §4.1), writing the reply into `out`.
+    /// Handles an owned message, writing the reply (if any) into `out`.
     pub(crate) fn process_envelope_into(
         &mut self,
         envelope: ChitchatEnvelope,
         out: &mut Vec<u8>,
         deadline: Option<Instant>,
     ) -> ReplyOutcome {
+        let message = MessageView::of(&envelope.message);
+        self.process_view_into(envelope.version, message, out, deadline)
+    }
+
+    /// The handshake logic (SPEC §4.1), writing the reply into `out`.
+    fn process_view_into(
+        &mut self,
+        version: ProtocolVersion,
+        message: MessageView<'_>,
+        out: &mut Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> ReplyOutcome {
         out.clear();
-        let version = envelope.version;
         let now = self.clock.now();
         self.update_self_heartbeat();
         let mut outcome = ReplyOutcome {
@@ -479,8 +497,8 @@ impl Chitchat {
             digest_truncated: false,
             delta_truncated: false,
         };
-        match envelope.message {
-            ChitchatMessage::Syn { cluster_id, digest } => {
+        match message {
+            MessageView::Syn { cluster_id, digest } => {
                 self.stats.syn_received += 1;
                 if cluster_id != self.config.cluster_id {
                     warn!(their = %cluster_id, ours = %self.config.cluster_id,
@@ -509,7 +527,7 @@ impl Chitchat {
                 outcome.digest_truncated = digest_truncated;
                 outcome.delta_truncated = summary.truncated;
             }
-            ChitchatMessage::SynAck { digest, delta } => {
+            MessageView::SynAck { digest, delta } => {
                 self.stats.syn_ack_received += 1;
                 self.report_heartbeats(&digest, now);
                 self.process_delta(&delta);
@@ -529,11 +547,11 @@ impl Chitchat {
                 outcome.replied = true;
                 outcome.delta_truncated = summary.truncated;
             }
-            ChitchatMessage::Ack { delta } => {
+            MessageView::Ack { delta } => {
                 self.stats.ack_received += 1;
                 self.process_delta(&delta);
             }
-            ChitchatMessage::BadCluster => {
+            MessageView::BadCluster => {
                 self.stats.bad_cluster_received += 1;
                 warn!("a peer answered BadCluster: it belongs to another cluster");
             }

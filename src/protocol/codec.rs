@@ -8,13 +8,14 @@ use std::time::Instant;
 use rand::Rng;
 use tracing::warn;
 
-use crate::message::{ChitchatEnvelope, Digest, NodeDigest, ProtocolVersion};
+use crate::message::{ChitchatEnvelope, NodeDigest, ProtocolVersion};
 use crate::protocol::cluster_state::{ClusterState, node_digest};
 use crate::protocol::delta_plan::{DeltaSink, DeltaSummary, write_delta};
 use crate::protocol::node_state::chitchat_id_wire_len;
 use crate::types::{ChitchatId, DeletionStatusMutation, Version, VersionedValue};
 use crate::wire::{
-    self, DecodeError, Decoder, DeltaWriter, Encoder, HEADER_LEN, MAX_UDP_DATAGRAM_PAYLOAD_SIZE,
+    self, DecodeError, Decoder, DeltaWriter, DigestView, Encoder, EnvelopeView, HEADER_LEN,
+    MAX_UDP_DATAGRAM_PAYLOAD_SIZE,
 };
 
 /// Room a SynAck keeps for its delta when the digest alone would fill the datagram: the digest
@@ -38,16 +39,32 @@ pub struct ReplyOutcome {
 }
 
 thread_local! {
-    /// zstd contexts and scratch buffers, one per thread that encodes or decodes.
-    static CODEC: RefCell<(Encoder, Decoder)> = RefCell::new((Encoder::new(), Decoder::new()));
+    /// zstd contexts and scratch buffers, one per thread that encodes or decodes. Apart, so
+    /// that a reply can be encoded while the message it answers is still borrowed from the
+    /// decoder.
+    static ENCODER: RefCell<Encoder> = RefCell::new(Encoder::new());
+    static DECODER: RefCell<Decoder> = RefCell::new(Decoder::new());
 }
 
 pub(crate) fn decode(bytes: &[u8]) -> Result<ChitchatEnvelope, DecodeError> {
-    CODEC.with(|codec| codec.borrow_mut().1.decode_envelope(bytes))
+    DECODER.with(|decoder| decoder.borrow_mut().decode_envelope(bytes))
+}
+
+/// Decodes `bytes` into a view borrowing from them and from this thread's decoder, and hands
+/// it to `f`.
+pub(crate) fn with_view<T>(
+    bytes: &[u8],
+    f: impl FnOnce(EnvelopeView<'_>) -> T,
+) -> Result<T, DecodeError> {
+    DECODER.with(|decoder| {
+        let mut decoder = decoder.borrow_mut();
+        let view = decoder.decode_view(bytes)?;
+        Ok(f(view))
+    })
 }
 
 fn with_encoder<T>(f: impl FnOnce(&mut Encoder) -> T) -> T {
-    CODEC.with(|codec| f(&mut codec.borrow_mut().0))
+    ENCODER.with(|encoder| f(&mut encoder.borrow_mut()))
 }
 
 impl DeltaSink for DeltaWriter<'_> {
@@ -151,7 +168,7 @@ pub(crate) fn write_syn_ack<R: Rng>(
     self_id: &ChitchatId,
     scheduled: &HashSet<&ChitchatId>,
     version: ProtocolVersion,
-    peer_digest: &Digest,
+    peer_digest: &DigestView<'_>,
     rng: &mut R,
     out: &mut Vec<u8>,
     deadline: Option<Instant>,
@@ -188,7 +205,7 @@ pub(crate) fn write_ack<R: Rng>(
     cluster_state: &ClusterState,
     scheduled: &HashSet<&ChitchatId>,
     version: ProtocolVersion,
-    peer_digest: &Digest,
+    peer_digest: &DigestView<'_>,
     rng: &mut R,
     out: &mut Vec<u8>,
     deadline: Option<Instant>,

@@ -7,10 +7,10 @@ use std::time::Instant;
 use rand::Rng;
 use tracing::debug;
 
-use crate::message::Digest;
 use crate::protocol::cluster_state::ClusterState;
 use crate::protocol::node_state::NodeState;
 use crate::types::{ChitchatId, Version, VersionedValue};
+use crate::wire::DigestView;
 
 /// Receives the ops of a delta and says whether each still fits (the wire's `DeltaWriter`, or a
 /// collector around it). Once a node or key-value op is refused the delta is over.
@@ -52,7 +52,7 @@ pub(crate) fn is_relayable_key(key: &str) -> bool {
 /// Writes the delta a peer with `peer_digest` needs into `sink`, most urgent nodes first.
 pub(crate) fn write_delta<S: DeltaSink, R: Rng>(
     cluster_state: &ClusterState,
-    peer_digest: &Digest,
+    peer_digest: &DigestView<'_>,
     scheduled_for_deletion: &HashSet<&ChitchatId>,
     rng: &mut R,
     sink: &mut S,
@@ -60,12 +60,15 @@ pub(crate) fn write_delta<S: DeltaSink, R: Rng>(
 ) -> DeltaSummary {
     let mut candidates: Vec<Candidate> = Vec::new();
     // Both maps are sorted by id: walk them together rather than searching the digest.
-    let mut peer_entries = peer_digest.node_digests.iter().peekable();
+    let mut peer_entries = peer_digest.entries().iter().peekable();
     for (id, state) in &cluster_state.node_states {
-        while peer_entries.next_if(|(peer_id, _)| *peer_id < id).is_some() {}
+        while peer_entries
+            .next_if(|(peer_id, _)| peer_id.cmp_id(id).is_lt())
+            .is_some()
+        {}
         let (peer_gc, peer_max) = peer_entries
             .peek()
-            .filter(|(peer_id, _)| *peer_id == id)
+            .filter(|(peer_id, _)| peer_id.cmp_id(id).is_eq())
             .map(|(_, d)| (d.last_gc_version, d.max_version))
             .unwrap_or((0, 0));
         if state.max_version() <= peer_max || scheduled_for_deletion.contains(id) {

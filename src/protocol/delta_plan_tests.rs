@@ -13,7 +13,7 @@ use crate::protocol::cluster_state::ClusterState;
 use crate::protocol::delta_plan::{DeltaSink, write_delta};
 use crate::protocol::listener::Listeners;
 use crate::types::{ChitchatId, Heartbeat, Version, VersionedValue};
-use crate::wire::{Encoder, decode_envelope};
+use crate::wire::{DigestView, Encoder, decode_envelope};
 
 /// Records the node order and accepts everything.
 #[derive(Default)]
@@ -77,7 +77,14 @@ fn bounded_delta(
     Encoder::write_header(&mut out, ProtocolVersion::V0, 2);
     let mut writer = encoder.delta_writer(&mut out, mtu);
     let mut rng = SmallRng::seed_from_u64(9);
-    write_delta(cs, peer, scheduled, &mut rng, &mut writer, None);
+    write_delta(
+        cs,
+        &DigestView::from_digest(peer),
+        scheduled,
+        &mut rng,
+        &mut writer,
+        None,
+    );
     let len = writer.finish();
     assert!(len <= mtu.max(1), "delta of {len} bytes for mtu {mtu}");
     assert_eq!(out.len(), 4 + len);
@@ -95,7 +102,14 @@ fn full_len(cs: &ClusterState, peer: &Digest, scheduled: &HashSet<&ChitchatId>) 
         let mut out = Vec::new();
         let mut writer = encoder.delta_writer(&mut out, mtu);
         let mut rng = SmallRng::seed_from_u64(9);
-        let summary = write_delta(cs, peer, scheduled, &mut rng, &mut writer, None);
+        let summary = write_delta(
+            cs,
+            &DigestView::from_digest(peer),
+            scheduled,
+            &mut rng,
+            &mut writer,
+            None,
+        );
         writer.finish();
         summary.truncated
     };
@@ -139,7 +153,14 @@ fn unknown_nodes_first_smallest_first_then_most_stale() {
     let peer = digest(&[(10_001, 0, 1), (10_002, 0, 1), (10_003, 0, 2)]);
     let mut recorder = Recorder::default();
     let mut rng = SmallRng::seed_from_u64(1);
-    write_delta(&cs, &peer, &HashSet::new(), &mut rng, &mut recorder, None);
+    write_delta(
+        &cs,
+        &DigestView::from_digest(&peer),
+        &HashSet::new(),
+        &mut rng,
+        &mut recorder,
+        None,
+    );
     assert_eq!(
         recorder.nodes,
         vec![(10_006, 0), (10_004, 0), (10_001, 1), (10_002, 1)]
@@ -160,7 +181,7 @@ fn ties_are_broken_by_the_rng() {
             let mut rng = SmallRng::seed_from_u64(seed);
             write_delta(
                 &cs,
-                &Digest::default(),
+                &DigestView::default(),
                 &HashSet::new(),
                 &mut rng,
                 &mut recorder,

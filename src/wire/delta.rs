@@ -356,13 +356,26 @@ impl Decoder {
             block,
             stream,
             seen_nodes,
+            ..
         } = self;
-        let payload = read_block_stream(reader, dctx.as_mut(), block, stream)?;
-        seen_nodes.clear();
-        let result = build_delta(payload, seen_nodes);
-        seen_nodes.clear();
-        result
+        decode_delta_with(reader, dctx.as_mut(), block, stream, seen_nodes)
     }
+}
+
+/// Decodes a delta with the decoder's parts passed separately, so that a digest view can keep
+/// borrowing another of its buffers meanwhile.
+pub(crate) fn decode_delta_with(
+    reader: &mut Reader<'_>,
+    dctx: Option<&mut zstd::zstd_safe::DCtx<'static>>,
+    block: &mut [u8],
+    stream: &mut Vec<u8>,
+    seen_nodes: &mut HashSet<ChitchatId>,
+) -> Result<Delta, DecodeError> {
+    let payload = read_block_stream(reader, dctx, block, stream)?;
+    seen_nodes.clear();
+    let result = build_delta(payload, seen_nodes);
+    seen_nodes.clear();
+    result
 }
 
 fn build_delta(payload: &[u8], seen_nodes: &mut HashSet<ChitchatId>) -> Result<Delta, DecodeError> {

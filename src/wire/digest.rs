@@ -1,7 +1,8 @@
 //! Digests: V0 is a u16 count followed by `(ChitchatId, NodeDigest)` entries; V1 is a block
 //! stream of the same entries without a count.
 
-use std::collections::BTreeMap;
+use std::cmp::Ordering;
+use std::net::SocketAddr;
 
 use super::block_stream::{BlockStreamWriter, read_block_stream};
 use super::primitives::{Reader, chitchat_id_len, put_chitchat_id, put_u16, put_u64};
@@ -41,14 +42,6 @@ fn put_entry(out: &mut Vec<u8>, id: &ChitchatId, node_digest: &NodeDigest) {
 
 fn encodable(id: &ChitchatId) -> bool {
     id.node_id.len() <= u16::MAX as usize
-}
-
-fn read_entry(reader: &mut Reader<'_>) -> Result<(ChitchatId, NodeDigest), DecodeError> {
-    let id = reader.chitchat_id()?;
-    let heartbeat = Heartbeat::from(reader.u64("heartbeat")?);
-    let last_gc_version = reader.u64("last gc version")?;
-    let max_version = reader.u64("max version")?;
-    Ok((id, NodeDigest::new(heartbeat, last_gc_version, max_version)))
 }
 
 impl Encoder {
@@ -153,18 +146,145 @@ fn encode_digest_v0<'a>(
     }
 }
 
-/// Builds the map in one pass: entries usually arrive in id order, so the stable sort is
-/// linear and the bulk build avoids a tree search per entry. Of duplicate ids the last wins.
-fn collect_sorted(mut entries: Vec<(ChitchatId, NodeDigest)>) -> BTreeMap<ChitchatId, NodeDigest> {
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut deduped: Vec<(ChitchatId, NodeDigest)> = Vec::with_capacity(entries.len());
-    for entry in entries {
-        match deduped.last_mut() {
-            Some(last) if last.0 == entry.0 => *last = entry,
-            _ => deduped.push(entry),
+/// A node id borrowed from a datagram (or from an owned id). Its order is `ChitchatId`'s:
+/// name bytes, then generation, then address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChitchatIdRef<'a> {
+    pub node_id: &'a str,
+    pub generation_id: u64,
+    pub gossip_advertise_addr: SocketAddr,
+}
+
+impl<'a> From<&'a ChitchatId> for ChitchatIdRef<'a> {
+    fn from(id: &'a ChitchatId) -> Self {
+        ChitchatIdRef {
+            node_id: &id.node_id,
+            generation_id: id.generation_id,
+            gossip_advertise_addr: id.gossip_advertise_addr,
         }
     }
-    deduped.into_iter().collect()
+}
+
+impl ChitchatIdRef<'_> {
+    pub fn to_owned_id(&self) -> ChitchatId {
+        ChitchatId::new(self.node_id, self.generation_id, self.gossip_advertise_addr)
+    }
+
+    /// Compares with an owned id, in `ChitchatId` order.
+    pub fn cmp_id(&self, id: &ChitchatId) -> Ordering {
+        self.cmp(&ChitchatIdRef::from(id))
+    }
+}
+
+/// A digest borrowing its ids: entries sorted by id, one per id (of duplicates, the last one
+/// received wins, as when decoding into a map). Decoding one allocates a single vector instead
+/// of an id per entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DigestView<'a> {
+    entries: Vec<(ChitchatIdRef<'a>, NodeDigest)>,
+}
+
+impl<'a> DigestView<'a> {
+    /// A view of an owned digest (already sorted and unique).
+    pub fn from_digest(digest: &'a Digest) -> Self {
+        DigestView {
+            entries: digest
+                .node_digests
+                .iter()
+                .map(|(id, node_digest)| (ChitchatIdRef::from(id), *node_digest))
+                .collect(),
+        }
+    }
+
+    /// Sorts and deduplicates entries in the order they were received.
+    fn from_received(mut entries: Vec<(ChitchatIdRef<'a>, NodeDigest)>) -> Self {
+        // Stable: of equal ids the last received stays last, and is the one kept.
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut kept = 0;
+        for i in 0..entries.len() {
+            if kept > 0 && entries[kept - 1].0 == entries[i].0 {
+                entries[kept - 1] = entries[i];
+            } else {
+                entries[kept] = entries[i];
+                kept += 1;
+            }
+        }
+        entries.truncate(kept);
+        DigestView { entries }
+    }
+
+    /// Entries in id order.
+    pub fn entries(&self) -> &[(ChitchatIdRef<'a>, NodeDigest)] {
+        &self.entries
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entry of `id`, if any.
+    pub fn get(&self, id: &ChitchatId) -> Option<NodeDigest> {
+        self.entries
+            .binary_search_by(|(entry_id, _)| entry_id.cmp_id(id))
+            .ok()
+            .map(|i| self.entries[i].1)
+    }
+
+    pub fn to_digest(&self) -> Digest {
+        Digest {
+            node_digests: self
+                .entries
+                .iter()
+                .map(|(id, node_digest)| (id.to_owned_id(), *node_digest))
+                .collect(),
+        }
+    }
+}
+
+fn read_entry_ref<'a>(
+    reader: &mut Reader<'a>,
+) -> Result<(ChitchatIdRef<'a>, NodeDigest), DecodeError> {
+    let id = reader.chitchat_id_ref()?;
+    let heartbeat = Heartbeat::from(reader.u64("heartbeat")?);
+    let last_gc_version = reader.u64("last gc version")?;
+    let max_version = reader.u64("max version")?;
+    Ok((id, NodeDigest::new(heartbeat, last_gc_version, max_version)))
+}
+
+/// Reads a digest in `version`, borrowing its ids from the input (V0) or from `stream`, the
+/// decompressed payload (V1).
+pub(crate) fn decode_digest_view<'i: 'o, 'o>(
+    version: ProtocolVersion,
+    reader: &mut Reader<'i>,
+    dctx: Option<&mut zstd::zstd_safe::DCtx<'static>>,
+    block: &mut [u8],
+    stream: &'o mut Vec<u8>,
+) -> Result<DigestView<'o>, DecodeError> {
+    let entries = match version {
+        ProtocolVersion::V0 => {
+            let count = reader.u16("digest entry count")?;
+            // Bounded by what the bytes left can hold, whatever the count claims.
+            let mut entries = Vec::with_capacity(usize::from(count).min(reader.len() / 24));
+            for _ in 0..count {
+                entries.push(read_entry_ref(reader)?);
+            }
+            entries
+        }
+        ProtocolVersion::V1 => {
+            let payload = read_block_stream(reader, dctx, block, stream)?;
+            let mut reader = Reader::new(payload);
+            let mut entries = Vec::new();
+            while !reader.is_empty() {
+                entries.push(read_entry_ref(&mut reader)?);
+            }
+            entries
+        }
+    };
+    Ok(DigestView::from_received(entries))
 }
 
 impl Decoder {
@@ -174,33 +294,14 @@ impl Decoder {
         version: ProtocolVersion,
         reader: &mut Reader<'_>,
     ) -> Result<Digest, DecodeError> {
-        let mut digest = Digest::default();
-        match version {
-            ProtocolVersion::V0 => {
-                let count = reader.u16("digest entry count")?;
-                // Bounded by what the bytes left can hold, whatever the count claims.
-                let mut entries = Vec::with_capacity(usize::from(count).min(reader.len() / 24));
-                for _ in 0..count {
-                    entries.push(read_entry(reader)?);
-                }
-                digest.node_digests = collect_sorted(entries);
-            }
-            ProtocolVersion::V1 => {
-                let payload = read_block_stream(
-                    reader,
-                    self.dctx.as_mut(),
-                    &mut self.block,
-                    &mut self.stream,
-                )?;
-                let mut reader = Reader::new(payload);
-                let mut entries = Vec::new();
-                while !reader.is_empty() {
-                    entries.push(read_entry(&mut reader)?);
-                }
-                digest.node_digests = collect_sorted(entries);
-            }
-        }
-        Ok(digest)
+        let view = decode_digest_view(
+            version,
+            reader,
+            self.dctx.as_mut(),
+            &mut self.block,
+            &mut self.stream,
+        )?;
+        Ok(view.to_digest())
     }
 }
 

@@ -23,7 +23,8 @@ use crate::message::ChitchatEnvelope;
 use crate::types::ChitchatId;
 
 pub use delta::DeltaWriter;
-pub use digest::DigestEncoding;
+pub use digest::{ChitchatIdRef, DigestEncoding, DigestView};
+pub use envelope::{EnvelopeView, MessageView};
 pub use primitives::chitchat_id_len;
 
 /// First two bytes of every datagram (`53 B0`): lets a node drop foreign traffic cheaply.
@@ -151,6 +152,8 @@ pub struct Decoder {
     block: Box<[u8]>,
     /// Concatenated payload of the block stream being decoded.
     stream: Vec<u8>,
+    /// Payload of a V1 digest, kept apart so that a digest view outlives the delta decoding.
+    digest_stream: Vec<u8>,
     /// Node ids already seen in the delta being decoded (one Node op per id).
     seen_nodes: HashSet<ChitchatId>,
 }
@@ -161,6 +164,7 @@ impl Decoder {
             dctx: zstd_safe::DCtx::try_create(),
             block: vec![0u8; MAX_BLOCK_DECOMPRESSED_LEN].into_boxed_slice(),
             stream: Vec::new(),
+            digest_stream: Vec::new(),
             seen_nodes: HashSet::new(),
         }
     }

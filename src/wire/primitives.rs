@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::{DecodeError, EncodeError};
 use crate::types::ChitchatId;
+use crate::wire::digest::ChitchatIdRef;
 
 const IP_V4_TAG: u8 = 4;
 const IP_V6_TAG: u8 = 6;
@@ -83,6 +84,18 @@ impl<'a> Reader<'a> {
         let ip = self.ip_addr()?;
         let port = self.u16("port")?;
         Ok(SocketAddr::new(ip, port))
+    }
+
+    /// A node id borrowing its name from the input.
+    pub(crate) fn chitchat_id_ref(&mut self) -> Result<ChitchatIdRef<'a>, DecodeError> {
+        let node_id = self.str("node id")?;
+        let generation_id = self.u64("generation id")?;
+        let gossip_advertise_addr = self.socket_addr()?;
+        Ok(ChitchatIdRef {
+            node_id,
+            generation_id,
+            gossip_advertise_addr,
+        })
     }
 
     pub(crate) fn chitchat_id(&mut self) -> Result<ChitchatId, DecodeError> {
