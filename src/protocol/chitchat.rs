@@ -148,17 +148,32 @@ impl Chitchat {
 
     /// Self first, then the nodes the failure detector considers alive.
     pub fn live_nodes(&self) -> impl Iterator<Item = &ChitchatId> {
-        std::iter::once(&self.config.chitchat_id).chain(self.failure_detector.live_nodes())
+        let self_id = &self.config.chitchat_id;
+        let others = self
+            .cluster_state
+            .node_states
+            .iter()
+            .filter(move |(id, state)| *id != self_id && state.liveness.is_live())
+            .map(|(id, _)| id);
+        std::iter::once(self_id).chain(others)
     }
 
     pub fn dead_nodes(&self) -> impl Iterator<Item = &ChitchatId> {
-        self.failure_detector.dead_nodes()
+        self.cluster_state
+            .node_states
+            .iter()
+            .filter(|(_, state)| state.liveness.is_dead())
+            .map(|(id, _)| id)
     }
 
     /// Dead for more than half the dead-node grace period: no longer shared.
     pub fn scheduled_for_deletion_nodes(&self) -> impl Iterator<Item = &ChitchatId> {
-        self.failure_detector
-            .scheduled_for_deletion_nodes(self.clock.now())
+        let schedule = self.failure_detector.deletion_schedule(self.clock.now());
+        self.cluster_state
+            .node_states
+            .iter()
+            .filter(move |(_, state)| schedule.is_scheduled(&state.liveness))
+            .map(|(id, _)| id)
     }
 
     /// How long a silence of this node would make it dead (None for self, unknown nodes and
@@ -167,7 +182,9 @@ impl Chitchat {
         if chitchat_id == &self.config.chitchat_id {
             return None;
         }
-        self.failure_detector.failure_detection_timeout(chitchat_id)
+        let state = self.cluster_state.node_state(chitchat_id)?;
+        self.failure_detector
+            .failure_detection_timeout(&state.liveness)
     }
 
     /// Live nodes (self included, extra liveness predicate applied), published at the end of a
@@ -244,7 +261,7 @@ impl Chitchat {
         }
         state.set_last_gc_version(last_gc_version);
         // Known to the failure detector (so it is eventually collected), but not seen alive.
-        self.failure_detector.ensure_window(chitchat_id);
+        self.failure_detector.ensure_window(&mut state.liveness);
     }
 
     pub fn update_self_heartbeat(&mut self) {
@@ -282,7 +299,8 @@ impl Chitchat {
             if let Some(state) = self.cluster_state.node_state_mut(chitchat_id)
                 && state.try_set_heartbeat(heartbeat)
             {
-                self.failure_detector.report_heartbeat(chitchat_id, now);
+                self.failure_detector
+                    .report_heartbeat(&mut state.liveness, now);
             }
             return;
         }
@@ -294,7 +312,8 @@ impl Chitchat {
         }
         let state = self.cluster_state.node_state_or_create(chitchat_id);
         if state.try_set_heartbeat(heartbeat) {
-            self.failure_detector.report_heartbeat(chitchat_id, now);
+            self.failure_detector
+                .report_heartbeat(&mut state.liveness, now);
         }
     }
 
@@ -314,7 +333,8 @@ impl Chitchat {
                     if id.cmp_id(state_id).is_eq() && **state_id != self.config.chitchat_id =>
                 {
                     if state.try_set_heartbeat(node_digest.heartbeat) {
-                        self.failure_detector.report_heartbeat(state_id, now);
+                        self.failure_detector
+                            .report_heartbeat(&mut state.liveness, now);
                     }
                 }
                 _ => others.push((id.to_owned_id(), node_digest.heartbeat)),
@@ -349,19 +369,19 @@ impl Chitchat {
     pub fn update_nodes_liveness(&mut self) {
         let now = self.clock.now();
         let self_id = &self.config.chitchat_id;
-        for id in self.cluster_state.node_states.keys() {
+        for (id, state) in self.cluster_state.node_states.iter_mut() {
             if id != self_id {
-                self.failure_detector.update_node_liveness(id, now);
+                self.failure_detector
+                    .update_node_liveness(&mut state.liveness, now);
             }
         }
         // Live nodes (self included) and their max versions, in id order: compared with what
         // was published last without allocating, republished only when it changed.
-        let failure_detector = &self.failure_detector;
         let live = self
             .cluster_state
             .node_states
             .iter()
-            .filter(|(id, _)| *id == self_id || failure_detector.is_live(id))
+            .filter(|(id, state)| *id == self_id || state.liveness.is_live())
             .map(|(id, state)| (id, state.max_version()));
         let unchanged = live
             .clone()
@@ -384,7 +404,17 @@ impl Chitchat {
             self.previous_live_nodes = current;
             self.live_nodes_tx.send_replace(published);
         }
-        for id in self.failure_detector.garbage_collect(now) {
+        let expired: Vec<ChitchatId> = self
+            .cluster_state
+            .node_states
+            .iter()
+            .filter(|(_, state)| {
+                self.failure_detector
+                    .is_garbage_collectable(&state.liveness, now)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
             self.cluster_state.garbage_collect_node(&id);
         }
     }
@@ -392,10 +422,7 @@ impl Chitchat {
     /// The own digest: every node state not scheduled for deletion.
     pub fn compute_digest(&self) -> Digest {
         let now = self.clock.now();
-        let scheduled: HashSet<&ChitchatId> = self
-            .failure_detector
-            .scheduled_for_deletion_nodes(now)
-            .collect();
+        let scheduled = self.failure_detector.deletion_schedule(now);
         self.cluster_state.compute_digest(&scheduled)
     }
 
@@ -413,10 +440,7 @@ impl Chitchat {
     pub fn write_syn(&mut self, version: ProtocolVersion, out: &mut Vec<u8>) {
         out.clear();
         let now = self.clock.now();
-        let scheduled: HashSet<&ChitchatId> = self
-            .failure_detector
-            .scheduled_for_deletion_nodes(now)
-            .collect();
+        let scheduled = self.failure_detector.deletion_schedule(now);
         let truncated = codec::write_syn(
             &self.cluster_state,
             &self.config.chitchat_id,
@@ -509,10 +533,7 @@ impl Chitchat {
                     return outcome;
                 }
                 self.report_heartbeats(&digest, now);
-                let scheduled: HashSet<&ChitchatId> = self
-                    .failure_detector
-                    .scheduled_for_deletion_nodes(now)
-                    .collect();
+                let scheduled = self.failure_detector.deletion_schedule(now);
                 let (digest_truncated, summary) = codec::write_syn_ack(
                     &self.cluster_state,
                     &self.config.chitchat_id,
@@ -531,10 +552,7 @@ impl Chitchat {
                 self.stats.syn_ack_received += 1;
                 self.report_heartbeats(&digest, now);
                 self.process_delta(&delta);
-                let scheduled: HashSet<&ChitchatId> = self
-                    .failure_detector
-                    .scheduled_for_deletion_nodes(now)
-                    .collect();
+                let scheduled = self.failure_detector.deletion_schedule(now);
                 let summary = codec::write_ack(
                     &self.cluster_state,
                     &scheduled,
@@ -576,16 +594,14 @@ impl Chitchat {
     }
 
     pub fn live_addrs(&self) -> HashSet<SocketAddr> {
-        self.failure_detector
-            .live_nodes()
-            .filter(|id| **id != self.config.chitchat_id)
+        self.live_nodes()
+            .skip(1) // self
             .map(|id| id.gossip_advertise_addr)
             .collect()
     }
 
     pub fn dead_addrs(&self) -> HashSet<SocketAddr> {
-        self.failure_detector
-            .dead_nodes()
+        self.dead_nodes()
             .map(|id| id.gossip_advertise_addr)
             .collect()
     }

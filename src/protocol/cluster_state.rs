@@ -10,6 +10,7 @@ use tracing::{debug, error, info};
 
 use crate::clock::Clock;
 use crate::message::{Delta, Digest, NodeDigest};
+use crate::protocol::failure_detector::ScheduledForDeletion;
 use crate::protocol::gc_history::{GARBAGE_COLLECTED_NODE_HISTORY_SIZE, GcHistory};
 use crate::protocol::listener::Listeners;
 use crate::protocol::node_state::{DeltaStatus, NodeState};
@@ -88,10 +89,13 @@ impl ClusterState {
     }
 
     /// Digest of every node state except those scheduled for deletion.
-    pub(crate) fn compute_digest(&self, scheduled_for_deletion: &HashSet<&ChitchatId>) -> Digest {
+    pub(crate) fn compute_digest(
+        &self,
+        scheduled_for_deletion: &impl ScheduledForDeletion,
+    ) -> Digest {
         let mut digest = Digest::default();
         for (id, state) in &self.node_states {
-            if scheduled_for_deletion.contains(id) {
+            if scheduled_for_deletion.contains(id, state) {
                 continue;
             }
             digest.add_node(id.clone(), node_digest(state));

@@ -2,7 +2,6 @@
 //! intermediate message), within the 65 507-byte datagram budget.
 
 use std::cell::RefCell;
-use std::collections::HashSet;
 use std::time::Instant;
 
 use rand::Rng;
@@ -11,6 +10,7 @@ use tracing::warn;
 use crate::message::{ChitchatEnvelope, NodeDigest, ProtocolVersion};
 use crate::protocol::cluster_state::{ClusterState, node_digest};
 use crate::protocol::delta_plan::{DeltaSink, DeltaSummary, write_delta};
+use crate::protocol::failure_detector::ScheduledForDeletion;
 use crate::protocol::node_state::chitchat_id_wire_len;
 use crate::types::{ChitchatId, DeletionStatusMutation, Version, VersionedValue};
 use crate::wire::{
@@ -93,14 +93,14 @@ impl DeltaSink for DeltaWriter<'_> {
 fn digest_entries<'a, R: Rng>(
     cluster_state: &'a ClusterState,
     self_id: &ChitchatId,
-    scheduled: &HashSet<&ChitchatId>,
+    scheduled: &impl ScheduledForDeletion,
     budget: usize,
     rng: &mut R,
 ) -> Vec<(&'a ChitchatId, NodeDigest)> {
     let mut entries: Vec<(&ChitchatId, NodeDigest)> = cluster_state
         .node_states
         .iter()
-        .filter(|(id, _)| !scheduled.contains(id))
+        .filter(|(id, state)| !scheduled.contains(id, state))
         .map(|(id, state)| (id, node_digest(state)))
         .collect();
     let plain_len: usize = 2 + entries
@@ -122,7 +122,7 @@ fn digest_entries<'a, R: Rng>(
 fn write_digest<R: Rng>(
     cluster_state: &ClusterState,
     self_id: &ChitchatId,
-    scheduled: &HashSet<&ChitchatId>,
+    scheduled: &impl ScheduledForDeletion,
     version: ProtocolVersion,
     budget: usize,
     rng: &mut R,
@@ -145,7 +145,7 @@ pub(crate) fn write_syn<R: Rng>(
     cluster_state: &ClusterState,
     self_id: &ChitchatId,
     cluster_id: &str,
-    scheduled: &HashSet<&ChitchatId>,
+    scheduled: &impl ScheduledForDeletion,
     version: ProtocolVersion,
     rng: &mut R,
     out: &mut Vec<u8>,
@@ -166,7 +166,7 @@ pub(crate) fn write_syn<R: Rng>(
 pub(crate) fn write_syn_ack<R: Rng>(
     cluster_state: &ClusterState,
     self_id: &ChitchatId,
-    scheduled: &HashSet<&ChitchatId>,
+    scheduled: &impl ScheduledForDeletion,
     version: ProtocolVersion,
     peer_digest: &DigestView<'_>,
     rng: &mut R,
@@ -203,7 +203,7 @@ pub(crate) fn write_syn_ack<R: Rng>(
 /// Ack = the delta the peer needs, with the whole datagram as budget.
 pub(crate) fn write_ack<R: Rng>(
     cluster_state: &ClusterState,
-    scheduled: &HashSet<&ChitchatId>,
+    scheduled: &impl ScheduledForDeletion,
     version: ProtocolVersion,
     peer_digest: &DigestView<'_>,
     rng: &mut R,

@@ -1,13 +1,13 @@
 //! Which node states a peer is missing, in which order, written into a size-bounded sink
 //! (SPEC §4.4).
 
-use std::collections::HashSet;
 use std::time::Instant;
 
 use rand::Rng;
 use tracing::debug;
 
 use crate::protocol::cluster_state::ClusterState;
+use crate::protocol::failure_detector::ScheduledForDeletion;
 use crate::protocol::node_state::NodeState;
 use crate::types::{ChitchatId, Version, VersionedValue};
 use crate::wire::DigestView;
@@ -53,7 +53,7 @@ pub(crate) fn is_relayable_key(key: &str) -> bool {
 pub(crate) fn write_delta<S: DeltaSink, R: Rng>(
     cluster_state: &ClusterState,
     peer_digest: &DigestView<'_>,
-    scheduled_for_deletion: &HashSet<&ChitchatId>,
+    scheduled_for_deletion: &impl ScheduledForDeletion,
     rng: &mut R,
     sink: &mut S,
     deadline: Option<Instant>,
@@ -71,7 +71,7 @@ pub(crate) fn write_delta<S: DeltaSink, R: Rng>(
             .filter(|(peer_id, _)| peer_id.cmp_id(id).is_eq())
             .map(|(_, d)| (d.last_gc_version, d.max_version))
             .unwrap_or((0, 0));
-        if state.max_version() <= peer_max || scheduled_for_deletion.contains(id) {
+        if state.max_version() <= peer_max || scheduled_for_deletion.contains(id, state) {
             continue;
         }
         let should_reset = peer_gc < state.last_gc_version() && peer_max < state.last_gc_version();

@@ -4,31 +4,59 @@
 //! This is not the classic normal-distribution phi-accrual: it is what chitchat 0.13 computes,
 //! and mixed clusters must agree on who is alive.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::config::FailureDetectorConfig;
+use crate::protocol::node_state::NodeState;
 use crate::types::ChitchatId;
 
 /// Weight, in samples, of the prior mean interval.
 const PRIOR_WEIGHT: f64 = 5.0;
 
+/// What the failure detector knows of one node. It lives in the node's `NodeState`, so that
+/// reporting a heartbeat or evaluating liveness costs no lookup: both walk the node states.
+#[derive(Debug, Default)]
+pub(crate) struct NodeLiveness {
+    window: Option<SamplingWindow>,
+    status: Status,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    /// Not evaluated yet: neither live nor dead.
+    #[default]
+    Unknown,
+    Live,
+    /// Dead since this local instant (the first evaluation that found it dead).
+    Dead(Instant),
+}
+
+impl NodeLiveness {
+    pub(crate) fn is_live(&self) -> bool {
+        self.status == Status::Live
+    }
+
+    pub(crate) fn is_dead(&self) -> bool {
+        matches!(self.status, Status::Dead(_))
+    }
+
+    fn time_of_death(&self) -> Option<Instant> {
+        match self.status {
+            Status::Dead(since) => Some(since),
+            _ => None,
+        }
+    }
+}
+
+/// The failure detector's parameters and rules; the per-node data is in `NodeLiveness`.
 pub(crate) struct FailureDetector {
-    windows: HashMap<ChitchatId, SamplingWindow>,
-    live_nodes: HashSet<ChitchatId>,
-    /// Dead nodes and the local time they were first seen dead.
-    dead_nodes: HashMap<ChitchatId, Instant>,
     config: FailureDetectorConfig,
 }
 
 impl FailureDetector {
     pub(crate) fn new(config: FailureDetectorConfig) -> Self {
-        FailureDetector {
-            windows: HashMap::new(),
-            live_nodes: HashSet::new(),
-            dead_nodes: HashMap::new(),
-            config,
-        }
+        FailureDetector { config }
     }
 
     fn new_window(&self) -> SamplingWindow {
@@ -39,96 +67,90 @@ impl FailureDetector {
         )
     }
 
-    /// Records a (strictly increasing) heartbeat of `chitchat_id` observed at `now`.
-    pub(crate) fn report_heartbeat(&mut self, chitchat_id: &ChitchatId, now: Instant) {
-        if let Some(window) = self.windows.get_mut(chitchat_id) {
-            window.report_heartbeat(now);
-            return;
-        }
-        let mut window = self.new_window();
-        window.report_heartbeat(now);
-        self.windows.insert(chitchat_id.clone(), window);
+    /// Records a (strictly increasing) heartbeat observed at `now`.
+    pub(crate) fn report_heartbeat(&self, node: &mut NodeLiveness, now: Instant) {
+        node.window
+            .get_or_insert_with(|| self.new_window())
+            .report_heartbeat(now);
     }
 
     /// Makes sure a window exists without recording a heartbeat (a reset node must not look
     /// alive).
-    pub(crate) fn ensure_window(&mut self, chitchat_id: &ChitchatId) {
-        if !self.windows.contains_key(chitchat_id) {
-            let window = self.new_window();
-            self.windows.insert(chitchat_id.clone(), window);
-        }
-    }
-
-    pub(crate) fn phi(&self, chitchat_id: &ChitchatId, now: Instant) -> Option<f64> {
-        self.windows.get(chitchat_id)?.phi(now)
+    pub(crate) fn ensure_window(&self, node: &mut NodeLiveness) {
+        node.window.get_or_insert_with(|| self.new_window());
     }
 
     /// Re-evaluates one node. A dead node's samples are cleared on every evaluation, so a revived
-    /// node has to prove itself with fresh intervals.
-    pub(crate) fn update_node_liveness(&mut self, chitchat_id: &ChitchatId, now: Instant) {
-        let alive = self
-            .phi(chitchat_id, now)
+    /// node has to prove itself with fresh intervals; its time of death is the first detection.
+    pub(crate) fn update_node_liveness(&self, node: &mut NodeLiveness, now: Instant) {
+        let alive = node
+            .window
+            .as_ref()
+            .and_then(|window| window.phi(now))
             .is_some_and(|phi| phi <= self.config.phi_threshold);
         if alive {
-            if !self.live_nodes.contains(chitchat_id) {
-                self.live_nodes.insert(chitchat_id.clone());
-            }
-            self.dead_nodes.remove(chitchat_id);
-        } else {
-            self.live_nodes.remove(chitchat_id);
-            if !self.dead_nodes.contains_key(chitchat_id) {
-                self.dead_nodes.insert(chitchat_id.clone(), now);
-            }
-            if let Some(window) = self.windows.get_mut(chitchat_id) {
-                window.reset();
-            }
+            node.status = Status::Live;
+            return;
+        }
+        if !node.is_dead() {
+            node.status = Status::Dead(now);
+        }
+        if let Some(window) = node.window.as_mut() {
+            window.reset();
         }
     }
 
-    /// Forgets the nodes dead for at least `dead_node_grace_period`; returns them.
-    pub(crate) fn garbage_collect(&mut self, now: Instant) -> Vec<ChitchatId> {
-        let grace = self.config.dead_node_grace_period;
-        let expired: Vec<ChitchatId> = self
-            .dead_nodes
-            .iter()
-            .filter(|(_, time_of_death)| now >= **time_of_death + grace)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in &expired {
-            self.dead_nodes.remove(id);
-            self.windows.remove(id);
+    /// Dead for at least `dead_node_grace_period`: to be forgotten.
+    pub(crate) fn is_garbage_collectable(&self, node: &NodeLiveness, now: Instant) -> bool {
+        node.time_of_death()
+            .is_some_and(|since| now >= since + self.config.dead_node_grace_period)
+    }
+
+    /// The rule for "scheduled for deletion" at `now`.
+    pub(crate) fn deletion_schedule(&self, now: Instant) -> DeletionSchedule {
+        DeletionSchedule {
+            now,
+            half_grace: self.config.dead_node_grace_period / 2,
         }
-        expired
-    }
-
-    pub(crate) fn live_nodes(&self) -> impl Iterator<Item = &ChitchatId> {
-        self.live_nodes.iter()
-    }
-
-    pub(crate) fn is_live(&self, chitchat_id: &ChitchatId) -> bool {
-        self.live_nodes.contains(chitchat_id)
-    }
-
-    pub(crate) fn dead_nodes(&self) -> impl Iterator<Item = &ChitchatId> {
-        self.dead_nodes.keys()
-    }
-
-    /// Dead for strictly more than half the grace period: no longer shared with peers.
-    pub(crate) fn scheduled_for_deletion_nodes(
-        &self,
-        now: Instant,
-    ) -> impl Iterator<Item = &ChitchatId> {
-        let half_grace = self.config.dead_node_grace_period / 2;
-        self.dead_nodes
-            .iter()
-            .filter(move |(_, time_of_death)| **time_of_death + half_grace < now)
-            .map(|(id, _)| id)
     }
 
     /// `smoothed mean interval × phi_threshold`: how long a silence makes the node dead.
-    pub(crate) fn failure_detection_timeout(&self, chitchat_id: &ChitchatId) -> Option<Duration> {
-        let mean = self.windows.get(chitchat_id)?.mean_interval_secs()?;
+    pub(crate) fn failure_detection_timeout(&self, node: &NodeLiveness) -> Option<Duration> {
+        let mean = node.window.as_ref()?.mean_interval_secs()?;
         Duration::try_from_secs_f64(mean * self.config.phi_threshold).ok()
+    }
+}
+
+/// Which node states are no longer shared with peers (left out of digests and deltas).
+pub(crate) trait ScheduledForDeletion {
+    fn contains(&self, id: &ChitchatId, state: &NodeState) -> bool;
+}
+
+impl ScheduledForDeletion for DeletionSchedule {
+    fn contains(&self, _: &ChitchatId, state: &NodeState) -> bool {
+        self.is_scheduled(&state.liveness)
+    }
+}
+
+/// An explicit set (tests).
+impl ScheduledForDeletion for HashSet<&ChitchatId> {
+    fn contains(&self, id: &ChitchatId, _: &NodeState) -> bool {
+        HashSet::contains(self, id)
+    }
+}
+
+/// Dead for strictly more than half the dead-node grace period: no longer shared with peers
+/// (left out of digests and deltas).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DeletionSchedule {
+    now: Instant,
+    half_grace: Duration,
+}
+
+impl DeletionSchedule {
+    pub(crate) fn is_scheduled(&self, node: &NodeLiveness) -> bool {
+        node.time_of_death()
+            .is_some_and(|since| since + self.half_grace < self.now)
     }
 }
 
@@ -231,6 +253,8 @@ mod tests {
     use rand::rngs::SmallRng;
     use rand::{Rng, SeedableRng};
 
+    use std::collections::BTreeMap;
+
     use super::*;
 
     fn config() -> FailureDetectorConfig {
@@ -247,9 +271,82 @@ mod tests {
         ChitchatId::for_local_test(port)
     }
 
+    /// The detector with its per-node data kept by id, as the node states keep it.
+    struct Fd {
+        detector: FailureDetector,
+        nodes: BTreeMap<ChitchatId, NodeLiveness>,
+    }
+
+    impl Fd {
+        fn new(config: FailureDetectorConfig) -> Self {
+            Fd {
+                detector: FailureDetector::new(config),
+                nodes: BTreeMap::new(),
+            }
+        }
+
+        fn node(&mut self, id: &ChitchatId) -> &mut NodeLiveness {
+            self.nodes.entry(id.clone()).or_default()
+        }
+
+        fn report_heartbeat(&mut self, id: &ChitchatId, now: Instant) {
+            let node = self.nodes.entry(id.clone()).or_default();
+            self.detector.report_heartbeat(node, now);
+        }
+
+        fn update_node_liveness(&mut self, id: &ChitchatId, now: Instant) {
+            let node = self.nodes.entry(id.clone()).or_default();
+            self.detector.update_node_liveness(node, now);
+        }
+
+        fn is_live(&mut self, id: &ChitchatId) -> bool {
+            self.node(id).is_live()
+        }
+
+        fn live_nodes(&self) -> impl Iterator<Item = &ChitchatId> {
+            self.nodes
+                .iter()
+                .filter(|(_, n)| n.is_live())
+                .map(|(id, _)| id)
+        }
+
+        fn dead_nodes(&self) -> impl Iterator<Item = &ChitchatId> {
+            self.nodes
+                .iter()
+                .filter(|(_, n)| n.is_dead())
+                .map(|(id, _)| id)
+        }
+
+        fn scheduled_for_deletion_nodes(&self, now: Instant) -> impl Iterator<Item = &ChitchatId> {
+            let schedule = self.detector.deletion_schedule(now);
+            self.nodes
+                .iter()
+                .filter(move |(_, n)| schedule.is_scheduled(n))
+                .map(|(id, _)| id)
+        }
+
+        fn garbage_collect(&mut self, now: Instant) -> Vec<ChitchatId> {
+            let due: Vec<ChitchatId> = self
+                .nodes
+                .iter()
+                .filter(|(_, n)| self.detector.is_garbage_collectable(n, now))
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in &due {
+                self.nodes.remove(id);
+            }
+            due
+        }
+
+        fn failure_detection_timeout(&mut self, id: &ChitchatId) -> Option<Duration> {
+            let node = self.nodes.entry(id.clone()).or_default();
+            self.detector.failure_detection_timeout(node)
+        }
+    }
+
     #[test]
     fn a_single_heartbeat_is_not_enough_to_be_alive() {
-        let mut fd = FailureDetector::new(config());
+        let mut fd = Fd::new(config());
         let t0 = Instant::now();
         fd.report_heartbeat(&id(1), t0);
         fd.update_node_liveness(&id(1), t0);
@@ -259,7 +356,7 @@ mod tests {
 
     #[test]
     fn live_then_dead_then_garbage_collected() {
-        let mut fd = FailureDetector::new(config());
+        let mut fd = Fd::new(config());
         let mut rng = SmallRng::seed_from_u64(1);
         let mut now = Instant::now();
         let nodes = [id(1), id(2), id(3)];
@@ -289,7 +386,7 @@ mod tests {
 
     #[test]
     fn node_goes_from_live_to_dead_to_live() {
-        let mut fd = FailureDetector::new(config());
+        let mut fd = Fd::new(config());
         let mut now = Instant::now();
         let node = id(1);
         for _ in 0..20 {
@@ -313,7 +410,7 @@ mod tests {
     #[test]
     fn prior_dominates_at_first_and_fades_off() {
         // Five 1-s intervals: mean = (5 + 25) / 10 = 3 s, so 6 s of silence is phi 2: alive.
-        let mut fd = FailureDetector::new(config());
+        let mut fd = Fd::new(config());
         let node = id(1);
         let mut now = Instant::now();
         for _ in 0..6 {
@@ -328,7 +425,7 @@ mod tests {
         assert!(!fd.is_live(&node));
 
         // A thousand 200-ms intervals: the prior is negligible, 6 s of silence is phi ≈ 26: dead.
-        let mut fd = FailureDetector::new(config());
+        let mut fd = Fd::new(config());
         let mut now = Instant::now();
         for _ in 0..1001 {
             fd.report_heartbeat(&node, now);
@@ -378,7 +475,7 @@ mod tests {
 
     #[test]
     fn detection_timeout_is_mean_times_threshold() {
-        let mut fd = FailureDetector::new(FailureDetectorConfig {
+        let mut fd = Fd::new(FailureDetectorConfig {
             phi_threshold: 2.0,
             initial_interval: Duration::from_secs(1),
             ..config()
@@ -397,7 +494,7 @@ mod tests {
 
     #[test]
     fn scheduled_for_deletion_after_half_grace() {
-        let mut fd = FailureDetector::new(FailureDetectorConfig {
+        let mut fd = Fd::new(FailureDetectorConfig {
             dead_node_grace_period: Duration::from_secs(10),
             ..config()
         });

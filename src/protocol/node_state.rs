@@ -11,6 +11,7 @@ use tracing::{debug, warn};
 use crate::clock::Clock;
 use crate::config::MAX_WIRE_STRING_LEN;
 use crate::message::NodeDelta;
+use crate::protocol::failure_detector::NodeLiveness;
 use crate::protocol::listener::{KeyChangeEvent, Listeners};
 use crate::types::{
     ChitchatId, DeletionStatus, DeletionStatusMutation, Heartbeat, Version, VersionedValue,
@@ -49,7 +50,7 @@ pub(crate) enum DeltaStatus {
 }
 
 /// State of one node as seen locally.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Serialize, Deserialize)]
 pub struct NodeState {
     chitchat_id: ChitchatId,
     heartbeat: Heartbeat,
@@ -62,6 +63,27 @@ pub struct NodeState {
     clock: Clock,
     #[serde(skip)]
     gc_hint: GcHint,
+    /// The failure detector's data about this node (not part of the replicated state).
+    #[serde(skip)]
+    pub(crate) liveness: NodeLiveness,
+}
+
+/// A copy of the replicated state (key-values, versions, heartbeat) sharing the listeners and
+/// clock; the failure detector's samples stay with the original.
+impl Clone for NodeState {
+    fn clone(&self) -> Self {
+        NodeState {
+            chitchat_id: self.chitchat_id.clone(),
+            heartbeat: self.heartbeat,
+            key_values: self.key_values.clone(),
+            max_version: self.max_version,
+            last_gc_version: self.last_gc_version,
+            listeners: self.listeners.clone(),
+            clock: self.clock.clone(),
+            gc_hint: self.gc_hint,
+            liveness: NodeLiveness::default(),
+        }
+    }
 }
 
 /// What tombstone GC may find in a state, so that a gossip round does not scan every key of
@@ -136,6 +158,7 @@ impl NodeState {
             listeners,
             clock,
             gc_hint: GcHint::Nothing,
+            liveness: NodeLiveness::default(),
         }
     }
 
