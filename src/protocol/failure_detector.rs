@@ -217,7 +217,9 @@ impl BoundedIntervals {
     fn with_capacity(capacity: usize) -> Self {
         let capacity = capacity.max(1);
         BoundedIntervals {
-            values: VecDeque::with_capacity(capacity.min(1024)),
+            // Grown as samples come: a process hosting many nodes keeps a window per peer of
+            // each, and most never fill up.
+            values: VecDeque::new(),
             capacity,
             sum: 0.0,
         }
