@@ -599,3 +599,10 @@ fn udp_transport_is_usable_as_a_value_like_chitchats_unit_struct() {
     let _ = transport;
     assert_eq!(UdpTransport.mode, UdpMode::Auto);
 }
+
+#[test]
+fn handle_and_state_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<ChitchatHandle>();
+    assert_send_sync::<chitchat_uring::ChitchatRef>();
+}
