@@ -23,7 +23,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use chitchat_uring::bench_support::{
-    ClusterReport, ClusterSpec, LocalCluster, MeasureOptions, Outcome, Progress, UringCluster,
+    ClusterReport, ClusterSpec, LocalCluster, MeasureOptions, Progress, UringCluster,
     describe_transport, measure_cluster, pid_cpu_time, pid_peak_rss_bytes,
 };
 use chitchat_uring::loadgen::{self, DigestMode, LoadConfig, LoadReport};
@@ -213,24 +213,7 @@ fn child_cluster(args: &[String]) -> i32 {
             }
         },
     };
-    let base = ClusterReport {
-        implementation: which.name().to_string(),
-        transport,
-        nodes,
-        keys_per_node: KEYS,
-        gossip_interval_ms: 100,
-        outcome: Outcome::Complete,
-        startup_secs: started.elapsed().as_secs_f64(),
-        convergence_secs: None,
-        converged_nodes: 0,
-        update_propagation_secs: None,
-        steady_secs: None,
-        messages_per_sec_per_node: None,
-        bytes_per_sec_per_node: None,
-        datagrams_lost_percent: None,
-        cpu_ms_per_node_per_sec: None,
-        peak_rss_bytes: None,
-    };
+    let base = ClusterReport::started(which.name(), transport, nodes, KEYS, 100, started.elapsed());
     let options = MeasureOptions {
         steady: Duration::from_secs_f64(steady),
         timeout: Duration::from_secs_f64(timeout),

@@ -224,6 +224,37 @@ pub struct ClusterReport {
     pub peak_rss_bytes: Option<u64>,
 }
 
+impl ClusterReport {
+    /// A report for a cluster just started, before anything was measured.
+    pub fn started(
+        implementation: impl Into<String>,
+        transport: impl Into<String>,
+        nodes: usize,
+        keys_per_node: usize,
+        gossip_interval_ms: u64,
+        startup: Duration,
+    ) -> Self {
+        ClusterReport {
+            implementation: implementation.into(),
+            transport: transport.into(),
+            nodes,
+            keys_per_node,
+            gossip_interval_ms,
+            outcome: Outcome::Complete,
+            startup_secs: startup.as_secs_f64(),
+            convergence_secs: None,
+            converged_nodes: 0,
+            update_propagation_secs: None,
+            steady_secs: None,
+            messages_per_sec_per_node: None,
+            bytes_per_sec_per_node: None,
+            datagrams_lost_percent: None,
+            cpu_ms_per_node_per_sec: None,
+            peak_rss_bytes: None,
+        }
+    }
+}
+
 /// Key and value of the update whose propagation is timed.
 pub const PROBE_KEY: &str = "probe";
 pub const PROBE_VALUE: &str = "updated-value-of-32-bytes-000000";

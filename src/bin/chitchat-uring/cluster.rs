@@ -68,24 +68,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .map(|k| describe_transport(&k))
         .unwrap_or_default();
     display.line(&format!("transport: {transport_name}"));
-    let base = ClusterReport {
-        implementation: "chitchat-uring".to_string(),
-        transport: transport_name,
-        nodes: spec.nodes,
-        keys_per_node: spec.keys,
-        gossip_interval_ms: args.gossip_ms,
-        outcome: Outcome::Complete,
-        startup_secs: startup.as_secs_f64(),
-        convergence_secs: None,
-        converged_nodes: 0,
-        update_propagation_secs: None,
-        steady_secs: None,
-        messages_per_sec_per_node: None,
-        bytes_per_sec_per_node: None,
-        datagrams_lost_percent: None,
-        cpu_ms_per_node_per_sec: None,
-        peak_rss_bytes: None,
-    };
+    let base = ClusterReport::started(
+        "chitchat-uring",
+        transport_name,
+        spec.nodes,
+        spec.keys,
+        args.gossip_ms,
+        startup,
+    );
     let options = MeasureOptions {
         steady,
         timeout,
