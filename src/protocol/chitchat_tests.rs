@@ -664,3 +664,30 @@ fn same_inputs_same_outputs() {
     };
     assert_eq!(run(), run());
 }
+
+#[test]
+fn snapshot_json_has_chitchats_shape() {
+    let clock = ManualClock::new();
+    let chitchat = node_with(config(7280), &clock, vec![("k1", "v1")]);
+    let json = serde_json::to_value(chitchat.state_snapshot()).unwrap();
+    let node_states = json["node_states"].as_array().unwrap();
+    assert_eq!(node_states.len(), 1);
+    let state = &node_states[0];
+    assert_eq!(
+        state["chitchat_id"],
+        serde_json::json!({"node_id": "node-7280", "generation_id": 0, "gossip_advertise_addr": "127.0.0.1:7280"})
+    );
+    assert_eq!(state["heartbeat"], 1);
+    assert_eq!(
+        state["key_values"]["k1"],
+        serde_json::json!({"value": "v1", "version": 1, "status": "Set"})
+    );
+    assert_eq!(state["max_version"], 1);
+    assert_eq!(state["last_gc_version"], 0);
+    assert_eq!(json["seed_addrs"], serde_json::json!([]));
+    let back: crate::protocol::ClusterStateSnapshot = serde_json::from_value(json).unwrap();
+    assert_eq!(
+        back.node_states[0],
+        chitchat.state_snapshot().node_states[0]
+    );
+}
