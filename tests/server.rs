@@ -28,6 +28,30 @@ fn syn(cluster_id: &str, digest: Digest, version: ProtocolVersion) -> ChitchatEn
     }
 }
 
+/// A SynAck from a peer announcing itself (heartbeat 3) with one key-value at version 1.
+fn one_key_syn_ack(peer_id: &ChitchatId, key: &str, value: &str) -> ChitchatEnvelope {
+    let mut digest = Digest::default();
+    digest.add_node(peer_id.clone(), NodeDigest::new(Heartbeat::from(3), 0, 1));
+    let delta = Delta {
+        node_deltas: vec![NodeDelta {
+            chitchat_id: peer_id.clone(),
+            from_version_excluded: 0,
+            last_gc_version: 0,
+            max_version: 1,
+            key_values: vec![KeyValueUpdate {
+                key: key.to_string(),
+                value: value.to_string(),
+                version: 1,
+                status: DeletionStatusMutation::Set,
+            }],
+        }],
+    };
+    ChitchatEnvelope {
+        version: ProtocolVersion::V0,
+        message: ChitchatMessage::SynAck { digest, delta },
+    }
+}
+
 async fn start(
     port: u16,
     gossip_ms: u64,
@@ -91,30 +115,9 @@ async fn syn_ack_gets_an_ack_and_its_delta_is_applied() {
         let node = start(port, 10_000, &[], &[("own", "1")], &transport).await;
         let peer = FakePeer::bind();
         let peer_id = ChitchatId::new("fake-peer", 1, peer.addr());
-        let mut digest = Digest::default();
-        digest.add_node(peer_id.clone(), NodeDigest::new(Heartbeat::from(3), 0, 1));
-        let delta = Delta {
-            node_deltas: vec![NodeDelta {
-                chitchat_id: peer_id.clone(),
-                from_version_excluded: 0,
-                last_gc_version: 0,
-                max_version: 1,
-                key_values: vec![KeyValueUpdate {
-                    key: "from-peer".to_string(),
-                    value: "hello".to_string(),
-                    version: 1,
-                    status: DeletionStatusMutation::Set,
-                }],
-            }],
-        };
+        let syn_ack = one_key_syn_ack(&peer_id, "from-peer", "hello");
         let node_addr = SocketAddr::from(([127, 0, 0, 1], port));
-        peer.send(
-            node_addr,
-            &ChitchatEnvelope {
-                version: ProtocolVersion::V0,
-                message: ChitchatMessage::SynAck { digest, delta },
-            },
-        );
+        peer.send(node_addr, &syn_ack);
         let (_, reply, _) = peer
             .recv_matching(WAIT, |e| matches!(e.message, ChitchatMessage::Ack { .. }))
             .unwrap_or_else(|| panic!("{name}: no ack"));
@@ -341,29 +344,8 @@ async fn a_panicking_listener_is_reported_by_the_termination_watcher() {
         .await;
         let peer = FakePeer::bind();
         let peer_id = ChitchatId::new("fake-peer", 1, peer.addr());
-        let mut digest = Digest::default();
-        digest.add_node(peer_id.clone(), NodeDigest::new(Heartbeat::from(3), 0, 1));
-        let delta = Delta {
-            node_deltas: vec![NodeDelta {
-                chitchat_id: peer_id,
-                from_version_excluded: 0,
-                last_gc_version: 0,
-                max_version: 1,
-                key_values: vec![KeyValueUpdate {
-                    key: "boom".to_string(),
-                    value: "!".to_string(),
-                    version: 1,
-                    status: DeletionStatusMutation::Set,
-                }],
-            }],
-        };
-        peer.send(
-            SocketAddr::from(([127, 0, 0, 1], port)),
-            &ChitchatEnvelope {
-                version: ProtocolVersion::V0,
-                message: ChitchatMessage::SynAck { digest, delta },
-            },
-        );
+        let syn_ack = one_key_syn_ack(&peer_id, "boom", "!");
+        peer.send(SocketAddr::from(([127, 0, 0, 1], port)), &syn_ack);
         let result = tokio::time::timeout(WAIT, node.termination_watcher())
             .await
             .unwrap_or_else(|_| panic!("{name}: the panic was not reported"));

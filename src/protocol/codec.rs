@@ -184,19 +184,16 @@ pub(crate) fn write_syn_ack<R: Rng>(
         rng,
         out,
     );
-    let summary = with_encoder(|encoder| {
-        let mut writer = encoder.delta_writer(out, wire::delta_mtu(digest_len));
-        let summary = write_delta(
-            cluster_state,
-            peer_digest,
-            scheduled,
-            rng,
-            &mut writer,
-            deadline,
-        );
-        writer.finish();
-        summary
-    });
+    let mtu = wire::delta_mtu(digest_len);
+    let summary = append_delta(
+        cluster_state,
+        peer_digest,
+        scheduled,
+        rng,
+        mtu,
+        out,
+        deadline,
+    );
     (digest_truncated, summary)
 }
 
@@ -211,8 +208,30 @@ pub(crate) fn write_ack<R: Rng>(
     deadline: Option<Instant>,
 ) -> DeltaSummary {
     Encoder::write_header(out, version, TYPE_ACK);
+    let mtu = wire::delta_mtu(0);
+    append_delta(
+        cluster_state,
+        peer_digest,
+        scheduled,
+        rng,
+        mtu,
+        out,
+        deadline,
+    )
+}
+
+/// Appends the delta a peer with `peer_digest` needs, bounded by `mtu` bytes.
+fn append_delta<R: Rng>(
+    cluster_state: &ClusterState,
+    peer_digest: &DigestView<'_>,
+    scheduled: &impl ScheduledForDeletion,
+    rng: &mut R,
+    mtu: usize,
+    out: &mut Vec<u8>,
+    deadline: Option<Instant>,
+) -> DeltaSummary {
     with_encoder(|encoder| {
-        let mut writer = encoder.delta_writer(out, wire::delta_mtu(0));
+        let mut writer = encoder.delta_writer(out, mtu);
         let summary = write_delta(
             cluster_state,
             peer_digest,
