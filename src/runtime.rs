@@ -693,6 +693,26 @@ pub(crate) fn endpoint_panicked(ctx: &WorkerCtx, core: &Arc<EndpointCore>, messa
     }
 }
 
+/// Hands one endpoint's batch to its handler (panics isolated) and applies the endpoint's
+/// faults to the replies it queued: what both UDP backends do for every wake-up.
+pub(crate) fn deliver_batch(
+    core: &EndpointCore,
+    ep: u32,
+    batch: &[Datagram<'_>],
+    pool: &mut SlotPool,
+    queued: &mut Vec<u32>,
+    fault_scratch: &mut Vec<u32>,
+    delayed: &mut DelayQueue,
+) -> Result<(), String> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let start = queued.len();
+    call_handler(core, ep, batch, pool, queued)?;
+    apply_reply_faults(core, pool, queued, start, fault_scratch, delayed);
+    Ok(())
+}
+
 /// Applies the endpoint's faults to the replies it queued from `start` on: drops, corrupts,
 /// truncates and duplicates in place; delayed ones move to `delayed`.
 pub(crate) fn apply_reply_faults(

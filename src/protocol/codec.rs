@@ -87,38 +87,10 @@ impl DeltaSink for DeltaWriter<'_> {
     }
 }
 
-/// The entries of the own digest. When they may not fit in `budget` bytes, this node comes
-/// first and the others follow from a random offset, so a partial digest still carries our
-/// heartbeat and, over rounds, every other node's.
-fn digest_entries<'a, R: Rng>(
-    cluster_state: &'a ClusterState,
-    self_id: &ChitchatId,
-    scheduled: &impl ScheduledForDeletion,
-    budget: usize,
-    rng: &mut R,
-) -> Vec<(&'a ChitchatId, NodeDigest)> {
-    let mut entries: Vec<(&ChitchatId, NodeDigest)> = cluster_state
-        .node_states
-        .iter()
-        .filter(|(id, state)| !scheduled.contains(id, state))
-        .map(|(id, state)| (id, node_digest(state)))
-        .collect();
-    let plain_len: usize = 2 + entries
-        .iter()
-        .map(|(id, _)| chitchat_id_wire_len(id) + 24)
-        .sum::<usize>();
-    if plain_len <= budget || entries.len() < 2 {
-        return entries;
-    }
-    if let Some(pos) = entries.iter().position(|(id, _)| *id == self_id) {
-        let own = entries.remove(pos);
-        let offset = rng.random_range(0..entries.len().max(1));
-        entries.rotate_left(offset);
-        entries.insert(0, own);
-    }
-    entries
-}
-
+/// Writes the own digest: every node state not scheduled for deletion, in id order. Only when
+/// the entries may not fit in `budget` bytes are they collected and reordered: this node first,
+/// the others from a random offset, so a partial digest still carries our heartbeat and, over
+/// rounds, every other node's. The common case allocates nothing.
 fn write_digest<R: Rng>(
     cluster_state: &ClusterState,
     self_id: &ChitchatId,
@@ -128,13 +100,34 @@ fn write_digest<R: Rng>(
     rng: &mut R,
     out: &mut Vec<u8>,
 ) -> (usize, bool) {
-    let entries = digest_entries(cluster_state, self_id, scheduled, budget, rng);
-    let total = entries.len();
-    let encoding = with_encoder(|encoder| encoder.encode_digest(version, entries, budget, out));
+    let entries = || {
+        cluster_state
+            .node_states
+            .iter()
+            .filter(|(id, state)| !scheduled.contains(id, state))
+            .map(|(id, state)| (id, node_digest(state)))
+    };
+    let (count, plain_len) = entries().fold((0usize, 2usize), |(count, len), (id, _)| {
+        (count + 1, len + chitchat_id_wire_len(id) + 24)
+    });
+    if plain_len <= budget || count < 2 {
+        let encoding =
+            with_encoder(|encoder| encoder.encode_digest(version, entries(), budget, out));
+        return (encoding.len, encoding.skipped > 0);
+    }
+    let mut ordered: Vec<(&ChitchatId, NodeDigest)> = entries().collect();
+    if let Some(pos) = ordered.iter().position(|(id, _)| *id == self_id) {
+        let own = ordered.remove(pos);
+        let offset = rng.random_range(0..ordered.len().max(1));
+        ordered.rotate_left(offset);
+        ordered.insert(0, own);
+    }
+    let encoding = with_encoder(|encoder| encoder.encode_digest(version, ordered, budget, out));
     if encoding.skipped > 0 {
         warn!(
             written = encoding.written,
-            total, "digest does not fit in one datagram: sending a partial digest"
+            total = count,
+            "digest does not fit in one datagram: sending a partial digest"
         );
     }
     (encoding.len, encoding.skipped > 0)

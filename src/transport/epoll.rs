@@ -8,9 +8,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::runtime::{
-    BatchScratch, Command, DelayQueue, EndpointCore, LogLimiter, Ready, SlotPool, WorkerCtx,
-    apply_reply_faults, bump, call_handler, endpoint_panicked, log_io_error, sockaddr_from_raw,
-    until,
+    BatchScratch, Command, DelayQueue, EndpointCore, LogLimiter, Ready, SlotPool, WorkerCtx, bump,
+    deliver_batch, endpoint_panicked, log_io_error, sockaddr_from_raw, until,
 };
 use crate::transport::Datagram;
 use crate::transport::uring::RECV_HEADER_LEN;
@@ -222,27 +221,20 @@ impl Worker {
             }
         }
         bump(&core.stats.recv_errors, errors);
-        let start = self.queued.len();
-        let result = if batch.is_empty() {
-            Ok(())
-        } else {
-            call_handler(&core, s as u32, &batch, &mut self.pool, &mut self.queued)
-        };
+        let result = deliver_batch(
+            &core,
+            s as u32,
+            &batch,
+            &mut self.pool,
+            &mut self.queued,
+            &mut self.fault_scratch,
+            &mut self.delayed,
+        );
         self.batch.put_back(batch);
-        match result {
-            Ok(()) => apply_reply_faults(
-                &core,
-                &mut self.pool,
-                &mut self.queued,
-                start,
-                &mut self.fault_scratch,
-                &mut self.delayed,
-            ),
-            Err(message) => {
-                endpoint_panicked(&self.ctx, &core, message);
-                if let Some(ep) = self.eps[s].take() {
-                    self.close_ep(ep);
-                }
+        if let Err(message) = result {
+            endpoint_panicked(&self.ctx, &core, message);
+            if let Some(ep) = self.eps[s].take() {
+                self.close_ep(ep);
             }
         }
     }

@@ -13,8 +13,7 @@ use io_uring::{IoUring, Probe, cqueue, opcode, squeue, types};
 
 use crate::runtime::{
     BatchScratch, Command, DelayQueue, EndpointCore, Latch, LogLimiter, Ready, SlotPool, WorkerCtx,
-    apply_reply_faults, bump, call_handler, endpoint_panicked, log_io_error, sockaddr_from_raw,
-    until,
+    bump, deliver_batch, endpoint_panicked, log_io_error, sockaddr_from_raw, until,
 };
 use crate::transport::Datagram;
 
@@ -577,22 +576,19 @@ impl Worker {
                     });
                 }
             }
-            let start = self.queued.len();
-            let result = call_handler(&core, s, &batch, &mut self.pool, &mut self.queued);
+            let result = deliver_batch(
+                &core,
+                s,
+                &batch,
+                &mut self.pool,
+                &mut self.queued,
+                &mut self.fault_scratch,
+                &mut self.delayed,
+            );
             self.batch.put_back(batch);
-            match result {
-                Ok(()) => apply_reply_faults(
-                    &core,
-                    &mut self.pool,
-                    &mut self.queued,
-                    start,
-                    &mut self.fault_scratch,
-                    &mut self.delayed,
-                ),
-                Err(message) => {
-                    endpoint_panicked(&self.ctx, &core, message);
-                    self.begin_close(s, None);
-                }
+            if let Err(message) = result {
+                endpoint_panicked(&self.ctx, &core, message);
+                self.begin_close(s, None);
             }
         }
         for it in self.items.drain(..) {
