@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use crate::clock::{Clock, ManualClock};
 use crate::config::{ChitchatConfig, FailureDetectorConfig};
 use crate::message::{ChitchatEnvelope, ChitchatMessage, Digest, NodeDigest, ProtocolVersion};
-use crate::protocol::Chitchat;
+use crate::protocol::{Chitchat, MAX_NODE_STATES};
 use crate::types::{ChitchatId, Heartbeat, VersionedValue};
 use crate::wire::{self, MAX_UDP_DATAGRAM_PAYLOAD_SIZE};
 
@@ -629,6 +629,23 @@ fn digest_heartbeats_create_node_states_up_to_a_cap() {
         digest,
     });
     assert_eq!(n1.node_states().len(), 11);
+
+    // Forged digests cannot grow the state past the cap; known nodes keep being updated.
+    let fill = MAX_NODE_STATES - n1.node_states().len();
+    for i in 0..fill + 5 {
+        let id = ChitchatId::new(
+            format!("forged-{i}"),
+            0,
+            SocketAddr::from(([10, 9, 0, 1], 1)),
+        );
+        n1.report_heartbeat(&id, Heartbeat(1));
+    }
+    assert_eq!(n1.node_states().len(), MAX_NODE_STATES);
+    assert_eq!(n1.stats().nodes_refused, 5);
+    let known = ChitchatId::for_local_test(1_000);
+    n1.report_heartbeat(&known, Heartbeat(2));
+    assert_eq!(n1.node_state(&known).unwrap().heartbeat(), Heartbeat(2));
+    assert_eq!(n1.stats().nodes_refused, 5);
 }
 
 #[test]
