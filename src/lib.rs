@@ -1,11 +1,9 @@
 #![doc = include_str!("../README.md")]
 
-pub mod bench_support;
 pub mod clock;
 pub mod config;
 mod control;
 mod dns;
-pub mod loadgen;
 pub mod message;
 pub mod protocol;
 mod runtime;

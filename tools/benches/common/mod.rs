@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport as CcTransport};
-use chitchat_uring::bench_support::{
+use chitchat_uring_tools::bench_support::{
     ClusterSpec, LocalCluster, Traffic, cluster_failure_detector, free_udp_ports,
     initial_key_values, value_32,
 };
