@@ -53,7 +53,10 @@ impl Plan {
             cluster_sizes: vec![10, 50, 100, 200],
             steady_secs: 10.0,
             timeout_secs: 90.0,
-            out: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench-report")),
+            out: PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/bench-report"
+            )),
             quick: false,
             from_json: None,
         };
