@@ -88,7 +88,12 @@ pub fn transports() -> Vec<(&'static str, Box<dyn Transport>)> {
 /// The real-UDP transports (a plain socket can talk to them); io_uring only where it works.
 pub fn udp_transports() -> Vec<(&'static str, UdpTransport)> {
     let mut transports = Vec::new();
-    if uring_or_skip("the io_uring transport of this test") {
+    // libtest names each test's thread after the test, and tokio::test runs the body on it.
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("this test")
+        .to_string();
+    if uring_or_skip(&format!("the io_uring run of {test}")) {
         transports.push((
             "uring",
             UdpTransport {
