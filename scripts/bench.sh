@@ -14,6 +14,6 @@ for ((i = 0; i < ${#args[@]}; i++)); do
 done
 mkdir -p "$OUT"
 start=$SECONDS
-cargo bench --bench side_by_side -- "$@" --out "$OUT"
+cargo bench -p chitchat-uring-tools --bench side_by_side -- "$@" --out "$OUT"
 echo
 echo "report ($((SECONDS - start)) s): $OUT/side_by_side.md, $OUT/side_by_side.svg, $OUT/side_by_side.json"

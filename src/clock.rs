@@ -9,12 +9,16 @@ use std::time::{Duration, Instant};
 /// told to.
 #[derive(Clone, Debug, Default)]
 pub enum Clock {
+    /// [`Instant::now`]: what a running node uses.
     #[default]
     System,
+    /// Virtual time, for tests and simulations that must not wait on the wall clock.
     Manual(ManualClock),
 }
 
 impl Clock {
+    /// The current instant: every timestamp the protocol core takes comes from here, so that
+    /// virtual time reaches all of it.
     pub fn now(&self) -> Instant {
         match self {
             Clock::System => Instant::now(),
@@ -32,6 +36,7 @@ pub struct ManualClock {
 }
 
 impl ManualClock {
+    /// A clock at the present instant that will not move until [`advance`](Self::advance)d.
     pub fn new() -> Self {
         ManualClock {
             start: Instant::now(),
@@ -39,10 +44,12 @@ impl ManualClock {
         }
     }
 
+    /// The creation instant plus everything advanced so far.
     pub fn now(&self) -> Instant {
         self.start + Duration::from_nanos(self.elapsed_nanos.load(Ordering::Acquire))
     }
 
+    /// Moves this clock and all its clones forward by `by` (saturating at about 584 years).
     pub fn advance(&self, by: Duration) {
         let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
         self.elapsed_nanos.fetch_add(nanos, Ordering::AcqRel);

@@ -21,6 +21,8 @@ pub type ExtraLivenessPredicate = Box<dyn Fn(&NodeState) -> bool + Send>;
 /// Largest string the wire can carry (u16 length prefix).
 pub const MAX_WIRE_STRING_LEN: usize = u16::MAX as usize;
 
+/// Everything a node needs to start, with chitchat 0.13's fields (so that existing configs port
+/// unchanged); [`ChitchatConfig::validate`] rejects what cannot work before anything binds.
 pub struct ChitchatConfig {
     /// This node's identity; its advertise address is what peers gossip to.
     pub chitchat_id: ChitchatId,
@@ -32,10 +34,13 @@ pub struct ChitchatConfig {
     pub listen_addr: SocketAddr,
     /// `ip:port` or `host:port`; hostnames are re-resolved every 60 s.
     pub seed_nodes: Vec<String>,
+    /// When a peer is considered dead, and when a dead one is forgotten.
     pub failure_detector_config: FailureDetectorConfig,
     /// How long tombstones and TTL'd values are kept before garbage collection.
     pub marked_for_deletion_grace_period: Duration,
+    /// See [`CatchupCallback`]; `None`: resets go unnoticed by the application.
     pub catchup_callback: Option<CatchupCallback>,
+    /// See [`ExtraLivenessPredicate`]; `None`: every live node is reported.
     pub extra_liveness_predicate: Option<ExtraLivenessPredicate>,
     /// Version of the Syns this node initiates; replies echo the version received.
     /// Keep V0 until every node of the cluster decodes V1.
@@ -174,11 +179,15 @@ fn check_seed(seed: &str) -> Result<(), String> {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid chitchat config: `{field}` {reason}")]
 pub struct ConfigError {
+    /// The offending field's path, e.g. `failure_detector_config.phi_threshold`, so that a
+    /// front end can point at its own flag or key.
     pub field: String,
+    /// What is wrong with its value.
     pub reason: String,
 }
 
 impl ConfigError {
+    /// An error for `field` (its path in the config) because of `reason`.
     pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
         ConfigError {
             field: field.into(),
@@ -203,6 +212,7 @@ pub struct FailureDetectorConfig {
 }
 
 impl FailureDetectorConfig {
+    /// All five parameters, in chitchat's order.
     pub fn new(
         phi_threshold: f64,
         sampling_window_size: usize,
@@ -219,6 +229,8 @@ impl FailureDetectorConfig {
         }
     }
 
+    /// The first parameter the detector cannot work with (a threshold that is not a positive
+    /// number, an empty window, a zero duration), as an error naming it.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let field = |name: &str| format!("failure_detector_config.{name}");
         if !(self.phi_threshold.is_finite() && self.phi_threshold > 0.0) {

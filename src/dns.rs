@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 /// How often hostname seeds are resolved again.
-pub const DNS_POLLING_DURATION: Duration = Duration::from_secs(60);
+pub(crate) const DNS_POLLING_DURATION: Duration = Duration::from_secs(60);
 
 /// The seeds of a config, split into fixed addresses and hostnames to resolve.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -1,11 +1,11 @@
 #![doc = include_str!("../README.md")]
+#![warn(missing_docs, unreachable_pub)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
-pub mod bench_support;
 pub mod clock;
 pub mod config;
 mod control;
 mod dns;
-pub mod loadgen;
 pub mod message;
 pub mod protocol;
 mod runtime;

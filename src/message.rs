@@ -20,6 +20,7 @@ pub enum ProtocolVersion {
 }
 
 impl ProtocolVersion {
+    /// The version of an envelope's version byte; `None` for versions this node cannot decode.
     pub fn from_code(code: u8) -> Option<Self> {
         match code {
             0 => Some(ProtocolVersion::V0),
@@ -28,6 +29,7 @@ impl ProtocolVersion {
         }
     }
 
+    /// The envelope's version byte.
     pub fn to_code(self) -> u8 {
         self as u8
     }
@@ -36,12 +38,16 @@ impl ProtocolVersion {
 /// What a node knows about one node: enough for a peer to tell what it is missing.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct NodeDigest {
+    /// The node's heartbeat as last seen: a peer with an older one learns the node is alive.
     pub heartbeat: Heartbeat,
+    /// Versions up to this were garbage-collected: a peer further behind needs a reset.
     pub last_gc_version: Version,
+    /// The highest key-value version known: a peer with less is sent the rest.
     pub max_version: Version,
 }
 
 impl NodeDigest {
+    /// The three fields, in wire order.
     pub fn new(heartbeat: Heartbeat, last_gc_version: Version, max_version: Version) -> Self {
         NodeDigest {
             heartbeat,
@@ -54,6 +60,7 @@ impl NodeDigest {
 /// A summary of a node's view of the cluster, one entry per node.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Digest {
+    /// Ordered by id, as chitchat orders them on the wire.
     pub node_digests: BTreeMap<ChitchatId, NodeDigest>,
 }
 
@@ -63,10 +70,12 @@ impl Digest {
         self.node_digests.insert(chitchat_id, node_digest);
     }
 
+    /// Number of nodes summarised.
     pub fn len(&self) -> usize {
         self.node_digests.len()
     }
 
+    /// An empty digest asks a peer for everything.
     pub fn is_empty(&self) -> bool {
         self.node_digests.is_empty()
     }
@@ -75,9 +84,13 @@ impl Digest {
 /// One key-value as it travels in a delta.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyValueUpdate {
+    /// The key, unique within its node.
     pub key: String,
+    /// The value: empty for a tombstone, kept while a TTL runs.
     pub value: String,
+    /// The owner's version of this write; the receiver applies it only if newer.
     pub version: Version,
+    /// Set, deleted, or deleted after a TTL.
     pub status: DeletionStatusMutation,
 }
 
@@ -86,8 +99,11 @@ pub struct KeyValueUpdate {
 /// `from_version_excluded == 0` with a `last_gc_version` above the receiver's state is a reset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeDelta {
+    /// The node the updates are about.
     pub chitchat_id: ChitchatId,
+    /// The updates start after this version: the receiver must hold at least it to apply them.
     pub from_version_excluded: Version,
+    /// The sender's garbage-collection point for this node (a reset when the receiver is below).
     pub last_gc_version: Version,
     /// The last KV version of the delta, or the value of a SetMaxVersion op, or 0.
     pub max_version: Version,
@@ -98,14 +114,17 @@ pub struct NodeDelta {
 /// Updates for the nodes a peer is behind on, in the sender's priority order.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Delta {
+    /// At most one per node, in the order they were written.
     pub node_deltas: Vec<NodeDelta>,
 }
 
 impl Delta {
+    /// Nothing to apply.
     pub fn is_empty(&self) -> bool {
         self.node_deltas.is_empty()
     }
 
+    /// Key-values over every node (what a datagram-full delta managed to carry).
     pub fn num_key_values(&self) -> usize {
         self.node_deltas.iter().map(|nd| nd.key_values.len()).sum()
     }
@@ -114,9 +133,26 @@ impl Delta {
 /// The Scuttlebutt handshake: Syn → SynAck → Ack, and BadCluster for a Syn of another cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChitchatMessage {
-    Syn { cluster_id: String, digest: Digest },
-    SynAck { digest: Digest, delta: Delta },
-    Ack { delta: Delta },
+    /// Opens a round: "this is what I know".
+    Syn {
+        /// Checked by the receiver: a Syn of another cluster gets [`ChitchatMessage::BadCluster`].
+        cluster_id: String,
+        /// The sender's view.
+        digest: Digest,
+    },
+    /// The answer to a Syn: the receiver's view, and what the Syn's sender was missing.
+    SynAck {
+        /// The receiver's view, so the Syn's sender can answer with what it lacks.
+        digest: Digest,
+        /// What the Syn's digest showed to be missing, as much as fits in one datagram.
+        delta: Delta,
+    },
+    /// Closes the round: what the SynAck's sender was missing.
+    Ack {
+        /// What the SynAck's digest showed to be missing, as much as fits.
+        delta: Delta,
+    },
+    /// The Syn came from another cluster; it carries nothing.
     BadCluster,
 }
 
@@ -131,6 +167,7 @@ impl ChitchatMessage {
         }
     }
 
+    /// A short name for logs and statistics.
     pub fn kind(&self) -> &'static str {
         match self {
             ChitchatMessage::Syn { .. } => "syn",
@@ -144,6 +181,8 @@ impl ChitchatMessage {
 /// One datagram: a message and the protocol version it is (or will be) encoded in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChitchatEnvelope {
+    /// Replies carry the version of the message they answer.
     pub version: ProtocolVersion,
+    /// The message itself.
     pub message: ChitchatMessage,
 }

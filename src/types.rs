@@ -25,6 +25,7 @@ pub struct ChitchatId {
 }
 
 impl ChitchatId {
+    /// An id from its three parts (chitchat's constructor).
     pub fn new(
         node_id: impl Into<Arc<str>>,
         generation_id: u64,
@@ -46,6 +47,7 @@ impl ChitchatId {
         )
     }
 
+    /// The port peers gossip to.
     pub fn advertise_port(&self) -> u16 {
         self.gossip_advertise_addr.port()
     }
@@ -97,12 +99,17 @@ impl From<u64> for Heartbeat {
 /// replica garbage-collects on its own clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeletionStatus {
+    /// A live value.
     Set,
+    /// A tombstone, since the instant given; invisible to readers.
     Deleted(Instant),
+    /// Still visible, collected like a tombstone once the grace period after the instant ends.
     DeleteAfterTtl(Instant),
 }
 
 impl DeletionStatus {
+    /// When the grace period started (`None` for a live value): garbage collection counts from
+    /// here.
     pub fn time_of_start_scheduled_for_deletion(&self) -> Option<Instant> {
         match self {
             DeletionStatus::Set => None,
@@ -115,12 +122,16 @@ impl DeletionStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum DeletionStatusMutation {
+    /// Becomes [`DeletionStatus::Set`].
     Set = 0,
+    /// Becomes [`DeletionStatus::Deleted`].
     Delete = 1,
+    /// Becomes [`DeletionStatus::DeleteAfterTtl`].
     DeleteAfterTtl = 2,
 }
 
 impl DeletionStatusMutation {
+    /// The status of a wire status byte; `None` for an unknown byte (the datagram is invalid).
     pub fn from_code(code: u8) -> Option<Self> {
         match code {
             0 => Some(DeletionStatusMutation::Set),
@@ -130,6 +141,7 @@ impl DeletionStatusMutation {
         }
     }
 
+    /// The wire status byte.
     pub fn to_code(self) -> u8 {
         self as u8
     }
@@ -166,8 +178,11 @@ impl From<DeletionStatus> for DeletionStatusMutation {
     from = "VersionedValueForSerialization"
 )]
 pub struct VersionedValue {
+    /// The value as its owner last wrote it (`delete` leaves an empty one).
     pub value: String,
+    /// The owner's version of the write that produced it.
     pub version: Version,
+    /// Live, deleted, or due for deletion.
     pub status: DeletionStatus,
 }
 
@@ -191,6 +206,7 @@ impl VersionedValue {
         matches!(self.status, DeletionStatus::Deleted(_))
     }
 
+    /// A live value at `version`: shorthand for tests.
     pub fn for_test(value: &str, version: Version) -> Self {
         VersionedValue::new(value.to_string(), version, false)
     }

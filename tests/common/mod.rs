@@ -1,41 +1,60 @@
-//! Helpers shared by the integration tests: free ports, node configs, a fake UDP peer speaking
-//! our codec, and bounded waits on conditions.
+//! Helpers shared by the integration tests: node configs, the transports to run on (io_uring
+//! only where it can be set up), a fake UDP peer speaking our codec; free ports and bounded
+//! waits come from the workspace's `test-support` crate.
 #![allow(dead_code)]
 
 pub mod capture;
 pub mod mixed;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use chitchat_uring::transport::UdpMode;
+use chitchat_uring::transport::{Datagram, DatagramHandler, ReplySink, UdpMode};
 use chitchat_uring::wire::{decode_envelope, encode_envelope};
 use chitchat_uring::{
     ChannelTransport, ChitchatConfig, ChitchatEnvelope, ChitchatId, FailureDetectorConfig,
     Transport, UdpTransport,
 };
+// Each test binary uses some of them.
+#[allow(unused_imports)]
+pub use test_support::{free_port, wait_until, wait_until_blocking};
 
-/// A port nobody listens on right now (UDP and TCP), from a per-process range so parallel
-/// tests do not pick the same one.
-pub fn free_port() -> u16 {
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let _ = NEXT.compare_exchange(
-        0,
-        20_000 + (std::process::id() % 20_000) as u16,
-        Ordering::SeqCst,
-        Ordering::SeqCst,
-    );
-    loop {
-        let port = NEXT.fetch_add(1, Ordering::SeqCst);
-        let port = if !(20_000..=60_000).contains(&port) {
-            NEXT.store(20_001, Ordering::SeqCst);
-            20_000
-        } else {
-            port
-        };
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
+/// Why io_uring cannot be used here (kernel too old, `kernel.io_uring_disabled`, a seccomp
+/// filter, RLIMIT_MEMLOCK...), or `None` when it can. Found once per test binary by opening a
+/// forced-io_uring endpoint on 127.0.0.1:0, the same path every io_uring test takes.
+pub fn uring_unavailable() -> Option<&'static str> {
+    static PROBE: OnceLock<Option<String>> = OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            struct Ignore;
+            impl DatagramHandler for Ignore {
+                fn handle_batch(&self, _: &[Datagram<'_>], _: &mut dyn ReplySink) {}
+            }
+            let transport = UdpTransport {
+                mode: UdpMode::Uring,
+                ..UdpTransport::DEFAULT
+            };
+            match transport.open(([127, 0, 0, 1], 0).into(), Arc::new(Ignore)) {
+                Ok(endpoint) => {
+                    endpoint.close();
+                    None
+                }
+                Err(error) => Some(format!("{error:#}")),
+            }
+        })
+        .as_deref()
+}
+
+/// True when io_uring works here; otherwise prints that `what` is skipped and why. Tests that
+/// force `UdpMode::Uring` return early on false, so the suite passes (and says what it did not
+/// run) where io_uring is unavailable.
+pub fn uring_or_skip(what: &str) -> bool {
+    match uring_unavailable() {
+        None => true,
+        Some(reason) => {
+            eprintln!("skipping {what}: io_uring unavailable: {reason}");
+            false
         }
     }
 }
@@ -56,45 +75,41 @@ pub fn node_config(port: u16, gossip_ms: u64, seeds: &[SocketAddr]) -> ChitchatC
     config
 }
 
-/// The transports every server test runs on.
+/// The transports every server test runs on; io_uring only where it works (the skip is printed).
 pub fn transports() -> Vec<(&'static str, Box<dyn Transport>)> {
-    vec![
-        (
-            "uring",
-            Box::new(UdpTransport {
-                mode: UdpMode::Uring,
-                ..UdpTransport::DEFAULT
-            }),
-        ),
-        (
-            "epoll",
-            Box::new(UdpTransport {
-                mode: UdpMode::Epoll,
-                ..UdpTransport::DEFAULT
-            }),
-        ),
-        ("channel", Box::new(ChannelTransport::new())),
-    ]
+    let mut transports: Vec<(&'static str, Box<dyn Transport>)> = udp_transports()
+        .into_iter()
+        .map(|(name, transport)| (name, Box::new(transport) as Box<dyn Transport>))
+        .collect();
+    transports.push(("channel", Box::new(ChannelTransport::new())));
+    transports
 }
 
-/// The real-UDP transports (a plain socket can talk to them).
+/// The real-UDP transports (a plain socket can talk to them); io_uring only where it works.
 pub fn udp_transports() -> Vec<(&'static str, UdpTransport)> {
-    vec![
-        (
+    let mut transports = Vec::new();
+    // libtest names each test's thread after the test, and tokio::test runs the body on it.
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("this test")
+        .to_string();
+    if uring_or_skip(&format!("the io_uring run of {test}")) {
+        transports.push((
             "uring",
             UdpTransport {
                 mode: UdpMode::Uring,
                 ..UdpTransport::DEFAULT
             },
-        ),
-        (
-            "epoll",
-            UdpTransport {
-                mode: UdpMode::Epoll,
-                ..UdpTransport::DEFAULT
-            },
-        ),
-    ]
+        ));
+    }
+    transports.push((
+        "epoll",
+        UdpTransport {
+            mode: UdpMode::Epoll,
+            ..UdpTransport::DEFAULT
+        },
+    ));
+    transports
 }
 
 /// A plain UDP socket that speaks envelopes.
@@ -159,19 +174,5 @@ impl FakePeer {
             }
         }
         None
-    }
-}
-
-/// Polls `condition` every 10 ms until it holds or `timeout` passes; returns whether it held.
-pub async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if condition() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use chitchat_uring::bench_support::{
+use chitchat_uring_tools::bench_support::{
     ClusterReport, ClusterSpec, LocalCluster, MeasureOptions, Outcome, Progress, UringCluster,
     describe_transport, measure_cluster,
 };

@@ -8,11 +8,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow, bail};
-use chitchat_uring::bench_support::describe_transport;
 use chitchat_uring::{
     ChitchatConfig, ChitchatHandle, ChitchatId, ClusterStateSnapshot, FailureDetectorConfig,
     spawn_chitchat,
 };
+use chitchat_uring_tools::bench_support::describe_transport;
 use serde::Serialize;
 
 use crate::common::{self, ProtocolArg, TransportArg};

@@ -8,17 +8,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use test_support::free_port;
 
 const BIN: &str = env!("CARGO_BIN_EXE_chitchat-uring");
-
-/// A port free a moment ago.
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Runs the binary to completion, killing it after `timeout`.
 fn run(args: &[&str], timeout: Duration) -> Output {

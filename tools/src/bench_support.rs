@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ChitchatConfig, FailureDetectorConfig};
-use crate::message::ProtocolVersion;
-use crate::server::{ChitchatHandle, spawn_chitchat};
-use crate::transport::{Transport, TransportKind};
-use crate::types::ChitchatId;
+use chitchat_uring::config::{ChitchatConfig, FailureDetectorConfig};
+use chitchat_uring::message::ProtocolVersion;
+use chitchat_uring::server::{ChitchatHandle, spawn_chitchat};
+use chitchat_uring::transport::{Transport, TransportKind};
+use chitchat_uring::types::ChitchatId;
 
 /// CPU time (user + system) this process has used so far.
 pub fn process_cpu_time() -> Duration {

@@ -20,8 +20,6 @@ use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use chitchat_uring::bench_support::value_32;
-use chitchat_uring::loadgen::{self, DigestMode, LoadConfig};
 use chitchat_uring::message::{Delta, Digest, KeyValueUpdate, NodeDelta};
 use chitchat_uring::types::DeletionStatusMutation;
 use chitchat_uring::wire::{Encoder, decode_envelope};
@@ -29,6 +27,8 @@ use chitchat_uring::{
     Chitchat, ChitchatEnvelope, ChitchatId, ChitchatMessage, MESSAGE_HANDLING_BOUND,
     ProtocolVersion,
 };
+use chitchat_uring_tools::bench_support::value_32;
+use chitchat_uring_tools::loadgen::{self, DigestMode, LoadConfig};
 use common::{CLUSTER_ID, Impl, KEYS, fill_ours, ours_config, remote_id, serve};
 use criterion::{BenchmarkId, Criterion};
 
@@ -338,7 +338,7 @@ fn summary(dir: &Path) -> String {
 }
 
 fn main() {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/criterion"));
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/criterion"));
     let mut criterion = Criterion::default()
         .output_directory(&dir)
         .sample_size(20)
@@ -352,7 +352,10 @@ fn main() {
     println!(
         "\nMedians (criterion), as a fraction of MESSAGE_HANDLING_BOUND = {MESSAGE_HANDLING_BOUND:?}:\n\n{table}"
     );
-    let report_dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench-report"));
+    let report_dir = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/bench-report"
+    ));
     if std::fs::create_dir_all(&report_dir).is_ok() {
         let _ = std::fs::write(report_dir.join("message_handling.md"), &table);
     }

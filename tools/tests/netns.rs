@@ -22,7 +22,7 @@ fn partition_and_heal_in_network_namespaces() {
     if !has_ip {
         return skip("the `ip` command is not available");
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/netns-cluster.sh");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/netns-cluster.sh");
     let mut child = Command::new("bash")
         .arg(&script)
         .args([

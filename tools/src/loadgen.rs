@@ -15,8 +15,10 @@ use anyhow::{Context, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::bench_support::Percentiles;
-use crate::message::{ChitchatEnvelope, ChitchatMessage, Digest, ProtocolVersion};
-use crate::wire::{MAGIC_NUMBER, MAX_UDP_DATAGRAM_PAYLOAD_SIZE, decode_envelope, encode_envelope};
+use chitchat_uring::message::{ChitchatEnvelope, ChitchatMessage, Digest, ProtocolVersion};
+use chitchat_uring::wire::{
+    MAGIC_NUMBER, MAX_UDP_DATAGRAM_PAYLOAD_SIZE, decode_envelope, encode_envelope,
+};
 
 /// Message-type bytes of the envelope header.
 const TYPE_SYN_ACK: u8 = 1;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail};
-use chitchat_uring::loadgen::{self, DigestMode, LoadConfig};
+use chitchat_uring_tools::loadgen::{self, DigestMode, LoadConfig};
 use clap::ValueEnum;
 
 use crate::common::{self, ProtocolArg};

@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport as CcTransport};
-use chitchat_uring::bench_support::{
+use chitchat_uring::transport::UdpMode;
+use chitchat_uring::{ChitchatConfig, ChitchatHandle, ChitchatId, UdpTransport, spawn_chitchat};
+use chitchat_uring_tools::bench_support::{
     ClusterSpec, LocalCluster, Traffic, cluster_failure_detector, free_udp_ports,
     initial_key_values, value_32,
 };
-use chitchat_uring::transport::UdpMode;
-use chitchat_uring::{ChitchatConfig, ChitchatHandle, ChitchatId, UdpTransport, spawn_chitchat};
 
 pub const CLUSTER_ID: &str = "bench-cluster";
 pub const KEYS: usize = 10;

@@ -22,11 +22,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use chitchat_uring::bench_support::{
+use chitchat_uring_tools::bench_support::{
     ClusterReport, ClusterSpec, LocalCluster, MeasureOptions, Progress, UringCluster,
     describe_transport, measure_cluster, pid_cpu_time, pid_peak_rss_bytes,
 };
-use chitchat_uring::loadgen::{self, DigestMode, LoadConfig, LoadReport};
+use chitchat_uring_tools::loadgen::{self, DigestMode, LoadConfig, LoadReport};
 use common::{CLUSTER_ID, ChitchatCluster, Impl, KEYS, serve};
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -53,7 +53,10 @@ impl Plan {
             cluster_sizes: vec![10, 50, 100, 200],
             steady_secs: 10.0,
             timeout_secs: 90.0,
-            out: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench-report")),
+            out: PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/bench-report"
+            )),
             quick: false,
             from_json: None,
         };
