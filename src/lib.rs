@@ -1,4 +1,6 @@
 #![doc = include_str!("../README.md")]
+#![warn(missing_docs, unreachable_pub)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod bench_support;
 pub mod clock;

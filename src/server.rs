@@ -13,15 +13,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use parking_lot::{Mutex, MutexGuard};
-use rand::SeedableRng;
-use rand::rngs::SmallRng;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::config::ChitchatConfig;
 use crate::control::ControlThread;
 use crate::dns::{self, DNS_POLLING_DURATION, Seeds};
-use crate::protocol::{Chitchat, select_nodes_for_gossip};
+use crate::protocol::Chitchat;
 use crate::transport::{
     Datagram, DatagramHandler, Endpoint, EndpointStats, ReplySink, Transport, TransportKind,
 };
@@ -182,7 +180,6 @@ pub struct Server {
     command_rx: mpsc::UnboundedReceiver<Command>,
     chitchat: ChitchatRef,
     endpoint: Arc<dyn Endpoint>,
-    rng: SmallRng,
     panic_rx: watch::Receiver<Option<String>>,
     counters: Arc<Counters>,
     syn_buf: Vec<u8>,
@@ -200,7 +197,6 @@ impl Server {
             command_rx,
             chitchat,
             endpoint,
-            rng: SmallRng::from_rng(&mut rand::rng()),
             panic_rx,
             counters,
             syn_buf: Vec::with_capacity(2_048),
@@ -235,24 +231,11 @@ impl Server {
         Ok(())
     }
 
-    /// One round (SPEC §4.2): pick targets, bump the heartbeat, collect tombstones, send Syns,
-    /// then re-evaluate liveness.
+    /// One round (SPEC §4.2), the protocol core's: targets, heartbeat, tombstones and the Syn
+    /// under the lock; the sends outside it; then liveness under the lock again.
     fn gossip_multiple(&mut self) {
         self.counters.gossip_rounds.fetch_add(1, Ordering::Relaxed);
-        let targets = {
-            let mut chitchat = self.chitchat.lock();
-            let peers = chitchat.peer_addrs();
-            let live = chitchat.live_addrs();
-            let dead = chitchat.dead_addrs();
-            let seeds = chitchat.seed_addrs_except_self();
-            let targets = select_nodes_for_gossip(&mut self.rng, &peers, &live, &dead, &seeds);
-            chitchat.update_self_heartbeat();
-            chitchat.gc_keys_marked_for_deletion();
-            // One Syn for the whole round: the targets get the same digest, encoded once.
-            let version = chitchat.config().protocol_version;
-            chitchat.write_syn(version, &mut self.syn_buf);
-            targets
-        };
+        let targets = self.chitchat.lock().begin_gossip_round(&mut self.syn_buf);
         for addr in targets.all() {
             if let Err(error) = self.send_syn(addr) {
                 if Some(addr) == targets.dead_node {
@@ -262,7 +245,7 @@ impl Server {
                 }
             }
         }
-        self.chitchat.lock().update_nodes_liveness();
+        self.chitchat.lock().end_gossip_round();
     }
 
     /// Sends one Syn, built under the lock with a fresh digest.
