@@ -41,12 +41,14 @@ pub struct ChitchatRef {
 }
 
 impl ChitchatRef {
+    /// Shares `chitchat` between the I/O workers, the gossip loop and the application.
     pub fn new(chitchat: Chitchat) -> Self {
         ChitchatRef {
             inner: Arc::new(Mutex::new(chitchat)),
         }
     }
 
+    /// Locks the state (a `parking_lot` mutex: no poisoning, never held across I/O).
     pub fn lock(&self) -> MutexGuard<'_, Chitchat> {
         self.inner.lock()
     }
@@ -83,9 +85,13 @@ pub struct ServerStats {
     pub malformed: u64,
     /// Messages whose handling exceeded `MESSAGE_HANDLING_BOUND`: reply dropped.
     pub abandoned: u64,
+    /// Replies (SynAck, Ack, BadCluster) handed to the transport.
     pub replies: u64,
+    /// Syns handed to the transport, by rounds and by `ChitchatHandle::gossip`.
     pub syns_sent: u64,
+    /// Syns the transport refused to send (logged, never fatal).
     pub gossip_send_errors: u64,
+    /// Gossip rounds started.
     pub gossip_rounds: u64,
 }
 
@@ -176,7 +182,7 @@ impl DatagramHandler for NodeHandler {
 }
 
 /// The gossip loop of one node: rounds every `gossip_interval`, commands from the handle.
-pub struct Server {
+struct Server {
     command_rx: mpsc::UnboundedReceiver<Command>,
     chitchat: ChitchatRef,
     endpoint: Arc<dyn Endpoint>,
@@ -290,10 +296,12 @@ pub struct ChitchatHandle {
 }
 
 impl ChitchatHandle {
+    /// The node's id.
     pub fn chitchat_id(&self) -> &ChitchatId {
         &self.chitchat_id
     }
 
+    /// The node's shared state.
     pub fn chitchat(&self) -> ChitchatRef {
         self.chitchat.clone()
     }
@@ -358,10 +366,12 @@ impl ChitchatHandle {
         self.endpoint.kind()
     }
 
+    /// The transport's counters (datagrams, bytes, drops).
     pub fn endpoint_stats(&self) -> EndpointStats {
         self.endpoint.stats()
     }
 
+    /// The server's counters (handling, replies, gossip).
     pub fn server_stats(&self) -> ServerStats {
         self.counters.snapshot()
     }

@@ -304,6 +304,7 @@ impl Chitchat {
     }
 
     /// Records a heartbeat seen in a digest (SPEC §4.6). This is how membership spreads.
+    #[cfg(test)]
     pub(crate) fn report_heartbeat(&mut self, chitchat_id: &ChitchatId, heartbeat: Heartbeat) {
         let now = self.clock.now();
         self.report_heartbeat_at(chitchat_id, heartbeat, now);
@@ -457,6 +458,7 @@ impl Chitchat {
 
     /// The Syn this node sends to start a handshake (full digest; the byte path, `write_syn`,
     /// trims it to fit a datagram).
+    #[cfg(test)]
     pub(crate) fn create_syn_message(&self) -> ChitchatMessage {
         ChitchatMessage::Syn {
             cluster_id: self.config.cluster_id.clone(),

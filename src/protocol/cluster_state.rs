@@ -186,6 +186,8 @@ pub(crate) fn node_digest(state: &NodeState) -> NodeDigest {
 /// A copy of every node state, for inspection and JSON output (chitchat's shape).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClusterStateSnapshot {
+    /// Every node state, self included, in id order.
     pub node_states: Vec<NodeState>,
+    /// The seed addresses resolved at the time of the snapshot.
     pub seed_addrs: HashSet<SocketAddr>,
 }

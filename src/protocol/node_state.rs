@@ -46,14 +46,20 @@ pub enum KeyValueError {
         "key {key:?} starts with a non-ASCII character: chitchat 0.13 peers crash on such keys, \
          so it is not written"
     )]
-    NonAsciiFirstChar { key: String },
+    NonAsciiFirstChar {
+        /// The refused key.
+        key: String,
+    },
     /// The key-value would not fit in one delta datagram and would block the node's gossip.
     #[error(
         "key {key:?} with its value takes {size} bytes in a delta; at most {limit} fit in one datagram"
     )]
     TooLarge {
+        /// The refused key (cut to 64 characters).
         key: String,
+        /// `key.len() + value.len()`.
         size: usize,
+        /// The most that fits for this node.
         limit: usize,
     },
 }
@@ -188,14 +194,17 @@ impl NodeState {
         )
     }
 
+    /// The node this state describes.
     pub fn chitchat_id(&self) -> &ChitchatId {
         &self.chitchat_id
     }
 
+    /// The node's last heartbeat seen (its own counter, bumped every round and message).
     pub fn heartbeat(&self) -> Heartbeat {
         self.heartbeat
     }
 
+    /// The highest version of any key-value change of the node, tombstones included.
     pub fn max_version(&self) -> Version {
         self.max_version
     }
@@ -222,6 +231,7 @@ impl NodeState {
             .map(|(k, v)| (k, v.value.as_str()))
     }
 
+    /// How many visible (not deleted) key-values the node has.
     pub fn num_key_values(&self) -> usize {
         self.key_values().count()
     }
@@ -238,6 +248,7 @@ impl NodeState {
             .map(|(k, v)| (k.as_str(), v))
     }
 
+    /// Whether `key` has a visible value.
     pub fn contains_key(&self, key: &str) -> bool {
         self.get(key).is_some()
     }
@@ -279,6 +290,7 @@ impl NodeState {
         }
     }
 
+    /// [`NodeState::set_with_ttl`], returning why a key-value is refused.
     pub fn try_set_with_ttl(
         &mut self,
         key: impl ToString,

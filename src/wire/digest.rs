@@ -193,10 +193,12 @@ impl<'a> DigestView<'a> {
         &self.entries
     }
 
+    /// Distinct ids in the digest.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    /// True for the empty digest (a node that knows nobody, not even itself).
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -209,6 +211,7 @@ impl<'a> DigestView<'a> {
             .map(|i| self.entries[i].1)
     }
 
+    /// An owned copy (allocates an id per entry).
     pub fn to_digest(&self) -> Digest {
         Digest {
             node_digests: self

@@ -99,27 +99,40 @@ impl Encoder {
 /// owned, since their key-values are stored anyway.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvelopeView<'a> {
+    /// The version the datagram was encoded in (a reply echoes it).
     pub version: ProtocolVersion,
+    /// The message.
     pub message: MessageView<'a>,
 }
 
+/// [`ChitchatMessage`] with borrowed digests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MessageView<'a> {
+    /// Opens a handshake.
     Syn {
+        /// The sender's cluster: another cluster's Syn gets BadCluster.
         cluster_id: &'a str,
+        /// What the sender knows.
         digest: DigestView<'a>,
     },
+    /// Answers a Syn.
     SynAck {
+        /// What the sender knows.
         digest: DigestView<'a>,
+        /// What the sender found the Syn's author missing.
         delta: Delta,
     },
+    /// Answers a SynAck.
     Ack {
+        /// What the sender found the SynAck's author missing.
         delta: Delta,
     },
+    /// Answers a Syn of another cluster.
     BadCluster,
 }
 
 impl EnvelopeView<'_> {
+    /// An owned copy (allocates the digest's ids and clones the delta).
     pub fn to_envelope(&self) -> ChitchatEnvelope {
         let message = match &self.message {
             MessageView::Syn { cluster_id, digest } => ChitchatMessage::Syn {

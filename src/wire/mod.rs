@@ -4,6 +4,11 @@
 //! Decoding is total and bounded: any byte string yields a message or a [`DecodeError`], and the
 //! memory it takes is capped whatever the input (zstd bombs included). Encoding never panics:
 //! what cannot be represented is refused ([`EncodeError`], or `false` from [`DeltaWriter`]).
+//!
+//! The only place that knows bytes: the protocol asks it for sizes and budgets instead of
+//! counting them. Public, though chitchat 0.13 keeps its codec private, as a deliberate
+//! extension point: test peers, load generators, fuzz targets and benchmarks build and parse
+//! datagrams with it.
 
 mod block_stream;
 mod codec;
