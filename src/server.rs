@@ -139,6 +139,8 @@ impl NodeHandler {
 
 impl DatagramHandler for NodeHandler {
     fn handle_batch(&self, batch: &[Datagram<'_>], replies: &mut dyn ReplySink) {
+        // The protocol compares the deadline with its own clock: the nodes the server runs are
+        // on the system clock (`with_chitchat_id_and_seeds`), so that is this `Instant::now()`.
         let received_at = Instant::now();
         let deadline = received_at + MESSAGE_HANDLING_BOUND;
         let mut chitchat = self.chitchat.lock();

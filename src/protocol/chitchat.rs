@@ -45,7 +45,7 @@ pub struct ProtocolStats {
     pub syn_ack_received: u64,
     /// Acks handled.
     pub ack_received: u64,
-    /// BadCluster answers received: a peer of another cluster lists us as a seed or peer.
+    /// BadCluster answers received: we gossiped with a node of another cluster (a wrong seed).
     pub bad_cluster_received: u64,
     /// Syns of another cluster, answered with BadCluster.
     pub bad_cluster_sent: u64,
