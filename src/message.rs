@@ -157,16 +157,6 @@ pub enum ChitchatMessage {
 }
 
 impl ChitchatMessage {
-    /// The message-type byte of the envelope.
-    pub fn type_code(&self) -> u8 {
-        match self {
-            ChitchatMessage::Syn { .. } => 0,
-            ChitchatMessage::SynAck { .. } => 1,
-            ChitchatMessage::Ack { .. } => 2,
-            ChitchatMessage::BadCluster => 3,
-        }
-    }
-
     /// A short name for logs and statistics.
     pub fn kind(&self) -> &'static str {
         match self {

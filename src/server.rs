@@ -13,15 +13,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use parking_lot::{Mutex, MutexGuard};
-use rand::SeedableRng;
-use rand::rngs::SmallRng;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::config::ChitchatConfig;
 use crate::control::ControlThread;
 use crate::dns::{self, DNS_POLLING_DURATION, Seeds};
-use crate::protocol::{Chitchat, select_nodes_for_gossip};
+use crate::protocol::Chitchat;
 use crate::transport::{
     Datagram, DatagramHandler, Endpoint, EndpointStats, ReplySink, Transport, TransportKind,
 };
@@ -43,12 +41,14 @@ pub struct ChitchatRef {
 }
 
 impl ChitchatRef {
+    /// Shares `chitchat` between the I/O workers, the gossip loop and the application.
     pub fn new(chitchat: Chitchat) -> Self {
         ChitchatRef {
             inner: Arc::new(Mutex::new(chitchat)),
         }
     }
 
+    /// Locks the state (a `parking_lot` mutex: no poisoning, never held across I/O).
     pub fn lock(&self) -> MutexGuard<'_, Chitchat> {
         self.inner.lock()
     }
@@ -85,9 +85,13 @@ pub struct ServerStats {
     pub malformed: u64,
     /// Messages whose handling exceeded `MESSAGE_HANDLING_BOUND`: reply dropped.
     pub abandoned: u64,
+    /// Replies (SynAck, Ack, BadCluster) handed to the transport.
     pub replies: u64,
+    /// Syns handed to the transport, by rounds and by `ChitchatHandle::gossip`.
     pub syns_sent: u64,
+    /// Syns the transport refused to send (logged, never fatal).
     pub gossip_send_errors: u64,
+    /// Gossip rounds started.
     pub gossip_rounds: u64,
 }
 
@@ -135,6 +139,8 @@ impl NodeHandler {
 
 impl DatagramHandler for NodeHandler {
     fn handle_batch(&self, batch: &[Datagram<'_>], replies: &mut dyn ReplySink) {
+        // The protocol compares the deadline with its own clock: the nodes the server runs are
+        // on the system clock (`with_chitchat_id_and_seeds`), so that is this `Instant::now()`.
         let received_at = Instant::now();
         let deadline = received_at + MESSAGE_HANDLING_BOUND;
         let mut chitchat = self.chitchat.lock();
@@ -178,11 +184,10 @@ impl DatagramHandler for NodeHandler {
 }
 
 /// The gossip loop of one node: rounds every `gossip_interval`, commands from the handle.
-pub struct Server {
+struct Server {
     command_rx: mpsc::UnboundedReceiver<Command>,
     chitchat: ChitchatRef,
     endpoint: Arc<dyn Endpoint>,
-    rng: SmallRng,
     panic_rx: watch::Receiver<Option<String>>,
     counters: Arc<Counters>,
     syn_buf: Vec<u8>,
@@ -200,7 +205,6 @@ impl Server {
             command_rx,
             chitchat,
             endpoint,
-            rng: SmallRng::from_rng(&mut rand::rng()),
             panic_rx,
             counters,
             syn_buf: Vec::with_capacity(2_048),
@@ -235,24 +239,11 @@ impl Server {
         Ok(())
     }
 
-    /// One round (SPEC §4.2): pick targets, bump the heartbeat, collect tombstones, send Syns,
-    /// then re-evaluate liveness.
+    /// One round (SPEC §4.2), the protocol core's: targets, heartbeat, tombstones and the Syn
+    /// under the lock; the sends outside it; then liveness under the lock again.
     fn gossip_multiple(&mut self) {
         self.counters.gossip_rounds.fetch_add(1, Ordering::Relaxed);
-        let targets = {
-            let mut chitchat = self.chitchat.lock();
-            let peers = chitchat.peer_addrs();
-            let live = chitchat.live_addrs();
-            let dead = chitchat.dead_addrs();
-            let seeds = chitchat.seed_addrs_except_self();
-            let targets = select_nodes_for_gossip(&mut self.rng, &peers, &live, &dead, &seeds);
-            chitchat.update_self_heartbeat();
-            chitchat.gc_keys_marked_for_deletion();
-            // One Syn for the whole round: the targets get the same digest, encoded once.
-            let version = chitchat.config().protocol_version;
-            chitchat.write_syn(version, &mut self.syn_buf);
-            targets
-        };
+        let targets = self.chitchat.lock().begin_gossip_round(&mut self.syn_buf);
         for addr in targets.all() {
             if let Err(error) = self.send_syn(addr) {
                 if Some(addr) == targets.dead_node {
@@ -262,7 +253,7 @@ impl Server {
                 }
             }
         }
-        self.chitchat.lock().update_nodes_liveness();
+        self.chitchat.lock().end_gossip_round();
     }
 
     /// Sends one Syn, built under the lock with a fresh digest.
@@ -307,10 +298,12 @@ pub struct ChitchatHandle {
 }
 
 impl ChitchatHandle {
+    /// The node's id.
     pub fn chitchat_id(&self) -> &ChitchatId {
         &self.chitchat_id
     }
 
+    /// The node's shared state.
     pub fn chitchat(&self) -> ChitchatRef {
         self.chitchat.clone()
     }
@@ -375,10 +368,12 @@ impl ChitchatHandle {
         self.endpoint.kind()
     }
 
+    /// The transport's counters (datagrams, bytes, drops).
     pub fn endpoint_stats(&self) -> EndpointStats {
         self.endpoint.stats()
     }
 
+    /// The server's counters (handling, replies, gossip).
     pub fn server_stats(&self) -> ServerStats {
         self.counters.snapshot()
     }

@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use chitchat_uring::protocol::select_nodes_for_gossip;
 use chitchat_uring::{
     Chitchat, ChitchatConfig, ChitchatId, Clock, FailureDetectorConfig, ManualClock,
     ProtocolVersion, Version,
@@ -119,23 +118,15 @@ impl Sim {
             .insert(self.seq, InFlight { to, from, bytes });
     }
 
+    /// One gossip round of node `i`: the protocol core's round, exactly as the server drives it
+    /// (one Syn for every target), over the simulated network.
     fn gossip_round(&mut self, i: usize) {
-        let node = &mut self.nodes[i];
-        let peers = node.peer_addrs();
-        let live = node.live_addrs();
-        let dead = node.dead_addrs();
-        let seeds = node.seed_addrs_except_self();
-        let targets = select_nodes_for_gossip(node.rng(), &peers, &live, &dead, &seeds);
-        node.update_self_heartbeat();
-        node.gc_keys_marked_for_deletion();
-        let version = node.config().protocol_version;
-        let targets: Vec<SocketAddr> = targets.all().collect();
-        for target in targets {
-            let mut syn = Vec::new();
-            self.nodes[i].write_syn(version, &mut syn);
-            self.send(i, target, syn);
+        let mut syn = Vec::new();
+        let targets = self.nodes[i].begin_gossip_round(&mut syn);
+        for target in targets.all() {
+            self.send(i, target, syn.clone());
         }
-        self.nodes[i].update_nodes_liveness();
+        self.nodes[i].end_gossip_round();
         self.check_monotonic(i);
     }
 

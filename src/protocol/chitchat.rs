@@ -1,13 +1,20 @@
 //! `Chitchat`: the sans-IO state machine. It takes messages (or datagrams) and returns replies;
 //! it knows no sockets, threads or timers. Time comes from the `Clock` it is given, randomness
 //! from a seeded RNG.
+//!
+//! Beyond chitchat 0.13's API it exposes, deliberately, what a driver needs to run a node
+//! without our server (the simulation does): [`Chitchat::with_clock`], the gossip round
+//! ([`Chitchat::begin_gossip_round`], [`Chitchat::end_gossip_round`]), [`Chitchat::write_syn`],
+//! the byte path [`Chitchat::handle_datagram`] and the owned-message path
+//! ([`Chitchat::process_message`], [`Chitchat::process_envelope`]), plus read-only
+//! introspection (config, clock, counters, digest).
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use rand::SeedableRng;
 use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tracing::{error, info, warn};
@@ -15,11 +22,12 @@ use tracing::{error, info, warn};
 use crate::clock::Clock;
 use crate::config::ChitchatConfig;
 use crate::message::{ChitchatEnvelope, ChitchatMessage, Delta, Digest, ProtocolVersion};
-use crate::protocol::cluster_state::{ClusterState, ClusterStateSnapshot, node_digest};
-use crate::protocol::codec::{self, ReplyOutcome};
+use crate::protocol::cluster_state::{ClusterState, ClusterStateSnapshot};
 use crate::protocol::failure_detector::FailureDetector;
 use crate::protocol::listener::{KeyChangeEvent, ListenerHandle, Listeners};
 use crate::protocol::node_state::NodeState;
+use crate::protocol::peer_selection::{GossipTargets, select_nodes_for_gossip};
+use crate::protocol::reply::{self, ReplyOutcome};
 use crate::types::{ChitchatId, Heartbeat, Version, VersionedValue};
 use crate::wire::DecodeError;
 use crate::wire::{DigestView, MessageView};
@@ -31,14 +39,21 @@ pub const MAX_NODE_STATES: usize = 65_535;
 /// Counters of what the state machine saw and did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ProtocolStats {
+    /// Syns handled.
     pub syn_received: u64,
+    /// SynAcks handled.
     pub syn_ack_received: u64,
+    /// Acks handled.
     pub ack_received: u64,
+    /// BadCluster answers received: we gossiped with a node of another cluster (a wrong seed).
     pub bad_cluster_received: u64,
     /// Syns of another cluster, answered with BadCluster.
     pub bad_cluster_sent: u64,
+    /// Node deltas applied to a node state.
     pub node_deltas_applied: u64,
+    /// Node deltas that reset a node state first (the peer garbage-collected what we hold).
     pub node_deltas_reset: u64,
+    /// Node deltas refused as stale or from the future.
     pub node_deltas_rejected: u64,
     /// Replies whose digest did not fit and was sent partial.
     pub digests_truncated: u64,
@@ -48,6 +63,8 @@ pub struct ProtocolStats {
     pub nodes_refused: u64,
 }
 
+/// One node's view of the cluster and the rules that change it (SPEC §4). Lock it, feed it
+/// datagrams and gossip rounds; it answers with bytes to send.
 pub struct Chitchat {
     config: ChitchatConfig,
     cluster_state: ClusterState,
@@ -107,6 +124,7 @@ impl Chitchat {
         chitchat
     }
 
+    /// The config this node was created with (read-only: a changed config means a new node).
     pub fn config(&self) -> &ChitchatConfig {
         &self.config
     }
@@ -116,26 +134,32 @@ impl Chitchat {
         self.clock.now()
     }
 
+    /// The clock every instant of this node comes from (a driver computes deadlines on it).
     pub fn clock(&self) -> &Clock {
         &self.clock
     }
 
+    /// What the state machine saw and did so far.
     pub fn stats(&self) -> &ProtocolStats {
         &self.stats
     }
 
+    /// The cluster this node belongs to: Syns of other clusters get BadCluster.
     pub fn cluster_id(&self) -> &str {
         &self.config.cluster_id
     }
 
+    /// This node's id.
     pub fn self_chitchat_id(&self) -> &ChitchatId {
         &self.config.chitchat_id
     }
 
+    /// Every node state known, self included, in id order.
     pub fn node_states(&self) -> &BTreeMap<ChitchatId, NodeState> {
         &self.cluster_state.node_states
     }
 
+    /// The state of one node, if known.
     pub fn node_state(&self, chitchat_id: &ChitchatId) -> Option<&NodeState> {
         self.cluster_state.node_state(chitchat_id)
     }
@@ -158,6 +182,7 @@ impl Chitchat {
         std::iter::once(self_id).chain(others)
     }
 
+    /// The nodes the failure detector considers dead (scheduled for deletion included).
     pub fn dead_nodes(&self) -> impl Iterator<Item = &ChitchatId> {
         self.cluster_state
             .node_states
@@ -193,6 +218,7 @@ impl Chitchat {
         self.live_nodes_tx.subscribe()
     }
 
+    /// [`Chitchat::live_nodes_watcher`] as a stream.
     pub fn live_nodes_watch_stream(&self) -> WatchStream<BTreeMap<ChitchatId, NodeState>> {
         WatchStream::new(self.live_nodes_watcher())
     }
@@ -202,6 +228,7 @@ impl Chitchat {
         self.seed_addrs.borrow().clone()
     }
 
+    /// A copy of every node state and the seeds, for inspection and JSON output.
     pub fn state_snapshot(&self) -> ClusterStateSnapshot {
         self.cluster_state.snapshot(self.seed_nodes())
     }
@@ -264,19 +291,21 @@ impl Chitchat {
         self.failure_detector.ensure_window(&mut state.liveness);
     }
 
-    pub fn update_self_heartbeat(&mut self) {
+    /// Bumps the own heartbeat: every round and every message handled.
+    pub(crate) fn update_self_heartbeat(&mut self) {
         self.self_node_state().inc_heartbeat();
     }
 
     /// Tombstone and TTL garbage collection on every node state.
-    pub fn gc_keys_marked_for_deletion(&mut self) {
+    pub(crate) fn gc_keys_marked_for_deletion(&mut self) {
         let now = self.clock.now();
         let grace = self.config.marked_for_deletion_grace_period;
         self.cluster_state.gc_keys_marked_for_deletion(grace, now);
     }
 
     /// Records a heartbeat seen in a digest (SPEC §4.6). This is how membership spreads.
-    pub fn report_heartbeat(&mut self, chitchat_id: &ChitchatId, heartbeat: Heartbeat) {
+    #[cfg(test)]
+    pub(crate) fn report_heartbeat(&mut self, chitchat_id: &ChitchatId, heartbeat: Heartbeat) {
         let now = self.clock.now();
         self.report_heartbeat_at(chitchat_id, heartbeat, now);
     }
@@ -346,7 +375,7 @@ impl Chitchat {
     }
 
     /// Applies a received delta; calls the catch-up callback once if a node state was reset.
-    pub fn process_delta(&mut self, delta: &Delta) {
+    fn process_delta(&mut self, delta: &Delta) {
         let now = self.clock.now();
         let self_id = self.config.chitchat_id.clone();
         let outcome = self.cluster_state.apply_delta(delta, &self_id, now);
@@ -366,7 +395,7 @@ impl Chitchat {
 
     /// Re-evaluates liveness, publishes the live nodes if they changed, and forgets nodes dead
     /// for longer than the grace period. Called at the end of every gossip round.
-    pub fn update_nodes_liveness(&mut self) {
+    pub(crate) fn update_nodes_liveness(&mut self) {
         let now = self.clock.now();
         let self_id = &self.config.chitchat_id;
         for (id, state) in self.cluster_state.node_states.iter_mut() {
@@ -419,7 +448,8 @@ impl Chitchat {
         }
     }
 
-    /// The own digest: every node state not scheduled for deletion.
+    /// The own digest: every node state not scheduled for deletion (public for tools and
+    /// benchmarks that build messages a node would answer).
     pub fn compute_digest(&self) -> Digest {
         let now = self.clock.now();
         let scheduled = self.failure_detector.deletion_schedule(now);
@@ -428,7 +458,8 @@ impl Chitchat {
 
     /// The Syn this node sends to start a handshake (full digest; the byte path, `write_syn`,
     /// trims it to fit a datagram).
-    pub fn create_syn_message(&self) -> ChitchatMessage {
+    #[cfg(test)]
+    pub(crate) fn create_syn_message(&self) -> ChitchatMessage {
         ChitchatMessage::Syn {
             cluster_id: self.config.cluster_id.clone(),
             digest: self.compute_digest(),
@@ -436,12 +467,12 @@ impl Chitchat {
     }
 
     /// Encodes a Syn in `version` into `out` (cleared first): the gossip path, no intermediate
-    /// message.
+    /// message. A driver uses it for a Syn outside the rounds (`ChitchatHandle::gossip`).
     pub fn write_syn(&mut self, version: ProtocolVersion, out: &mut Vec<u8>) {
         out.clear();
         let now = self.clock.now();
         let scheduled = self.failure_detector.deletion_schedule(now);
-        let truncated = codec::write_syn(
+        let truncated = reply::write_syn(
             &self.cluster_state,
             &self.config.chitchat_id,
             &self.config.cluster_id,
@@ -471,7 +502,7 @@ impl Chitchat {
         if !outcome.replied {
             return None;
         }
-        match codec::decode(&buf) {
+        match reply::decode(&buf) {
             Ok(reply) => Some(reply),
             Err(error) => {
                 error!(%error, "a reply of this node does not decode: dropped");
@@ -481,14 +512,15 @@ impl Chitchat {
     }
 
     /// Decodes a datagram, handles it and encodes the reply (if any) into `reply` (cleared
-    /// first). The server's hot path: replies are written straight from the state.
+    /// first). The server's hot path: replies are written straight from the state. Past
+    /// `deadline`, an instant of this node's [`Chitchat::clock`], the reply's delta is cut short.
     pub fn handle_datagram(
         &mut self,
         payload: &[u8],
         reply: &mut Vec<u8>,
         deadline: Option<Instant>,
     ) -> Result<ReplyOutcome, DecodeError> {
-        codec::with_view(payload, |view| {
+        reply::with_view(payload, |view| {
             self.process_view_into(view.version, view.message, reply, deadline)
         })
     }
@@ -528,13 +560,13 @@ impl Chitchat {
                     warn!(their = %cluster_id, ours = %self.config.cluster_id,
                           "syn from another cluster: answering BadCluster");
                     self.stats.bad_cluster_sent += 1;
-                    codec::write_bad_cluster(version, out);
+                    reply::write_bad_cluster(version, out);
                     outcome.replied = true;
                     return outcome;
                 }
                 self.report_heartbeats(&digest, now);
                 let scheduled = self.failure_detector.deletion_schedule(now);
-                let (digest_truncated, summary) = codec::write_syn_ack(
+                let (digest_truncated, summary) = reply::write_syn_ack(
                     &self.cluster_state,
                     &self.config.chitchat_id,
                     &scheduled,
@@ -553,7 +585,7 @@ impl Chitchat {
                 self.report_heartbeats(&digest, now);
                 self.process_delta(&delta);
                 let scheduled = self.failure_detector.deletion_schedule(now);
-                let summary = codec::write_ack(
+                let summary = reply::write_ack(
                     &self.cluster_state,
                     &scheduled,
                     version,
@@ -583,8 +615,34 @@ impl Chitchat {
         outcome
     }
 
+    /// Starts a gossip round (SPEC §4.2): picks the targets with this node's seeded RNG, bumps
+    /// the own heartbeat, collects due tombstones and writes the round's Syn into `syn` (cleared
+    /// first). Every target gets the same digest, so the Syn is encoded once for all of them.
+    ///
+    /// The driver sends `syn` to every address of the returned targets (`GossipTargets::all`),
+    /// then calls [`Chitchat::end_gossip_round`]. The server and the simulation both drive
+    /// rounds this way, so the simulation tests the round that ships.
+    pub fn begin_gossip_round(&mut self, syn: &mut Vec<u8>) -> GossipTargets {
+        let peers = self.peer_addrs();
+        let live = self.live_addrs();
+        let dead = self.dead_addrs();
+        let seeds = self.seed_addrs_except_self();
+        let targets = select_nodes_for_gossip(&mut self.rng, &peers, &live, &dead, &seeds);
+        self.update_self_heartbeat();
+        self.gc_keys_marked_for_deletion();
+        let version = self.config.protocol_version;
+        self.write_syn(version, syn);
+        targets
+    }
+
+    /// Ends a gossip round once its Syns are sent: re-evaluates liveness, publishes the live
+    /// nodes if they changed and forgets nodes dead for longer than the grace period.
+    pub fn end_gossip_round(&mut self) {
+        self.update_nodes_liveness();
+    }
+
     /// Addresses of every other node state (for gossip when no node is live).
-    pub fn peer_addrs(&self) -> HashSet<SocketAddr> {
+    fn peer_addrs(&self) -> HashSet<SocketAddr> {
         self.cluster_state
             .node_states
             .keys()
@@ -593,21 +651,23 @@ impl Chitchat {
             .collect()
     }
 
-    pub fn live_addrs(&self) -> HashSet<SocketAddr> {
+    /// Addresses of the nodes the failure detector considers alive, self excluded.
+    fn live_addrs(&self) -> HashSet<SocketAddr> {
         self.live_nodes()
             .skip(1) // self
             .map(|id| id.gossip_advertise_addr)
             .collect()
     }
 
-    pub fn dead_addrs(&self) -> HashSet<SocketAddr> {
+    /// Addresses of the dead nodes (scheduled for deletion included).
+    fn dead_addrs(&self) -> HashSet<SocketAddr> {
         self.dead_nodes()
             .map(|id| id.gossip_advertise_addr)
             .collect()
     }
 
     /// Resolved seeds, minus this node's own address.
-    pub fn seed_addrs_except_self(&self) -> HashSet<SocketAddr> {
+    fn seed_addrs_except_self(&self) -> HashSet<SocketAddr> {
         let own = self.config.chitchat_id.gossip_advertise_addr;
         self.seed_addrs
             .borrow()
@@ -615,15 +675,5 @@ impl Chitchat {
             .copied()
             .filter(|addr| *addr != own)
             .collect()
-    }
-
-    /// The digest entry of one node, as this node would send it.
-    pub fn node_digest(&self, chitchat_id: &ChitchatId) -> Option<crate::message::NodeDigest> {
-        self.cluster_state.node_state(chitchat_id).map(node_digest)
-    }
-
-    /// A random number from this node's RNG (peer selection shares it, for determinism).
-    pub fn rng(&mut self) -> &mut impl Rng {
-        &mut self.rng
     }
 }

@@ -708,3 +708,53 @@ fn snapshot_json_has_chitchats_shape() {
         chitchat.state_snapshot().node_states[0]
     );
 }
+
+/// The gossip round of the protocol core (SPEC §4.2): a seed while nobody is live, the heartbeat
+/// bumped, one Syn in the config's version carrying the own digest, and liveness evaluated at
+/// the end (a peer heard three times becomes live, and a live peer is then a target).
+#[test]
+fn gossip_round_picks_targets_bumps_heartbeat_and_writes_one_syn() {
+    let clock = ManualClock::new();
+    let seed: SocketAddr = ([127, 0, 0, 1], 20_002).into();
+    let mut config = config(20_001);
+    config.protocol_version = ProtocolVersion::V1;
+    let seeds = watch::channel([seed, config.chitchat_id.gossip_advertise_addr].into()).1;
+    let mut n1 = Chitchat::with_clock(config, seeds, Vec::new(), Clock::from(clock.clone()), 3);
+    let self_id = n1.self_chitchat_id().clone();
+
+    let mut syn = vec![0xAA; 3];
+    let heartbeat = n1.node_state(&self_id).unwrap().heartbeat();
+    let targets = n1.begin_gossip_round(&mut syn);
+    assert!(targets.nodes.is_empty(), "no known peer");
+    assert_eq!(
+        targets.seed_node,
+        Some(seed),
+        "a seed always while none is live, never self"
+    );
+    assert_eq!(targets.dead_node, None);
+    assert_eq!(
+        n1.node_state(&self_id).unwrap().heartbeat(),
+        Heartbeat(heartbeat.0 + 1)
+    );
+    let envelope = wire::decode_envelope(&syn).expect("the round's Syn decodes (buffer cleared)");
+    assert_eq!(envelope.version, ProtocolVersion::V1);
+    assert_eq!(envelope.message, n1.create_syn_message());
+    n1.end_gossip_round();
+
+    let peer = ChitchatId::for_local_test(20_003);
+    for hb in 1..=3 {
+        clock.advance(Duration::from_millis(100));
+        n1.report_heartbeat(&peer, Heartbeat(hb));
+    }
+    let before = n1.live_nodes_watcher().borrow().len();
+    n1.begin_gossip_round(&mut syn);
+    assert!(
+        !n1.live_nodes().any(|id| *id == peer),
+        "liveness waits for the round's end"
+    );
+    n1.end_gossip_round();
+    assert!(n1.live_nodes().any(|id| *id == peer));
+    assert_eq!(n1.live_nodes_watcher().borrow().len(), before + 1);
+    let targets = n1.begin_gossip_round(&mut syn);
+    assert_eq!(targets.nodes, vec![peer.gossip_advertise_addr]);
+}

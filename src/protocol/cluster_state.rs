@@ -10,10 +10,9 @@ use tracing::{debug, error, info};
 
 use crate::clock::Clock;
 use crate::message::{Delta, Digest, NodeDigest};
-use crate::protocol::failure_detector::ScheduledForDeletion;
 use crate::protocol::gc_history::{GARBAGE_COLLECTED_NODE_HISTORY_SIZE, GcHistory};
 use crate::protocol::listener::Listeners;
-use crate::protocol::node_state::{DeltaStatus, NodeState};
+use crate::protocol::node_state::{DeltaStatus, NodeState, ScheduledForDeletion};
 use crate::types::{ChitchatId, Heartbeat};
 
 pub(crate) struct ClusterState {
@@ -44,6 +43,11 @@ impl ClusterState {
 
     pub(crate) fn listeners(&self) -> &Listeners {
         &self.listeners
+    }
+
+    /// The node's clock: every instant the protocol compares comes from it.
+    pub(crate) fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     pub(crate) fn node_state(&self, chitchat_id: &ChitchatId) -> Option<&NodeState> {
@@ -182,6 +186,8 @@ pub(crate) fn node_digest(state: &NodeState) -> NodeDigest {
 /// A copy of every node state, for inspection and JSON output (chitchat's shape).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClusterStateSnapshot {
+    /// Every node state, self included, in id order.
     pub node_states: Vec<NodeState>,
+    /// The seed addresses resolved at the time of the snapshot.
     pub seed_addrs: HashSet<SocketAddr>,
 }

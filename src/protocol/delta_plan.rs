@@ -7,8 +7,7 @@ use rand::Rng;
 use tracing::debug;
 
 use crate::protocol::cluster_state::ClusterState;
-use crate::protocol::failure_detector::ScheduledForDeletion;
-use crate::protocol::node_state::NodeState;
+use crate::protocol::node_state::{NodeState, ScheduledForDeletion};
 use crate::types::{ChitchatId, Version, VersionedValue};
 use crate::wire::DigestView;
 
@@ -49,7 +48,8 @@ pub(crate) fn is_relayable_key(key: &str) -> bool {
     key.chars().next().is_none_or(|c| c.is_ascii())
 }
 
-/// Writes the delta a peer with `peer_digest` needs into `sink`, most urgent nodes first.
+/// Writes the delta a peer with `peer_digest` needs into `sink`, most urgent nodes first. Past
+/// `deadline` (an instant of the cluster state's clock) the delta is cut short.
 pub(crate) fn write_delta<S: DeltaSink, R: Rng>(
     cluster_state: &ClusterState,
     peer_digest: &DigestView<'_>,
@@ -92,8 +92,9 @@ pub(crate) fn write_delta<S: DeltaSink, R: Rng>(
     candidates.sort_unstable_by_key(|c| c.priority);
 
     let mut summary = DeltaSummary::default();
+    let clock = cluster_state.clock();
     for (i, candidate) in candidates.iter().enumerate() {
-        if i % 64 == 63 && deadline.is_some_and(|d| Instant::now() >= d) {
+        if i % 64 == 63 && deadline.is_some_and(|d| clock.now() >= d) {
             summary.truncated = true;
             break;
         }

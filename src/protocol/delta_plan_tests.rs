@@ -13,7 +13,7 @@ use crate::protocol::cluster_state::ClusterState;
 use crate::protocol::delta_plan::{DeltaSink, write_delta};
 use crate::protocol::listener::Listeners;
 use crate::types::{ChitchatId, Heartbeat, Version, VersionedValue};
-use crate::wire::{DigestView, Encoder, decode_envelope};
+use crate::wire::{DigestView, Encoder, MessageType, decode_envelope};
 
 /// Records the node order and accepts everything.
 #[derive(Default)]
@@ -74,7 +74,7 @@ fn bounded_delta(
 ) -> Delta {
     let mut encoder = Encoder::new();
     let mut out = Vec::new();
-    Encoder::write_header(&mut out, ProtocolVersion::V0, 2);
+    Encoder::write_header(&mut out, ProtocolVersion::V0, MessageType::Ack);
     let mut writer = encoder.delta_writer(&mut out, mtu);
     let mut rng = SmallRng::seed_from_u64(9);
     write_delta(

@@ -4,12 +4,14 @@
 //! This is not the classic normal-distribution phi-accrual: it is what chitchat 0.13 computes,
 //! and mixed clusters must agree on who is alive.
 
-use std::collections::{HashSet, VecDeque};
+//!
+//! A leaf of the protocol: it knows intervals and instants, not node states (which hold its
+//! per-node data, [`NodeLiveness`]).
+
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::config::FailureDetectorConfig;
-use crate::protocol::node_state::NodeState;
-use crate::types::ChitchatId;
 
 /// Weight, in samples, of the prior mean interval.
 const PRIOR_WEIGHT: f64 = 5.0;
@@ -118,24 +120,6 @@ impl FailureDetector {
     pub(crate) fn failure_detection_timeout(&self, node: &NodeLiveness) -> Option<Duration> {
         let mean = node.window.as_ref()?.mean_interval_secs()?;
         Duration::try_from_secs_f64(mean * self.config.phi_threshold).ok()
-    }
-}
-
-/// Which node states are no longer shared with peers (left out of digests and deltas).
-pub(crate) trait ScheduledForDeletion {
-    fn contains(&self, id: &ChitchatId, state: &NodeState) -> bool;
-}
-
-impl ScheduledForDeletion for DeletionSchedule {
-    fn contains(&self, _: &ChitchatId, state: &NodeState) -> bool {
-        self.is_scheduled(&state.liveness)
-    }
-}
-
-/// An explicit set (tests).
-impl ScheduledForDeletion for HashSet<&ChitchatId> {
-    fn contains(&self, id: &ChitchatId, _: &NodeState) -> bool {
-        HashSet::contains(self, id)
     }
 }
 
@@ -258,6 +242,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use crate::types::ChitchatId;
 
     fn config() -> FailureDetectorConfig {
         FailureDetectorConfig {

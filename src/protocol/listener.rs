@@ -12,8 +12,11 @@ use crate::types::ChitchatId;
 /// `key` has the subscription prefix stripped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyChangeEvent<'a> {
+    /// The key, without the subscription prefix.
     pub key: &'a str,
+    /// The new value.
     pub value: &'a str,
+    /// The node whose key it is.
     pub node: &'a ChitchatId,
 }
 

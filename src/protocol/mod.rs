@@ -5,7 +5,6 @@ mod chitchat;
 #[cfg(test)]
 mod chitchat_tests;
 mod cluster_state;
-pub(crate) mod codec;
 mod delta_plan;
 #[cfg(test)]
 mod delta_plan_tests;
@@ -16,11 +15,12 @@ mod node_state;
 #[cfg(test)]
 mod node_state_tests;
 pub mod peer_selection;
+mod reply;
 
 pub use chitchat::{Chitchat, MAX_NODE_STATES, ProtocolStats};
 pub use cluster_state::ClusterStateSnapshot;
-pub use codec::{MIN_SYN_ACK_DELTA_BUDGET, ReplyOutcome};
 pub use gc_history::GARBAGE_COLLECTED_NODE_HISTORY_SIZE;
 pub use listener::{KeyChangeEvent, ListenerHandle};
 pub use node_state::{KeyValueError, NodeState};
 pub use peer_selection::{GOSSIP_COUNT, GossipTargets, select_nodes_for_gossip};
+pub use reply::{MIN_SYN_ACK_DELTA_BUDGET, ReplyOutcome};

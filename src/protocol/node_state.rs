@@ -1,6 +1,6 @@
 //! `NodeState`: one node's key-values, versions and heartbeat, as seen locally.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::ops::Bound;
 use std::time::{Duration, Instant};
@@ -9,16 +9,33 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use crate::clock::Clock;
-use crate::config::MAX_WIRE_STRING_LEN;
 use crate::message::NodeDelta;
-use crate::protocol::failure_detector::NodeLiveness;
+use crate::protocol::failure_detector::{DeletionSchedule, NodeLiveness};
 use crate::protocol::listener::{KeyChangeEvent, Listeners};
 use crate::types::{
     ChitchatId, DeletionStatus, DeletionStatusMutation, Heartbeat, Version, VersionedValue,
 };
+use crate::wire::{self, MAX_STRING_LEN};
 
-/// Largest delta a receiver accepts (an Ack: 65 507-byte datagram minus the 4-byte header).
-const ACK_DELTA_BUDGET: usize = 65_503;
+/// Which node states are no longer shared with peers (left out of digests and deltas). A trait
+/// so that tests can name the set explicitly; nodes use the failure detector's schedule.
+pub(crate) trait ScheduledForDeletion {
+    /// Whether `state` (of `id`) is left out.
+    fn contains(&self, id: &ChitchatId, state: &NodeState) -> bool;
+}
+
+impl ScheduledForDeletion for DeletionSchedule {
+    fn contains(&self, _: &ChitchatId, state: &NodeState) -> bool {
+        self.is_scheduled(&state.liveness)
+    }
+}
+
+/// An explicit set (tests).
+impl ScheduledForDeletion for HashSet<&ChitchatId> {
+    fn contains(&self, id: &ChitchatId, _: &NodeState) -> bool {
+        HashSet::contains(self, id)
+    }
+}
 
 /// Why a key-value cannot be written into a node's own state.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,14 +46,20 @@ pub enum KeyValueError {
         "key {key:?} starts with a non-ASCII character: chitchat 0.13 peers crash on such keys, \
          so it is not written"
     )]
-    NonAsciiFirstChar { key: String },
+    NonAsciiFirstChar {
+        /// The refused key.
+        key: String,
+    },
     /// The key-value would not fit in one delta datagram and would block the node's gossip.
     #[error(
         "key {key:?} with its value takes {size} bytes in a delta; at most {limit} fit in one datagram"
     )]
     TooLarge {
+        /// The refused key (cut to 64 characters).
         key: String,
+        /// `key.len() + value.len()`.
         size: usize,
+        /// The most that fits for this node.
         limit: usize,
     },
 }
@@ -171,14 +194,17 @@ impl NodeState {
         )
     }
 
+    /// The node this state describes.
     pub fn chitchat_id(&self) -> &ChitchatId {
         &self.chitchat_id
     }
 
+    /// The node's last heartbeat seen (its own counter, bumped every round and message).
     pub fn heartbeat(&self) -> Heartbeat {
         self.heartbeat
     }
 
+    /// The highest version of any key-value change of the node, tombstones included.
     pub fn max_version(&self) -> Version {
         self.max_version
     }
@@ -205,6 +231,7 @@ impl NodeState {
             .map(|(k, v)| (k, v.value.as_str()))
     }
 
+    /// How many visible (not deleted) key-values the node has.
     pub fn num_key_values(&self) -> usize {
         self.key_values().count()
     }
@@ -221,6 +248,7 @@ impl NodeState {
             .map(|(k, v)| (k.as_str(), v))
     }
 
+    /// Whether `key` has a visible value.
     pub fn contains_key(&self, key: &str) -> bool {
         self.get(key).is_some()
     }
@@ -262,6 +290,7 @@ impl NodeState {
         }
     }
 
+    /// [`NodeState::set_with_ttl`], returning why a key-value is refused.
     pub fn try_set_with_ttl(
         &mut self,
         key: impl ToString,
@@ -306,9 +335,9 @@ impl NodeState {
                 key: key.to_string(),
             });
         }
-        let limit = max_key_value_len(&self.chitchat_id);
+        let limit = wire::max_key_value_len(&self.chitchat_id);
         let size = key.len() + value.len();
-        if size > limit || key.len() > MAX_WIRE_STRING_LEN || value.len() > MAX_WIRE_STRING_LEN {
+        if size > limit || key.len() > MAX_STRING_LEN || value.len() > MAX_STRING_LEN {
             return Err(KeyValueError::TooLarge {
                 key: truncated(key),
                 size,
@@ -567,25 +596,6 @@ impl NodeState {
             }
         }
     }
-}
-
-/// The largest `key.len() + value.len()` that still fits in one Ack delta for this node.
-pub(crate) fn max_key_value_len(chitchat_id: &ChitchatId) -> usize {
-    let id_len = chitchat_id_wire_len(chitchat_id);
-    // Block stream: 3-byte block header + terminator; node op: tag + id + 2 u64;
-    // KV op: tag + 2 length prefixes + version + status; plus the upper-bound slack of 3 bytes.
-    let overhead = 3 + 1 + (1 + id_len + 16) + (1 + 2 + 2 + 8 + 1) + 3;
-    ACK_DELTA_BUDGET.saturating_sub(overhead)
-}
-
-/// Bytes of a ChitchatId on the wire (SPEC §3.2).
-pub(crate) fn chitchat_id_wire_len(chitchat_id: &ChitchatId) -> usize {
-    let ip_len = if chitchat_id.gossip_advertise_addr.is_ipv4() {
-        5
-    } else {
-        17
-    };
-    2 + chitchat_id.node_id.len() + 8 + ip_len + 2
 }
 
 fn truncated(key: &str) -> String {

@@ -171,7 +171,7 @@ fn keys_peers_cannot_take_are_refused_with_a_reason() {
         state.try_set("big", &huge).unwrap_err(),
         KeyValueError::TooLarge { .. }
     ));
-    let limit = crate::protocol::node_state::max_key_value_len(state.chitchat_id());
+    let limit = crate::wire::max_key_value_len(state.chitchat_id());
     state.try_set("k", "x".repeat(limit - 1)).unwrap();
 }
 

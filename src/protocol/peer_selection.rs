@@ -1,5 +1,10 @@
 //! Whom a gossip round talks to (SPEC §4.2): a few live nodes, sometimes a dead one (so a
 //! revived node is noticed), sometimes a seed (so partitions caused by seeds heal).
+//!
+//! Public (chitchat keeps it private) as pure, seedable functions for tools and tests that
+//! reason about rounds; nodes use them through [`Chitchat::begin_gossip_round`].
+//!
+//! [`Chitchat::begin_gossip_round`]: crate::Chitchat::begin_gossip_round
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -13,8 +18,11 @@ pub const GOSSIP_COUNT: usize = 3;
 /// The targets of one round.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GossipTargets {
+    /// Up to `GOSSIP_COUNT` live nodes (or any known peers while none is live).
     pub nodes: Vec<SocketAddr>,
+    /// A dead node, so that a revived one is noticed.
     pub dead_node: Option<SocketAddr>,
+    /// A seed, so that partitions heal.
     pub seed_node: Option<SocketAddr>,
 }
 

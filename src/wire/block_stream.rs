@@ -6,8 +6,9 @@
 
 use zstd::zstd_safe;
 
+use super::error::DecodeError;
+use super::format::{MAX_BLOCK_DECOMPRESSED_LEN, MAX_STREAM_DECOMPRESSED_LEN};
 use super::primitives::{Reader, put_u8, put_u16};
-use super::{DecodeError, MAX_BLOCK_DECOMPRESSED_LEN, MAX_STREAM_DECOMPRESSED_LEN};
 
 const NO_MORE_BLOCKS: u8 = 0;
 const COMPRESSED: u8 = 1;
@@ -96,6 +97,21 @@ impl<'a> BlockStreamWriter<'a> {
         put_u8(self.out, NO_MORE_BLOCKS);
         self.out.len() - self.start
     }
+}
+
+/// The most bytes of items a fresh stream with this `threshold` accepts under `mtu`, by the
+/// writer's own bound ([`BlockStreamWriter::upper_bound_after`]): what an item alone may take.
+pub(crate) fn max_items_len(mtu: usize, threshold: usize) -> usize {
+    let threshold = threshold.clamp(1, MAX_BLOCK_DECOMPRESSED_LEN);
+    // With `blocks` blocks, at most `blocks × threshold` bytes, and the headers and terminator
+    // must fit too; the best block count is at most one past `mtu / threshold`.
+    (1..=mtu / threshold + 1)
+        .map(|blocks| {
+            let room = mtu.saturating_sub(BLOCK_META_LEN.saturating_mul(blocks) + 1);
+            room.min(threshold.saturating_mul(blocks))
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// Writes one block (at most `MAX_BLOCK_DECOMPRESSED_LEN` bytes): compressed if the zstd frame
@@ -203,7 +219,8 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::wire::{BLOCK_THRESHOLD, Decoder, Encoder};
+    use crate::wire::codec::{Decoder, Encoder};
+    use crate::wire::format::BLOCK_THRESHOLD;
 
     /// Writes `items` as one stream with `threshold`; returns the stream and the bound the
     /// writer predicted before the last item.

@@ -3,11 +3,11 @@
 
 use std::collections::HashSet;
 
-use super::block_stream::{BlockStreamWriter, read_block_stream};
-use super::primitives::{
-    MAX_STRING_LEN, Reader, chitchat_id_len, put_chitchat_id, put_str, put_u8, put_u64,
-};
-use super::{BLOCK_THRESHOLD, DecodeError, Decoder, EncodeError, Encoder};
+use super::block_stream::{BlockStreamWriter, max_items_len, read_block_stream};
+use super::codec::{Decoder, Encoder};
+use super::error::{DecodeError, EncodeError};
+use super::format::{BLOCK_THRESHOLD, MAX_STRING_LEN, delta_mtu};
+use super::primitives::{Reader, chitchat_id_len, put_chitchat_id, put_str, put_u8, put_u64};
 use crate::message::{Delta, KeyValueUpdate, NodeDelta};
 use crate::types::{ChitchatId, DeletionStatusMutation, Version};
 
@@ -20,6 +20,15 @@ const NODE_OP_FIXED_LEN: usize = 1 + 8 + 8;
 /// Tag + two string lengths + version + status, besides key and value bytes.
 const KV_OP_FIXED_LEN: usize = 1 + 2 + 2 + 8 + 1;
 const SET_MAX_VERSION_OP_LEN: usize = 1 + 8;
+
+/// The largest `key.len() + value.len()` of a key-value that fits, alone with its node op, in
+/// the delta of an Ack (the largest delta a node sends): a larger one could never be gossiped
+/// and would stall its node's replication.
+pub(crate) fn max_key_value_len(chitchat_id: &ChitchatId) -> usize {
+    let mtu = delta_mtu(0);
+    let ops_len = max_items_len(mtu, BLOCK_THRESHOLD.min(mtu));
+    ops_len.saturating_sub(NODE_OP_FIXED_LEN + chitchat_id_len(chitchat_id) + KV_OP_FIXED_LEN)
+}
 
 /// Why the writer refused an op; `DeltaWriter` reports only `false`, `encode_delta` needs more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -446,6 +455,39 @@ mod tests {
 
     fn node(port: u16) -> ChitchatId {
         ChitchatId::for_local_test(port)
+    }
+
+    /// Whether a delta of `id` with one key-value of `len` bytes (key + value) fits an Ack.
+    fn single_kv_fits(id: &ChitchatId, len: usize) -> bool {
+        let mut encoder = Encoder::new();
+        let mut out = Vec::new();
+        let mut writer = encoder.delta_writer(&mut out, delta_mtu(0));
+        assert!(writer.try_add_node(id, 0, 0));
+        // An incompressible value would not change the bound: the writer counts pending bytes
+        // uncompressed.
+        writer.try_add_kv("k", &"x".repeat(len - 1), 1, DeletionStatusMutation::Set)
+    }
+
+    #[test]
+    fn max_key_value_len_is_exactly_what_an_ack_delta_takes() {
+        for id in [
+            node(10_001),
+            ChitchatId::new("n", 7, "[::1]:7280".parse().unwrap()),
+            ChitchatId::new(
+                "a-much-longer-node-name".repeat(20),
+                1,
+                "127.0.0.1:1".parse().unwrap(),
+            ),
+        ] {
+            let limit = max_key_value_len(&id);
+            assert!(limit > 60_000, "{limit}");
+            assert!(single_kv_fits(&id, limit), "{id:?}: {limit} must fit");
+            assert!(
+                !single_kv_fits(&id, limit + 1),
+                "{id:?}: {} must not fit",
+                limit + 1
+            );
+        }
     }
 
     fn decode(bytes: &[u8]) -> Result<Delta, DecodeError> {

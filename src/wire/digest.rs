@@ -1,12 +1,13 @@
 //! Digests: V0 is a u16 count followed by `(ChitchatId, NodeDigest)` entries; V1 is a block
 //! stream of the same entries without a count.
 
-use std::cmp::Ordering;
-use std::net::SocketAddr;
-
 use super::block_stream::{BlockStreamWriter, read_block_stream};
-use super::primitives::{Reader, chitchat_id_len, put_chitchat_id, put_u16, put_u64};
-use super::{BLOCK_THRESHOLD, DecodeError, Decoder, EncodeError, Encoder};
+use super::codec::{Decoder, Encoder};
+use super::error::{DecodeError, EncodeError};
+use super::format::{BLOCK_THRESHOLD, MAX_STRING_LEN};
+use super::primitives::{
+    ChitchatIdRef, Reader, chitchat_id_len, put_chitchat_id, put_u16, put_u64,
+};
 use crate::message::{Digest, NodeDigest, ProtocolVersion};
 use crate::types::{ChitchatId, Heartbeat};
 
@@ -14,6 +15,8 @@ use crate::types::{ChitchatId, Heartbeat};
 const NODE_DIGEST_LEN: usize = 24;
 /// A V0 digest counts its entries in a u16.
 const MAX_V0_ENTRIES: usize = u16::MAX as usize;
+/// The u16 entry count that opens a V0 digest.
+pub(crate) const V0_DIGEST_COUNT_LEN: usize = 2;
 
 /// What [`Encoder::encode_digest`] wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,7 +30,9 @@ pub struct DigestEncoding {
     pub skipped: usize,
 }
 
-fn entry_len(id: &ChitchatId) -> usize {
+/// Bytes of one digest entry (id + node digest), uncompressed: what the protocol adds up to
+/// tell whether its digest may not fit a datagram.
+pub(crate) fn digest_entry_len(id: &ChitchatId) -> usize {
     chitchat_id_len(id) + NODE_DIGEST_LEN
 }
 
@@ -41,7 +46,7 @@ fn put_entry(out: &mut Vec<u8>, id: &ChitchatId, node_digest: &NodeDigest) {
 }
 
 fn encodable(id: &ChitchatId) -> bool {
-    id.node_id.len() <= u16::MAX as usize
+    id.node_id.len() <= MAX_STRING_LEN
 }
 
 impl Encoder {
@@ -76,7 +81,7 @@ impl Encoder {
         let mut written = 0;
         let mut skipped = 0;
         for (id, node_digest) in entries {
-            if !encodable(id) || writer.upper_bound_after(entry_len(id)) > max_len {
+            if !encodable(id) || writer.upper_bound_after(digest_entry_len(id)) > max_len {
                 skipped += 1;
                 continue;
             }
@@ -123,11 +128,11 @@ fn encode_digest_v0<'a>(
 ) -> DigestEncoding {
     let start = out.len();
     put_u16(out, 0);
-    let mut len = 2;
+    let mut len = V0_DIGEST_COUNT_LEN;
     let mut written = 0;
     let mut skipped = 0;
     for (id, node_digest) in entries {
-        let entry_len = entry_len(id);
+        let entry_len = digest_entry_len(id);
         if written == MAX_V0_ENTRIES || !encodable(id) || len + entry_len > max_len {
             skipped += 1;
             continue;
@@ -143,36 +148,6 @@ fn encode_digest_v0<'a>(
         len,
         written,
         skipped,
-    }
-}
-
-/// A node id borrowed from a datagram (or from an owned id). Its order is `ChitchatId`'s:
-/// name bytes, then generation, then address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ChitchatIdRef<'a> {
-    pub node_id: &'a str,
-    pub generation_id: u64,
-    pub gossip_advertise_addr: SocketAddr,
-}
-
-impl<'a> From<&'a ChitchatId> for ChitchatIdRef<'a> {
-    fn from(id: &'a ChitchatId) -> Self {
-        ChitchatIdRef {
-            node_id: &id.node_id,
-            generation_id: id.generation_id,
-            gossip_advertise_addr: id.gossip_advertise_addr,
-        }
-    }
-}
-
-impl ChitchatIdRef<'_> {
-    pub fn to_owned_id(&self) -> ChitchatId {
-        ChitchatId::new(self.node_id, self.generation_id, self.gossip_advertise_addr)
-    }
-
-    /// Compares with an owned id, in `ChitchatId` order.
-    pub fn cmp_id(&self, id: &ChitchatId) -> Ordering {
-        self.cmp(&ChitchatIdRef::from(id))
     }
 }
 
@@ -218,10 +193,12 @@ impl<'a> DigestView<'a> {
         &self.entries
     }
 
+    /// Distinct ids in the digest.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    /// True for the empty digest (a node that knows nobody, not even itself).
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -234,6 +211,7 @@ impl<'a> DigestView<'a> {
             .map(|i| self.entries[i].1)
     }
 
+    /// An owned copy (allocates an id per entry).
     pub fn to_digest(&self) -> Digest {
         Digest {
             node_digests: self
@@ -268,7 +246,8 @@ pub(crate) fn decode_digest_view<'i: 'o, 'o>(
         ProtocolVersion::V0 => {
             let count = reader.u16("digest entry count")?;
             // Bounded by what the bytes left can hold, whatever the count claims.
-            let mut entries = Vec::with_capacity(usize::from(count).min(reader.len() / 24));
+            let mut entries =
+                Vec::with_capacity(usize::from(count).min(reader.len() / NODE_DIGEST_LEN));
             for _ in 0..count {
                 entries.push(read_entry_ref(reader)?);
             }

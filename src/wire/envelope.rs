@@ -1,22 +1,58 @@
 //! The datagram: magic `53 B0`, version byte, message-type byte, then the body
 //! (Syn = digest + cluster id, SynAck = digest + delta, Ack = delta, BadCluster = nothing).
 
+use super::codec::{Decoder, Encoder};
 use super::delta::decode_delta_with;
 use super::digest::{DigestView, decode_digest_view};
-use super::primitives::{Reader, put_str, put_u8, put_u16};
-use super::{
-    DecodeError, Decoder, EncodeError, Encoder, MAGIC_NUMBER, MESSAGE_TYPE_ACK as ACK,
-    MESSAGE_TYPE_BAD_CLUSTER as BAD_CLUSTER, MESSAGE_TYPE_SYN as SYN,
-    MESSAGE_TYPE_SYN_ACK as SYN_ACK,
-};
+use super::error::{DecodeError, EncodeError};
+use super::format::{MAGIC_NUMBER, MAX_STRING_LEN, MessageType, body_budget};
+use super::primitives::{Reader, put_str, put_u8, put_u16, str_len};
 use crate::message::{ChitchatEnvelope, ChitchatMessage, Delta, ProtocolVersion};
 
+impl MessageType {
+    /// The type byte an owned message is sent with.
+    pub fn of(message: &ChitchatMessage) -> Self {
+        match message {
+            ChitchatMessage::Syn { .. } => MessageType::Syn,
+            ChitchatMessage::SynAck { .. } => MessageType::SynAck,
+            ChitchatMessage::Ack { .. } => MessageType::Ack,
+            ChitchatMessage::BadCluster => MessageType::BadCluster,
+        }
+    }
+}
+
+/// Bytes a Syn's digest may take: the datagram minus the header and the cluster id after it.
+pub(crate) fn syn_digest_budget(cluster_id: &str) -> usize {
+    body_budget(str_len(cluster_id))
+}
+
+/// Appends a Syn's trailing cluster id. The config validation bounds cluster ids to what the u16
+/// length carries; a longer one (never valid) would be cut rather than corrupt the datagram.
+pub(crate) fn put_cluster_id(out: &mut Vec<u8>, cluster_id: &str) {
+    let len = cluster_id.len().min(MAX_STRING_LEN);
+    // `len` ≤ u16::MAX by the line above.
+    put_u16(out, len as u16);
+    out.extend_from_slice(&cluster_id.as_bytes()[..len]);
+}
+
+/// Decodes one datagram with a fresh [`Decoder`]; prefer a long-lived `Decoder` on hot paths.
+pub fn decode_envelope(bytes: &[u8]) -> Result<ChitchatEnvelope, DecodeError> {
+    Decoder::new().decode_envelope(bytes)
+}
+
+/// Encodes one envelope with a fresh [`Encoder`]; prefer a long-lived `Encoder` on hot paths.
+pub fn encode_envelope(envelope: &ChitchatEnvelope) -> Result<Vec<u8>, EncodeError> {
+    let mut out = Vec::new();
+    Encoder::new().encode_envelope(envelope, &mut out)?;
+    Ok(out)
+}
+
 impl Encoder {
-    /// Appends magic, version byte, message-type byte.
-    pub fn write_header(out: &mut Vec<u8>, version: ProtocolVersion, message_type: u8) {
+    /// Appends magic, version byte, message-type byte: how every datagram starts.
+    pub fn write_header(out: &mut Vec<u8>, version: ProtocolVersion, message_type: MessageType) {
         put_u16(out, MAGIC_NUMBER);
         put_u8(out, version.to_code());
-        put_u8(out, message_type);
+        put_u8(out, message_type.code());
     }
 
     /// Appends the whole datagram (header + body) to `out`; deltas are not truncated. On error
@@ -40,7 +76,7 @@ impl Encoder {
         out: &mut Vec<u8>,
     ) -> Result<(), EncodeError> {
         let version = envelope.version;
-        Encoder::write_header(out, version, envelope.message.type_code());
+        Encoder::write_header(out, version, MessageType::of(&envelope.message));
         match &envelope.message {
             ChitchatMessage::Syn { cluster_id, digest } => {
                 self.encode_owned_digest(version, digest, out)?;
@@ -63,27 +99,40 @@ impl Encoder {
 /// owned, since their key-values are stored anyway.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvelopeView<'a> {
+    /// The version the datagram was encoded in (a reply echoes it).
     pub version: ProtocolVersion,
+    /// The message.
     pub message: MessageView<'a>,
 }
 
+/// [`ChitchatMessage`] with borrowed digests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MessageView<'a> {
+    /// Opens a handshake.
     Syn {
+        /// The sender's cluster: another cluster's Syn gets BadCluster.
         cluster_id: &'a str,
+        /// What the sender knows.
         digest: DigestView<'a>,
     },
+    /// Answers a Syn.
     SynAck {
+        /// What the sender knows.
         digest: DigestView<'a>,
+        /// What the sender found the Syn's author missing.
         delta: Delta,
     },
+    /// Answers a SynAck.
     Ack {
+        /// What the sender found the SynAck's author missing.
         delta: Delta,
     },
+    /// Answers a Syn of another cluster.
     BadCluster,
 }
 
 impl EnvelopeView<'_> {
+    /// An owned copy (allocates the digest's ids and clones the delta).
     pub fn to_envelope(&self) -> ChitchatEnvelope {
         let message = match &self.message {
             MessageView::Syn { cluster_id, digest } => ChitchatMessage::Syn {
@@ -127,7 +176,7 @@ impl<'a> MessageView<'a> {
 }
 
 /// Reads and checks magic, version and message type.
-fn read_header(reader: &mut Reader<'_>) -> Result<(ProtocolVersion, u8), DecodeError> {
+fn read_header(reader: &mut Reader<'_>) -> Result<(ProtocolVersion, MessageType), DecodeError> {
     let magic = reader.u16("magic number")?;
     if magic != MAGIC_NUMBER {
         return Err(DecodeError::BadMagic(magic));
@@ -135,7 +184,8 @@ fn read_header(reader: &mut Reader<'_>) -> Result<(ProtocolVersion, u8), DecodeE
     let version_code = reader.u8("protocol version")?;
     let version = ProtocolVersion::from_code(version_code)
         .ok_or(DecodeError::UnknownVersion(version_code))?;
-    let message_type = reader.u8("message type")?;
+    let code = reader.u8("message type")?;
+    let message_type = MessageType::from_code(code).ok_or(DecodeError::UnknownMessageType(code))?;
     Ok((version, message_type))
 }
 
@@ -153,26 +203,25 @@ impl Decoder {
         let mut reader = Reader::new(bytes);
         let (version, message_type) = read_header(&mut reader)?;
         let message = match message_type {
-            SYN => {
+            MessageType::Syn => {
                 let digest =
                     decode_digest_view(version, &mut reader, dctx.as_mut(), block, digest_stream)?;
                 let cluster_id = reader.str("cluster id")?;
                 MessageView::Syn { cluster_id, digest }
             }
-            SYN_ACK => {
+            MessageType::SynAck => {
                 let digest =
                     decode_digest_view(version, &mut reader, dctx.as_mut(), block, digest_stream)?;
                 let delta =
                     decode_delta_with(&mut reader, dctx.as_mut(), block, stream, seen_nodes)?;
                 MessageView::SynAck { digest, delta }
             }
-            ACK => {
+            MessageType::Ack => {
                 let delta =
                     decode_delta_with(&mut reader, dctx.as_mut(), block, stream, seen_nodes)?;
                 MessageView::Ack { delta }
             }
-            BAD_CLUSTER => MessageView::BadCluster,
-            other => return Err(DecodeError::UnknownMessageType(other)),
+            MessageType::BadCluster => MessageView::BadCluster,
         };
         Ok(EnvelopeView { version, message })
     }
@@ -182,22 +231,21 @@ impl Decoder {
         let mut reader = Reader::new(bytes);
         let (version, message_type) = read_header(&mut reader)?;
         let message = match message_type {
-            SYN => {
+            MessageType::Syn => {
                 let digest = self.decode_digest(version, &mut reader)?;
                 let cluster_id = reader.str("cluster id")?.to_string();
                 ChitchatMessage::Syn { cluster_id, digest }
             }
-            SYN_ACK => {
+            MessageType::SynAck => {
                 let digest = self.decode_digest(version, &mut reader)?;
                 let delta = self.decode_delta(&mut reader)?;
                 ChitchatMessage::SynAck { digest, delta }
             }
-            ACK => {
+            MessageType::Ack => {
                 let delta = self.decode_delta(&mut reader)?;
                 ChitchatMessage::Ack { delta }
             }
-            BAD_CLUSTER => ChitchatMessage::BadCluster,
-            other => return Err(DecodeError::UnknownMessageType(other)),
+            MessageType::BadCluster => ChitchatMessage::BadCluster,
         };
         Ok(ChitchatEnvelope { version, message })
     }
@@ -210,10 +258,8 @@ mod tests {
     use super::*;
     use crate::message::{Delta, Digest, KeyValueUpdate, NodeDelta, NodeDigest};
     use crate::types::{ChitchatId, DeletionStatusMutation, Heartbeat};
+    use crate::wire::format::{HEADER_LEN, MAX_UDP_DATAGRAM_PAYLOAD_SIZE, delta_mtu};
     use crate::wire::testing::arb_envelope;
-    use crate::wire::{
-        HEADER_LEN, MAX_UDP_DATAGRAM_PAYLOAD_SIZE, decode_envelope, delta_mtu, encode_envelope,
-    };
 
     /// Parses a spaced hex dump; `|` separators are ignored.
     fn hex(dump: &str) -> Vec<u8> {
@@ -512,19 +558,28 @@ mod tests {
         let digest = Digest::default;
         let delta = Delta::default;
         let messages = [
-            (SYN, syn(ProtocolVersion::V0, "c", digest()).message),
+            (0, syn(ProtocolVersion::V0, "c", digest()).message),
             (
-                SYN_ACK,
+                1,
                 ChitchatMessage::SynAck {
                     digest: digest(),
                     delta: delta(),
                 },
             ),
-            (ACK, ChitchatMessage::Ack { delta: delta() }),
-            (BAD_CLUSTER, ChitchatMessage::BadCluster),
+            (2, ChitchatMessage::Ack { delta: delta() }),
+            (3, ChitchatMessage::BadCluster),
         ];
         for (code, message) in messages {
-            assert_eq!(message.type_code(), code);
+            assert_eq!(MessageType::of(&message).code(), code);
+            assert_eq!(
+                MessageType::from_code(code),
+                Some(MessageType::of(&message))
+            );
+            // And the byte the encoder writes.
+            assert_eq!(
+                encode_envelope(&envelope(ProtocolVersion::V0, message)).unwrap()[3],
+                code
+            );
         }
     }
 
@@ -596,7 +651,7 @@ mod tests {
         for version in [ProtocolVersion::V0, ProtocolVersion::V1] {
             let mut encoder = Encoder::new();
             let mut out = Vec::new();
-            Encoder::write_header(&mut out, version, 1);
+            Encoder::write_header(&mut out, version, MessageType::SynAck);
             let entries = digest.node_digests.iter().map(|(id, nd)| (id, *nd));
             let digest_len = encoder
                 .encode_digest(version, entries, usize::MAX, &mut out)

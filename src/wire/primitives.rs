@@ -1,17 +1,50 @@
 //! Fixed-width little-endian integers, u16-prefixed strings, IP/socket addresses and
-//! `ChitchatId`: a bounds-checked reader over `&[u8]` and the matching writers.
+//! `ChitchatId` (owned, or borrowed as [`ChitchatIdRef`]): a bounds-checked reader over `&[u8]`
+//! and the matching writers and lengths.
 
+use std::cmp::Ordering;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-use super::{DecodeError, EncodeError};
+use super::error::{DecodeError, EncodeError};
 use crate::types::ChitchatId;
-use crate::wire::digest::ChitchatIdRef;
 
 const IP_V4_TAG: u8 = 4;
 const IP_V6_TAG: u8 = 6;
-/// Largest string the u16 length prefix can describe.
-pub(crate) const MAX_STRING_LEN: usize = u16::MAX as usize;
+
+/// A node id borrowed from a datagram (or from an owned id), so decoding a digest allocates no
+/// id per entry. Its order is `ChitchatId`'s: name bytes, then generation, then address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChitchatIdRef<'a> {
+    /// The node's name.
+    pub node_id: &'a str,
+    /// Tells incarnations of one name apart (chitchat uses the start time).
+    pub generation_id: u64,
+    /// Where the node receives gossip.
+    pub gossip_advertise_addr: SocketAddr,
+}
+
+impl<'a> From<&'a ChitchatId> for ChitchatIdRef<'a> {
+    fn from(id: &'a ChitchatId) -> Self {
+        ChitchatIdRef {
+            node_id: &id.node_id,
+            generation_id: id.generation_id,
+            gossip_advertise_addr: id.gossip_advertise_addr,
+        }
+    }
+}
+
+impl ChitchatIdRef<'_> {
+    /// An owned copy, for the node states a digest makes us create.
+    pub fn to_owned_id(&self) -> ChitchatId {
+        ChitchatId::new(self.node_id, self.generation_id, self.gossip_advertise_addr)
+    }
+
+    /// Compares with an owned id, in `ChitchatId` order.
+    pub fn cmp_id(&self, id: &ChitchatId) -> Ordering {
+        self.cmp(&ChitchatIdRef::from(id))
+    }
+}
 
 /// A cursor over untrusted bytes: every read is bounds-checked and names what was missing.
 #[derive(Debug, Clone, Copy)]
@@ -134,6 +167,7 @@ pub(crate) fn put_str(out: &mut Vec<u8>, s: &str, what: &'static str) -> Result<
     Ok(())
 }
 
+/// Encoded length of a u16-prefixed string.
 pub(crate) fn str_len(s: &str) -> usize {
     2 + s.len()
 }
@@ -186,6 +220,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::wire::format::MAX_STRING_LEN;
     use crate::wire::testing::arb_socket_addr;
 
     fn encode_id(id: &ChitchatId) -> Vec<u8> {

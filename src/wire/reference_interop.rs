@@ -9,8 +9,9 @@ use chitchat::transport::{Socket, Transport, UdpTransport};
 use proptest::prelude::*;
 use tokio::runtime::Runtime;
 
+use super::codec::{Decoder, Encoder};
+use super::envelope::{decode_envelope, encode_envelope};
 use super::testing::arb_envelope;
-use super::{Decoder, Encoder, decode_envelope, encode_envelope};
 use crate::message::{ChitchatEnvelope, ChitchatMessage, Delta, Digest, ProtocolVersion};
 
 /// A real chitchat UDP socket and a plain socket of ours talking to it over loopback.

@@ -1,5 +1,6 @@
 //! Writes Syn, SynAck and Ack datagrams straight from the cluster state into a buffer (no
-//! intermediate message), within the 65 507-byte datagram budget.
+//! intermediate message), within the datagram budget. What goes into a message, and in which
+//! order, is decided here; how many bytes each part takes is the wire's to say.
 
 use std::cell::RefCell;
 use std::time::Instant;
@@ -10,22 +11,15 @@ use tracing::warn;
 use crate::message::{ChitchatEnvelope, NodeDigest, ProtocolVersion};
 use crate::protocol::cluster_state::{ClusterState, node_digest};
 use crate::protocol::delta_plan::{DeltaSink, DeltaSummary, write_delta};
-use crate::protocol::failure_detector::ScheduledForDeletion;
-use crate::protocol::node_state::chitchat_id_wire_len;
+use crate::protocol::node_state::ScheduledForDeletion;
 use crate::types::{ChitchatId, DeletionStatusMutation, Version, VersionedValue};
 use crate::wire::{
-    self, DecodeError, Decoder, DeltaWriter, DigestView, Encoder, EnvelopeView, HEADER_LEN,
-    MAX_UDP_DATAGRAM_PAYLOAD_SIZE,
+    self, DecodeError, Decoder, DeltaWriter, DigestView, Encoder, EnvelopeView, MessageType,
 };
 
 /// Room a SynAck keeps for its delta when the digest alone would fill the datagram: the digest
 /// is then sent partial rather than leaving no room (the reference panics there).
 pub const MIN_SYN_ACK_DELTA_BUDGET: usize = 4_096;
-
-const TYPE_SYN: u8 = 0;
-const TYPE_SYN_ACK: u8 = 1;
-const TYPE_ACK: u8 = 2;
-const TYPE_BAD_CLUSTER: u8 = 3;
 
 /// What handling one message produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,7 +28,9 @@ pub struct ReplyOutcome {
     pub version: ProtocolVersion,
     /// A reply was written.
     pub replied: bool,
+    /// The reply's digest left nodes out for lack of room.
     pub digest_truncated: bool,
+    /// The reply's delta left stale data behind for lack of room.
     pub delta_truncated: bool,
 }
 
@@ -107,9 +103,10 @@ fn write_digest<R: Rng>(
             .filter(|(id, state)| !scheduled.contains(id, state))
             .map(|(id, state)| (id, node_digest(state)))
     };
-    let (count, plain_len) = entries().fold((0usize, 2usize), |(count, len), (id, _)| {
-        (count + 1, len + chitchat_id_wire_len(id) + 24)
-    });
+    let (count, plain_len) = entries().fold(
+        (0usize, wire::V0_DIGEST_COUNT_LEN),
+        |(count, len), (id, _)| (count + 1, len + wire::digest_entry_len(id)),
+    );
     if plain_len <= budget || count < 2 {
         let encoding =
             with_encoder(|encoder| encoder.encode_digest(version, entries(), budget, out));
@@ -143,13 +140,10 @@ pub(crate) fn write_syn<R: Rng>(
     rng: &mut R,
     out: &mut Vec<u8>,
 ) -> bool {
-    Encoder::write_header(out, version, TYPE_SYN);
-    let budget = MAX_UDP_DATAGRAM_PAYLOAD_SIZE - HEADER_LEN - (2 + cluster_id.len());
+    Encoder::write_header(out, version, MessageType::Syn);
+    let budget = wire::syn_digest_budget(cluster_id);
     let (_, truncated) = write_digest(cluster_state, self_id, scheduled, version, budget, rng, out);
-    // The config validation bounds the cluster id to what a u16 length carries.
-    let len = u16::try_from(cluster_id.len()).unwrap_or(u16::MAX);
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&cluster_id.as_bytes()[..usize::from(len)]);
+    wire::put_cluster_id(out, cluster_id);
     truncated
 }
 
@@ -166,8 +160,8 @@ pub(crate) fn write_syn_ack<R: Rng>(
     out: &mut Vec<u8>,
     deadline: Option<Instant>,
 ) -> (bool, DeltaSummary) {
-    Encoder::write_header(out, version, TYPE_SYN_ACK);
-    let digest_budget = MAX_UDP_DATAGRAM_PAYLOAD_SIZE - HEADER_LEN - MIN_SYN_ACK_DELTA_BUDGET;
+    Encoder::write_header(out, version, MessageType::SynAck);
+    let digest_budget = wire::body_budget(MIN_SYN_ACK_DELTA_BUDGET);
     let (digest_len, digest_truncated) = write_digest(
         cluster_state,
         self_id,
@@ -200,7 +194,7 @@ pub(crate) fn write_ack<R: Rng>(
     out: &mut Vec<u8>,
     deadline: Option<Instant>,
 ) -> DeltaSummary {
-    Encoder::write_header(out, version, TYPE_ACK);
+    Encoder::write_header(out, version, MessageType::Ack);
     let mtu = wire::delta_mtu(0);
     append_delta(
         cluster_state,
@@ -239,5 +233,5 @@ fn append_delta<R: Rng>(
 }
 
 pub(crate) fn write_bad_cluster(version: ProtocolVersion, out: &mut Vec<u8>) {
-    Encoder::write_header(out, version, TYPE_BAD_CLUSTER);
+    Encoder::write_header(out, version, MessageType::BadCluster);
 }
