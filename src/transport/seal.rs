@@ -203,7 +203,10 @@ pub enum KeyFileError {
     #[error("key file {path} is {len} bytes, more than a key file can be ({max})")]
     TooBig { path: PathBuf, len: u64, max: u64 },
     #[error("line {line}: {problem}")]
-    Line { line: usize, problem: KeyLineProblem },
+    Line {
+        line: usize,
+        problem: KeyLineProblem,
+    },
     #[error("the key file holds no key (only blank lines and # comments)")]
     NoKeys,
 }

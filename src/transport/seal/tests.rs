@@ -34,7 +34,11 @@ fn round_trip_at_empty_one_kilobyte_and_the_budget() {
         assert!(buf.len() <= MAX_DATAGRAM_LEN);
         assert_eq!(buf[..2], SEAL_MAGIC);
         if len > 0 {
-            assert_ne!(buf[SEAL_HEADER_LEN..buf.len() - TAG_LEN], body[..], "encrypted");
+            assert_ne!(
+                buf[SEAL_HEADER_LEN..buf.len() - TAG_LEN],
+                body[..],
+                "encrypted"
+            );
         }
         let opened = ring.open_in_place(&label, &mut buf).unwrap();
         assert_eq!(&buf[opened.plaintext.clone()], &body[..]);
@@ -51,7 +55,8 @@ fn seal_reserved_matches_the_encoder_workflow() {
     reserve_header(&mut buf);
     buf.extend_from_slice(b"hello");
     let capacity = buf.capacity();
-    ring.seal_reserved(&label, stamp(1, 2, 3), &mut buf).unwrap();
+    ring.seal_reserved(&label, stamp(1, 2, 3), &mut buf)
+        .unwrap();
     assert_eq!(buf.capacity(), capacity, "no reallocation");
     let range = ring.open_in_place(&label, &mut buf).unwrap().plaintext;
     assert_eq!(&buf[range], b"hello");
@@ -80,7 +85,9 @@ fn a_plaintext_over_the_budget_is_refused_at_seal_time() {
     let ring = Keyring::new(key(1));
     let label = ClusterLabel::new("prod");
     let mut buf = plaintext(MAX_SEALED_PLAINTEXT + 1);
-    let err = ring.seal_in_place(&label, stamp(1, 1, 1), &mut buf).unwrap_err();
+    let err = ring
+        .seal_in_place(&label, stamp(1, 1, 1), &mut buf)
+        .unwrap_err();
     assert_eq!(
         err,
         SealError::TooLarge {
@@ -157,7 +164,10 @@ fn tampering_any_byte_is_rejected() {
     }
     // Truncation anywhere and an appended byte too.
     for len in 0..datagram.len() {
-        assert!(ring.open_in_place(&label, &mut datagram[..len].to_vec()).is_err());
+        assert!(
+            ring.open_in_place(&label, &mut datagram[..len].to_vec())
+                .is_err()
+        );
     }
     let mut longer = datagram.clone();
     longer.push(0);
@@ -205,8 +215,9 @@ fn our_decoder_rejects_sealed_datagrams_as_foreign() {
 #[test]
 fn rotation_in_three_steps_keeps_every_pair_talking() {
     let label = ClusterLabel::new("prod");
-    let nodes: Vec<Arc<KeyringHandle>> =
-        (0..3).map(|_| KeyringHandle::new(Keyring::new(key(1)))).collect();
+    let nodes: Vec<Arc<KeyringHandle>> = (0..3)
+        .map(|_| KeyringHandle::new(Keyring::new(key(1))))
+        .collect();
     let old = key(1).id();
     let new = key(2).id();
     let all_pairs_open = |step: &str| {
@@ -323,7 +334,10 @@ fn key_file_parsing() {
     };
     let (line, problem) = line_of(&format!("{k1}\n\nnot base64!\n"));
     assert_eq!(line, 3);
-    assert!(matches!(problem, KeyLineProblem::BadKey(KeyError::NotBase64(_))));
+    assert!(matches!(
+        problem,
+        KeyLineProblem::BadKey(KeyError::NotBase64(_))
+    ));
     let short = base64::engine::general_purpose::STANDARD.encode([0u8; 16]);
     assert_eq!(
         line_of(&format!("# x\n{short}\n")),
@@ -381,7 +395,10 @@ fn replay_guard_accepts_fresh_and_rejects_duplicates_and_old() {
     assert_eq!(guard.check(&stamp(1, 11, 1_001)), Ok(()));
     assert_eq!(guard.check(&stamp(1, 11, 1_001)), Err(OpenError::Replayed));
     // Further behind than the sequence window: too old to tell, rejected.
-    assert_eq!(guard.check(&stamp(1, 12 + REPLAY_WINDOW_SEQS, 1_003)), Ok(()));
+    assert_eq!(
+        guard.check(&stamp(1, 12 + REPLAY_WINDOW_SEQS, 1_003)),
+        Ok(())
+    );
     assert_eq!(guard.check(&stamp(1, 12, 1_002)), Err(OpenError::TooOld));
     assert_eq!(guard.check(&stamp(1, 13, 1_002)), Ok(()));
     // A fresh sequence number but sender time more than 30 s behind its newest: rejected
@@ -432,7 +449,10 @@ fn replay_guard_memory_is_bounded_under_a_flood_of_sessions() {
     }
     assert_eq!(guard.len(), 256);
     let last = 6 + 99_968;
-    assert_eq!(guard.check(&stamp(u64::MAX, last, 0)), Err(OpenError::Replayed));
+    assert_eq!(
+        guard.check(&stamp(u64::MAX, last, 0)),
+        Err(OpenError::Replayed)
+    );
     assert_eq!(guard.check(&stamp(u64::MAX, last - 1, 0)), Ok(()));
     // The newest flood sessions are remembered, the oldest evicted.
     assert_eq!(guard.check(&stamp(99_999, 0, 0)), Err(OpenError::Replayed));
@@ -530,7 +550,11 @@ fn shared_types_are_send_and_sync() {
             .collect();
         workers.into_iter().map(|w| w.join().unwrap()).sum()
     });
-    assert_eq!(opened, datagrams.len(), "each datagram accepted once over all workers");
+    assert_eq!(
+        opened,
+        datagrams.len(),
+        "each datagram accepted once over all workers"
+    );
 }
 
 #[test]
