@@ -37,6 +37,7 @@ use std::sync::Arc;
 pub(crate) mod channel;
 pub(crate) mod epoll;
 pub(crate) mod faults;
+pub mod seal;
 pub(crate) mod udp;
 pub(crate) mod uring;
 
