@@ -1,4 +1,5 @@
 #![doc = include_str!("../README.md")]
+#![warn(missing_docs, unreachable_pub)]
 
 pub mod bench_support;
 pub mod clock;
@@ -8,7 +9,6 @@ mod dns;
 pub mod loadgen;
 pub mod message;
 pub mod protocol;
-mod runtime;
 pub mod server;
 pub mod transport;
 pub mod types;
