@@ -392,9 +392,9 @@ impl Worker {
                     Command::Backend(ChannelCommand::Deliver(inc)) => match inc.at {
                         // Even if already due: the queue releases them in deadline order, which
                         // is what reorders them (a late wake-up must not restore the send order).
-                        Some(at) => self.arriving.push_delayed(Delayed::new(
-                            at, inc.id, inc.from, inc.from, inc.data,
-                        )),
+                        Some(at) => self
+                            .arriving
+                            .push_delayed(Delayed::new(at, inc.id, inc.from, inc.from, inc.data)),
                         None => self.ready.push(inc),
                     },
                     Command::Close { id, ack } => {

@@ -190,7 +190,10 @@ impl Worker {
         let commands = std::mem::take(&mut self.commands);
         for command in commands {
             match command {
-                Command::Backend(UdpCommand::Open { ep: udp, socket: fd }) => {
+                Command::Backend(UdpCommand::Open {
+                    ep: udp,
+                    socket: fd,
+                }) => {
                     let s = match self.eps.iter().position(Option::is_none) {
                         Some(s) => s,
                         None => {

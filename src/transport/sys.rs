@@ -100,10 +100,7 @@ fn storage_bytes(storage: &libc::sockaddr_storage, len: usize) -> &[u8] {
     // SAFETY: `storage` is a live, initialised value of at least `len` bytes, borrowed for the
     // lifetime of the returned slice; any byte pattern is a valid u8.
     unsafe {
-        std::slice::from_raw_parts(
-            (storage as *const libc::sockaddr_storage).cast::<u8>(),
-            len,
-        )
+        std::slice::from_raw_parts((storage as *const libc::sockaddr_storage).cast::<u8>(), len)
     }
 }
 
@@ -364,9 +361,7 @@ impl SendBatch {
     pub(crate) fn new(n: usize) -> SendBatch {
         // SAFETY: mmsghdr is integers and raw pointers: all-zero (null) is valid.
         let msg: libc::mmsghdr = unsafe { std::mem::zeroed() };
-        SendBatch {
-            msgs: vec![msg; n],
-        }
+        SendBatch { msgs: vec![msg; n] }
     }
 
     /// Messages one call can carry.
@@ -385,14 +380,8 @@ impl SendBatch {
         let msgs = &mut self.msgs[range];
         // SAFETY: each message was set from a SendHeader whose name, iovec and payload are
         // still in place (the caller's contract on `set`); the slice is exclusively borrowed.
-        let r = unsafe {
-            libc::sendmmsg(
-                fd,
-                msgs.as_mut_ptr(),
-                msgs.len() as u32,
-                libc::MSG_DONTWAIT,
-            )
-        };
+        let r =
+            unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), msgs.len() as u32, libc::MSG_DONTWAIT) };
         if r < 0 {
             Err(last_errno())
         } else {

@@ -145,7 +145,10 @@ impl<M> std::fmt::Debug for Runtime<M> {
 
 impl<M: Send + 'static> Runtime<M> {
     /// Starts `workers` threads running `backend`'s loop and waits until each reported its setup.
-    fn start<B: Backend<Command = M>>(backend: B, workers: usize) -> Result<Arc<Runtime<M>>, String> {
+    fn start<B: Backend<Command = M>>(
+        backend: B,
+        workers: usize,
+    ) -> Result<Arc<Runtime<M>>, String> {
         let n = workers.max(1);
         let mut shared = Vec::with_capacity(n);
         for _ in 0..n {

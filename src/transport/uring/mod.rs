@@ -412,7 +412,10 @@ impl Worker {
         let eps = &self.eps;
         self.out.queue_due_delayed(|id| {
             eps.iter()
-                .position(|e| e.as_ref().is_some_and(|e| e.udp.core.id == id && !e.closing))
+                .position(|e| {
+                    e.as_ref()
+                        .is_some_and(|e| e.udp.core.id == id && !e.closing)
+                })
                 .map(|p| p as u32)
         });
     }
