@@ -8,7 +8,6 @@ mod control;
 mod dns;
 pub mod message;
 pub mod protocol;
-mod runtime;
 pub mod server;
 pub mod transport;
 pub mod types;

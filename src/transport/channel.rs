@@ -7,21 +7,22 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::bail;
 use parking_lot::Mutex;
 
-use crate::runtime::{
-    Backend, BatchScratch, Command, DelayQueue, Delayed, EndpointCore, Incoming, Ready, Runtime,
-    RuntimeConfig, SlotPool, WorkerCtx, WorkerShared, bump, call_handler, deadline_after,
-    default_workers, endpoint_panicked, get_runtime, until,
-};
-use crate::transport::faults::{FaultInjector, Faults};
-use crate::transport::{
+use crate::transport::api::{
     Datagram, DatagramHandler, Endpoint, EndpointStats, Transport, TransportKind,
 };
+use crate::transport::delay_queue::{DelayQueue, Delayed, deadline_after};
+use crate::transport::dispatch::{BatchScratch, EndpointCore, Outbox, bump};
+use crate::transport::faults::{FaultInjector, Faults};
+use crate::transport::runtime::{
+    Backend, Command, Ready, Runtime, WorkerCtx, WorkerShared, default_workers, get_runtime,
+};
+use crate::transport::sys;
 
 /// Datagrams that may wait for one endpoint before new ones are dropped (the reference bounds
 /// each socket's queue too, at 100).
@@ -30,7 +31,9 @@ const MAX_BACKLOG: usize = 1024;
 /// Traffic counters of a channel network: every send attempt, including dropped ones.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Statistics {
+    /// Bytes of every message sent.
     pub num_bytes_total: u64,
+    /// Messages sent.
     pub num_messages_total: u64,
 }
 
@@ -92,6 +95,7 @@ impl ChannelTransport {
         self
     }
 
+    /// Traffic counters of the whole network.
     pub fn statistics(&self) -> Statistics {
         self.network.state.lock().statistics
     }
@@ -115,15 +119,8 @@ impl ChannelTransport {
     }
 }
 
-fn channel_runtime() -> Result<Arc<Runtime>, String> {
-    get_runtime(&RuntimeConfig {
-        backend: Backend::Channel,
-        workers: default_workers(),
-        ring_entries: 0,
-        recv_buffers: 0,
-        recv_buffer_len: 0,
-        send_slots: 64,
-    })
+fn channel_runtime() -> Result<Arc<Runtime<ChannelCommand>>, String> {
+    get_runtime(&ChannelBackend { send_slots: 64 }, default_workers())
 }
 
 impl Transport for ChannelTransport {
@@ -150,29 +147,27 @@ impl Transport for ChannelTransport {
         if st.endpoints.contains_key(&addr) {
             bail!("Address not available `{addr}`");
         }
-        let salt = addr_salt(addr);
-        let core = Arc::new(EndpointCore::new(
-            addr,
-            handler,
-            FaultInjector::new(&self.faults, salt),
-            Some(self.network.clone()),
-        ));
-        // Queued before the route exists, so no datagram can overtake the Open.
-        worker.push(Command::Open {
-            core: core.clone(),
-            socket: None,
+        let ep = Arc::new(ChannelCore {
+            core: EndpointCore::new(
+                addr,
+                handler,
+                FaultInjector::for_endpoint(&self.faults, addr),
+            ),
+            network: self.network.clone(),
+            backlog: AtomicUsize::new(0),
         });
+        // Queued before the route exists, so no datagram can overtake the Open.
+        worker.push_backend(ChannelCommand::Open(ep.clone()));
         st.endpoints.insert(
             addr,
             Route {
-                core: core.clone(),
+                ep: ep.clone(),
                 worker: worker.clone(),
             },
         );
         drop(st);
         Ok(Box::new(ChannelEndpoint {
-            core,
-            network: self.network.clone(),
+            ep,
             runtime,
             worker: worker_index,
             closed: AtomicBool::new(false),
@@ -180,16 +175,34 @@ impl Transport for ChannelTransport {
     }
 }
 
-/// Mixes an address into the fault seed so endpoints sharing a seed draw differently.
-pub(crate) fn addr_salt(addr: SocketAddr) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    addr.hash(&mut h);
-    h.finish()
+/// A channel endpoint as its handle, its route and its worker see it.
+struct ChannelCore {
+    core: EndpointCore,
+    /// The network it is registered in (to free its address after a panic).
+    network: Arc<Network>,
+    /// Datagrams queued for this endpoint, bounded like the reference's mpsc.
+    backlog: AtomicUsize,
+}
+
+/// A datagram travelling through the in-memory network to a channel worker.
+struct Incoming {
+    id: u64,
+    from: SocketAddr,
+    data: Vec<u8>,
+    /// When the delay fault releases it (`None`: at once).
+    at: Option<Instant>,
+}
+
+/// What a channel worker is asked to do besides closing and shutting down.
+enum ChannelCommand {
+    /// Serve this endpoint.
+    Open(Arc<ChannelCore>),
+    /// A datagram for one of its endpoints.
+    Deliver(Incoming),
 }
 
 /// The shared in-memory network.
-pub(crate) struct Network {
+struct Network {
     mtu: Option<usize>,
     state: Mutex<NetState>,
 }
@@ -202,15 +215,15 @@ struct NetState {
 }
 
 struct Route {
-    core: Arc<EndpointCore>,
-    worker: Arc<WorkerShared>,
+    ep: Arc<ChannelCore>,
+    worker: Arc<WorkerShared<ChannelCommand>>,
 }
 
 impl Network {
     /// Frees `addr` if endpoint `id` still holds it.
-    pub(crate) fn unregister(&self, addr: SocketAddr, id: u64) {
+    fn unregister(&self, addr: SocketAddr, id: u64) {
         let mut st = self.state.lock();
-        if st.endpoints.get(&addr).is_some_and(|r| r.core.id == id) {
+        if st.endpoints.get(&addr).is_some_and(|r| r.ep.core.id == id) {
             st.endpoints.remove(&addr);
         }
     }
@@ -253,8 +266,8 @@ impl Network {
         };
         let copies = if duplicate { 2 } else { 1 };
         for (k, delay) in delays.iter().enumerate().take(copies) {
-            if route.core.backlog.fetch_add(1, Ordering::Relaxed) >= MAX_BACKLOG {
-                route.core.backlog.fetch_sub(1, Ordering::Relaxed);
+            if route.ep.backlog.fetch_add(1, Ordering::Relaxed) >= MAX_BACKLOG {
+                route.ep.backlog.fetch_sub(1, Ordering::Relaxed);
                 continue;
             }
             let bytes = if k + 1 == copies {
@@ -262,12 +275,12 @@ impl Network {
             } else {
                 data.clone()
             };
-            route.worker.deliver(Incoming {
-                id: route.core.id,
+            route.worker.push_backend(ChannelCommand::Deliver(Incoming {
+                id: route.ep.core.id,
                 from,
                 data: bytes,
                 at: delay.map(|d| deadline_after(now, d)),
-            });
+            }));
         }
         Ok(())
     }
@@ -275,16 +288,15 @@ impl Network {
 
 /// A channel endpoint handle.
 struct ChannelEndpoint {
-    core: Arc<EndpointCore>,
-    network: Arc<Network>,
-    runtime: Arc<Runtime>,
+    ep: Arc<ChannelCore>,
+    runtime: Arc<Runtime<ChannelCommand>>,
     worker: usize,
     closed: AtomicBool,
 }
 
 impl Endpoint for ChannelEndpoint {
     fn local_addr(&self) -> SocketAddr {
-        self.core.local_addr
+        self.ep.core.local_addr
     }
 
     fn kind(&self) -> TransportKind {
@@ -292,26 +304,27 @@ impl Endpoint for ChannelEndpoint {
     }
 
     fn send_to(&self, to: SocketAddr, payload: &[u8]) -> io::Result<()> {
-        if self.core.is_closed() {
+        if self.ep.core.is_closed() {
             return Err(io::Error::new(
                 io::ErrorKind::NotConnected,
                 "endpoint closed",
             ));
         }
-        self.network.send(&self.core, to, payload)
+        self.ep.network.send(&self.ep.core, to, payload)
     }
 
     fn close(&self) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.core.closed.store(true, Ordering::Release);
-        self.network.unregister(self.core.local_addr, self.core.id);
-        self.runtime.close_endpoint(self.core.id, Some(self.worker));
+        let core = &self.ep.core;
+        core.mark_closed();
+        self.ep.network.unregister(core.local_addr, core.id);
+        self.runtime.close_endpoint(core.id, Some(self.worker));
     }
 
     fn stats(&self) -> EndpointStats {
-        self.core.stats.snapshot()
+        self.ep.core.stats.snapshot()
     }
 }
 
@@ -325,71 +338,76 @@ impl Drop for ChannelEndpoint {
 // Channel worker
 // ---------------------------------------------------------------------------------------------
 
-struct Worker {
-    ctx: WorkerCtx,
-    eps: HashMap<u64, Arc<EndpointCore>>,
-    inbox: Vec<Incoming>,
-    ready: Vec<Incoming>,
-    pool: SlotPool,
-    queued: Vec<u32>,
-    batch: BatchScratch,
-    delayed: DelayQueue,
-    commands: Vec<Command>,
-    shutdown: bool,
+/// The in-memory backend: workers that take datagrams from their queue instead of a socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ChannelBackend {
+    send_slots: usize,
 }
 
-pub(crate) fn run_worker(ctx: WorkerCtx, ready: Ready) {
-    ready(Ok(()));
-    let mut w = Worker {
-        pool: SlotPool::new(ctx.config.send_slots),
-        ctx,
-        eps: HashMap::new(),
-        inbox: Vec::new(),
-        ready: Vec::new(),
-        queued: Vec::new(),
-        batch: BatchScratch::default(),
-        delayed: DelayQueue::default(),
-        commands: Vec::new(),
-        shutdown: false,
-    };
-    w.run();
+impl Backend for ChannelBackend {
+    type Command = ChannelCommand;
+    const NAME: &'static str = "chan";
+
+    fn run_worker(&self, ctx: WorkerCtx<ChannelCommand>, ready: Ready) {
+        ready(Ok(()));
+        let mut w = Worker {
+            out: Outbox::new(self.send_slots),
+            ctx,
+            eps: HashMap::new(),
+            ready: Vec::new(),
+            batch: BatchScratch::default(),
+            arriving: DelayQueue::default(),
+            commands: Vec::new(),
+            shutdown: false,
+        };
+        w.run();
+    }
+}
+
+struct Worker {
+    ctx: WorkerCtx<ChannelCommand>,
+    eps: HashMap<u64, Arc<ChannelCore>>,
+    /// Datagrams to hand to their handlers this wake-up.
+    ready: Vec<Incoming>,
+    out: Outbox,
+    batch: BatchScratch,
+    /// Datagrams held back by the delay fault of their sender until due.
+    arriving: DelayQueue,
+    commands: Vec<Command<ChannelCommand>>,
+    shutdown: bool,
 }
 
 impl Worker {
     fn run(&mut self) {
         while !self.shutdown {
             self.wait();
-            // Inbox before commands: a datagram is only routed after its endpoint's Open was
-            // queued, so every datagram taken here finds its endpoint opened below.
-            self.ctx.me.take_inbox(&mut self.inbox);
+            // One queue, in order: a datagram is only routed after its endpoint's Open was
+            // queued, so every datagram taken here finds its endpoint opened before dispatch.
             self.ctx.me.take_commands(&mut self.commands);
             for command in std::mem::take(&mut self.commands) {
                 match command {
-                    Command::Open { core, .. } => {
-                        self.eps.insert(core.id, core);
+                    Command::Backend(ChannelCommand::Open(ep)) => {
+                        self.eps.insert(ep.core.id, ep);
                     }
+                    Command::Backend(ChannelCommand::Deliver(inc)) => match inc.at {
+                        // Even if already due: the queue releases them in deadline order, which
+                        // is what reorders them (a late wake-up must not restore the send order).
+                        Some(at) => self
+                            .arriving
+                            .push_delayed(Delayed::new(at, inc.id, inc.from, inc.from, inc.data)),
+                        None => self.ready.push(inc),
+                    },
                     Command::Close { id, ack } => {
                         self.eps.remove(&id);
                         if let Some(a) = ack {
                             a.ack();
                         }
                     }
-                    Command::SendLater(_) => {}
                     Command::Shutdown => self.shutdown = true,
                 }
             }
             let now = Instant::now();
-            for inc in self.inbox.drain(..) {
-                match inc.at {
-                    // Even if already due: the queue releases them in deadline order, which is
-                    // what reorders them (a late wake-up must not restore the send order).
-                    Some(at) => self
-                        .delayed
-                        .push_delayed(Delayed::new(at, inc.id, inc.from, inc.from, inc.data)),
-                    None => self.ready.push(inc),
-                }
-            }
-            while let Some(d) = self.delayed.pop_due(now) {
+            while let Some(d) = self.arriving.pop_due(now) {
                 self.ready.push(Incoming {
                     id: d.id,
                     from: d.from,
@@ -403,18 +421,8 @@ impl Worker {
 
     /// Sleeps on the eventfd until woken or the next delayed datagram is due.
     fn wait(&mut self) {
-        let timeout = match until(self.delayed.next_deadline()) {
-            None => -1,
-            Some(d) => d.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
-        };
-        let mut pfd = libc::pollfd {
-            fd: self.ctx.me.eventfd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, timeout) };
-        if n > 0 && pfd.revents & libc::POLLIN != 0 {
+        let timeout = sys::timeout_ms(self.arriving.next_wait());
+        if sys::poll_readable(self.ctx.me.eventfd(), timeout) {
             self.ctx.me.consume_eventfd();
             self.ctx.me.rearm_wake();
         }
@@ -426,8 +434,8 @@ impl Worker {
             return;
         }
         for inc in &self.ready {
-            if let Some(core) = self.eps.get(&inc.id) {
-                core.backlog.fetch_sub(1, Ordering::Relaxed);
+            if let Some(ep) = self.eps.get(&inc.id) {
+                ep.backlog.fetch_sub(1, Ordering::Relaxed);
             }
         }
         self.ready.sort_by_key(|inc| inc.id);
@@ -435,38 +443,35 @@ impl Worker {
         while k < self.ready.len() {
             let id = self.ready[k].id;
             let end = k + self.ready[k..].iter().take_while(|i| i.id == id).count();
-            if let Some(core) = self.eps.get(&id).cloned()
-                && !core.is_closed()
+            if let Some(ep) = self.eps.get(&id).cloned()
+                && !ep.core.is_closed()
             {
                 let mut batch = self.batch.take();
                 batch.extend(self.ready[k..end].iter().map(|i| Datagram {
                     from: i.from,
                     payload: &i.data,
                 }));
-                let start = self.queued.len();
-                let result = call_handler(&core, 0, &batch, &mut self.pool, &mut self.queued);
+                let start = self.out.queued.len();
+                let result = self.out.handle(&ep.core, 0, &batch);
                 self.batch.put_back(batch);
                 match result {
                     Ok(()) => {
-                        if let Some(network) = &core.network {
-                            for &i in &self.queued[start..] {
-                                let slot = self.pool.slot(i);
-                                if let Err(e) = network.send(&core, slot.to, &slot.buf) {
-                                    tracing::debug!(addr = %core.local_addr, "channel reply: {e}");
-                                }
+                        for &i in &self.out.queued[start..] {
+                            let slot = self.out.pool.slot(i);
+                            if let Err(e) = ep.network.send(&ep.core, slot.to, &slot.buf) {
+                                tracing::debug!(addr = %ep.core.local_addr, "channel reply: {e}");
                             }
                         }
                     }
                     Err(message) => {
-                        endpoint_panicked(&self.ctx, &core, message);
-                        if let Some(network) = &core.network {
-                            network.unregister(core.local_addr, core.id);
-                        }
+                        ep.core.panicked(message);
+                        self.ctx.close_on_other_workers(id);
+                        ep.network.unregister(ep.core.local_addr, id);
                         self.eps.remove(&id);
                     }
                 }
-                for i in self.queued.drain(..) {
-                    self.pool.release(i);
+                for i in self.out.queued.drain(..) {
+                    self.out.pool.release(i);
                 }
             }
             k = end;

@@ -43,6 +43,7 @@ pub struct Partition {
 }
 
 impl Partition {
+    /// An empty set: nothing blocked.
     pub fn new() -> Partition {
         Partition::default()
     }
@@ -62,6 +63,7 @@ impl Partition {
         self.blocked.write().clear();
     }
 
+    /// Whether datagrams to `addr` are dropped now.
     pub fn is_blocked(&self, addr: SocketAddr) -> bool {
         self.blocked.read().contains(&addr)
     }
@@ -106,14 +108,17 @@ impl Faults {
 /// What to do with one datagram after faults were applied to its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct FaultPlan {
-    pub drop: bool,
-    pub duplicate: bool,
+    /// Drop the datagram.
+    pub(crate) drop: bool,
+    /// Send it twice.
+    pub(crate) duplicate: bool,
     /// Delay of the original and of the duplicate.
-    pub delay: [Option<Duration>; 2],
+    pub(crate) delay: [Option<Duration>; 2],
 }
 
 impl FaultPlan {
-    pub fn is_delayed(&self) -> bool {
+    /// Whether the datagram (and its duplicate) must wait in a delay queue.
+    pub(crate) fn is_delayed(&self) -> bool {
         self.delay[0].is_some()
     }
 }
@@ -127,7 +132,7 @@ pub(crate) struct FaultInjector {
 
 impl FaultInjector {
     /// `None` when `faults` does nothing; `salt` decorrelates endpoints sharing one seed.
-    pub fn new(faults: &Faults, salt: u64) -> Option<FaultInjector> {
+    pub(crate) fn new(faults: &Faults, salt: u64) -> Option<FaultInjector> {
         if faults.is_none() {
             return None;
         }
@@ -141,8 +146,13 @@ impl FaultInjector {
         })
     }
 
+    /// The injector of the endpoint bound to `addr`: its address is the salt.
+    pub(crate) fn for_endpoint(faults: &Faults, addr: SocketAddr) -> Option<FaultInjector> {
+        FaultInjector::new(faults, addr_salt(addr))
+    }
+
     /// Decides the fate of one datagram to `to`, corrupting or truncating `buf` in place.
-    pub fn apply(&self, to: SocketAddr, buf: &mut Vec<u8>) -> FaultPlan {
+    pub(crate) fn apply(&self, to: SocketAddr, buf: &mut Vec<u8>) -> FaultPlan {
         let f = &self.faults;
         let mut plan = FaultPlan {
             drop: false,
@@ -183,6 +193,14 @@ impl FaultInjector {
         }
         plan
     }
+}
+
+/// Mixes an address into the fault seed so endpoints sharing a seed draw differently.
+fn addr_salt(addr: SocketAddr) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    addr.hash(&mut h);
+    h.finish()
 }
 
 fn chance(rng: &mut SmallRng, p: f64) -> bool {

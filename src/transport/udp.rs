@@ -3,23 +3,24 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::anyhow;
 
-use crate::runtime::{
-    Backend, Command, Delayed, EndpointCore, Runtime, RuntimeConfig, bump, deadline_after,
-    default_workers, get_runtime, is_v6, sockaddr_from_raw, sockaddr_to_raw,
-};
-use crate::transport::channel::addr_salt;
-use crate::transport::faults::{FaultInjector, Faults};
-use crate::transport::uring::RECV_HEADER_LEN;
-use crate::transport::{
+use crate::transport::api::{
     DatagramHandler, Endpoint, EndpointStats, MAX_DATAGRAM_LEN, Transport, TransportKind,
 };
+use crate::transport::delay_queue::{Delayed, deadline_after};
+use crate::transport::dispatch::{EndpointCore, bump};
+use crate::transport::epoll::EpollBackend;
+use crate::transport::faults::{FaultInjector, Faults};
+use crate::transport::runtime::{Runtime, default_workers, get_runtime};
+use crate::transport::sys;
+use crate::transport::udp_shared::{RECV_HEADER_LEN, UdpCommand, UdpCore};
+use crate::transport::uring::UringBackend;
 
 /// Environment variable that overrides [`UdpMode::Auto`]: `auto`, `uring` or `epoll`.
 pub const TRANSPORT_ENV: &str = "CHITCHAT_URING_TRANSPORT";
@@ -44,6 +45,7 @@ pub enum UdpMode {
 /// written for chitchat's unit struct (`&UdpTransport`) compiles unchanged.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UdpTransport {
+    /// Which backend: io_uring, epoll, or io_uring with a fallback to epoll.
     pub mode: UdpMode,
     /// Worker threads (one socket each); `None`: the CPUs in the process's affinity mask.
     pub workers: Option<usize>,
@@ -112,46 +114,50 @@ fn resolve_mode(mode: UdpMode, env: Option<&str>) -> Choice {
 
 static FALLBACK_WARNED: AtomicBool = AtomicBool::new(false);
 
+/// The workers serving UDP endpoints, whichever backend they run.
+type UdpRuntime = Arc<Runtime<UdpCommand>>;
+
 impl UdpTransport {
-    fn config(&self, backend: Backend, workers: usize) -> RuntimeConfig {
-        let uring = backend == Backend::Uring;
-        RuntimeConfig {
-            backend,
-            workers,
-            ring_entries: if uring {
-                self.ring_entries.clamp(8, 32_768)
-            } else {
-                0
-            },
-            recv_buffers: if uring {
-                self.recv_buffers.clamp(1, 32_768).next_power_of_two()
-            } else {
-                0
-            },
-            recv_buffer_len: self
-                .recv_buffer_len
-                .clamp(RECV_HEADER_LEN + 1, u32::MAX as usize / 2),
+    fn recv_buffer_len(&self) -> usize {
+        self.recv_buffer_len
+            .clamp(RECV_HEADER_LEN + 1, u32::MAX as usize / 2)
+    }
+
+    /// The io_uring backend this configuration asks for.
+    fn uring_backend(&self) -> UringBackend {
+        UringBackend {
+            ring_entries: self.ring_entries.clamp(8, 32_768),
+            recv_buffers: self.recv_buffers.clamp(1, 32_768).next_power_of_two(),
+            recv_buffer_len: self.recv_buffer_len(),
+            send_slots: self.send_slots.max(1),
+        }
+    }
+
+    /// The epoll backend this configuration asks for (the io_uring settings do not matter).
+    fn epoll_backend(&self) -> EpollBackend {
+        EpollBackend {
+            recv_buffer_len: self.recv_buffer_len(),
             send_slots: self.send_slots.max(1),
         }
     }
 
     /// The runtime for this configuration and what kind it is.
-    fn runtime(&self) -> anyhow::Result<(Arc<Runtime>, TransportKind)> {
+    fn runtime(&self) -> anyhow::Result<(UdpRuntime, TransportKind)> {
         let workers = self.workers.unwrap_or_else(default_workers).clamp(1, 1024);
         let env = std::env::var(TRANSPORT_ENV).ok();
-        let epoll = |reason: String| -> anyhow::Result<(Arc<Runtime>, TransportKind)> {
-            let rt = get_runtime(&self.config(Backend::Epoll, workers))
+        let epoll = |reason: String| -> anyhow::Result<(UdpRuntime, TransportKind)> {
+            let rt = get_runtime(&self.epoll_backend(), workers)
                 .map_err(|e| anyhow!("starting epoll workers: {e}"))?;
             Ok((rt, TransportKind::Epoll { reason }))
         };
         match resolve_mode(self.mode, env.as_deref()) {
             Choice::Uring => {
-                let rt = get_runtime(&self.config(Backend::Uring, workers))
+                let rt = get_runtime(&self.uring_backend(), workers)
                     .map_err(|e| anyhow!("io_uring transport unavailable: {e}"))?;
                 Ok((rt, TransportKind::Uring))
             }
             Choice::Epoll(reason) => epoll(reason),
-            Choice::Auto => match get_runtime(&self.config(Backend::Uring, workers)) {
+            Choice::Auto => match get_runtime(&self.uring_backend(), workers) {
                 Ok(rt) => Ok((rt, TransportKind::Uring)),
                 Err(reason) => {
                     if !FALLBACK_WARNED.swap(true, Ordering::Relaxed) {
@@ -173,89 +179,30 @@ impl Transport for UdpTransport {
         let (runtime, kind) = self.runtime()?;
         let nonblocking = matches!(kind, TransportKind::Epoll { .. });
         let sockets = bind_sockets(listen_addr, runtime.workers(), nonblocking)?;
-        let local_addr = local_addr(&sockets[0])
+        let local_addr = sys::local_addr(&sockets[0])
             .map_err(|e| anyhow!("getsockname for UDP socket bound to {listen_addr}: {e}"))?;
-        let send_socket = dup(&sockets[0])
+        let send_socket = sockets[0]
+            .try_clone()
             .map_err(|e| anyhow!("dup of UDP socket bound to {listen_addr}: {e}"))?;
-        let core = Arc::new(EndpointCore::new(
+        let core = EndpointCore::new(
             local_addr,
             handler,
-            FaultInjector::new(&self.faults, addr_salt(local_addr)),
-            None,
-        ));
-        *core.send_fd.write() = Some(send_socket);
+            FaultInjector::for_endpoint(&self.faults, local_addr),
+        );
+        let ep = Arc::new(UdpCore::new(core, send_socket));
         for (i, socket) in sockets.into_iter().enumerate() {
-            runtime.worker(i).push(Command::Open {
-                core: core.clone(),
-                socket: Some(socket),
+            runtime.worker(i).push_backend(UdpCommand::Open {
+                ep: ep.clone(),
+                socket,
             });
         }
         Ok(Box::new(UdpEndpoint {
-            core,
+            ep,
             runtime,
             kind,
             closed: AtomicBool::new(false),
         }))
     }
-}
-
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-fn set_int_opt(fd: &OwnedFd, level: i32, name: i32, value: i32) -> io::Result<()> {
-    // SAFETY: passes a valid int option.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&value as *const i32).cast(),
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
-}
-
-/// A UDP socket with SO_REUSEPORT and large buffers, bound to `addr`.
-fn bind_one(addr: SocketAddr, nonblocking: bool) -> io::Result<OwnedFd> {
-    let family = if is_v6(addr.ip()) {
-        libc::AF_INET6
-    } else {
-        libc::AF_INET
-    };
-    let mut ty = libc::SOCK_DGRAM | libc::SOCK_CLOEXEC;
-    if nonblocking {
-        ty |= libc::SOCK_NONBLOCK;
-    }
-    // SAFETY: plain syscall; the fd is owned right away.
-    let fd = unsafe { OwnedFd::from_raw_fd(cvt(libc::socket(family, ty, 0))?) };
-    set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
-    for (force, plain) in [
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-    ] {
-        // FORCE exceeds net.core.rmem_max when privileged; else the capped plain option.
-        if set_int_opt(&fd, libc::SOL_SOCKET, force, SOCKET_BUFFER).is_err() {
-            let _ = set_int_opt(&fd, libc::SOL_SOCKET, plain, SOCKET_BUFFER);
-        }
-    }
-    // SAFETY: all-zero sockaddr_storage, filled by sockaddr_to_raw.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = sockaddr_to_raw(addr, false, &mut storage);
-    // SAFETY: storage holds a valid sockaddr of `len` bytes.
-    cvt(unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&storage as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    })?;
-    Ok(fd)
 }
 
 /// `n` sockets on one address; port 0 is resolved by the first bind.
@@ -267,10 +214,10 @@ fn bind_sockets(
     let mut addr = listen_addr;
     let mut sockets = Vec::with_capacity(n);
     for i in 0..n {
-        let fd = bind_one(addr, nonblocking)
+        let fd = sys::bind_udp(addr, nonblocking, SOCKET_BUFFER)
             .map_err(|e| anyhow!("cannot bind UDP socket to {listen_addr}: {e}"))?;
         if i == 0 && addr.port() == 0 {
-            let bound = local_addr(&fd)
+            let bound = sys::local_addr(&fd)
                 .map_err(|e| anyhow!("getsockname for UDP socket bound to {listen_addr}: {e}"))?;
             addr.set_port(bound.port());
         }
@@ -279,69 +226,34 @@ fn bind_sockets(
     Ok(sockets)
 }
 
-fn local_addr(fd: &OwnedFd) -> io::Result<SocketAddr> {
-    // SAFETY: getsockname fills at most `len` bytes of storage.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    cvt(unsafe {
-        libc::getsockname(
-            fd.as_raw_fd(),
-            (&mut storage as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        )
-    })?;
-    // SAFETY: the kernel wrote `len` bytes.
-    let raw = unsafe {
-        std::slice::from_raw_parts(
-            (&storage as *const libc::sockaddr_storage).cast::<u8>(),
-            (len as usize).min(std::mem::size_of::<libc::sockaddr_storage>()),
-        )
-    };
-    sockaddr_from_raw(raw).ok_or_else(|| io::Error::other("unknown address family"))
-}
-
-fn dup(fd: &OwnedFd) -> io::Result<OwnedFd> {
-    fd.try_clone()
-}
-
 /// A UDP endpoint handle.
 struct UdpEndpoint {
-    core: Arc<EndpointCore>,
-    runtime: Arc<Runtime>,
+    ep: Arc<UdpCore>,
+    runtime: UdpRuntime,
     kind: TransportKind,
     closed: AtomicBool,
 }
 
 impl UdpEndpoint {
     fn raw_send(&self, fd: &OwnedFd, to: SocketAddr, payload: &[u8]) -> io::Result<()> {
-        // SAFETY: all-zero sockaddr_storage, filled by sockaddr_to_raw.
-        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let len = sockaddr_to_raw(to, self.core.local_addr.is_ipv6(), &mut storage);
-        // SAFETY: valid buffer and address; MSG_DONTWAIT so a full buffer is an error, not a
-        // stall of the caller.
-        let r = unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                payload.as_ptr().cast(),
-                payload.len(),
-                libc::MSG_DONTWAIT,
-                (&storage as *const libc::sockaddr_storage).cast(),
-                len,
-            )
-        };
-        if r < 0 {
-            bump(&self.core.stats.send_errors, 1);
-            return Err(io::Error::last_os_error());
+        let stats = &self.ep.core.stats;
+        match sys::send_to(fd, to, self.ep.core.local_addr.is_ipv6(), payload) {
+            Ok(n) => {
+                bump(&stats.datagrams_sent, 1);
+                bump(&stats.bytes_sent, n as u64);
+                Ok(())
+            }
+            Err(e) => {
+                bump(&stats.send_errors, 1);
+                Err(e)
+            }
         }
-        bump(&self.core.stats.datagrams_sent, 1);
-        bump(&self.core.stats.bytes_sent, r as u64);
-        Ok(())
     }
 }
 
 impl Endpoint for UdpEndpoint {
     fn local_addr(&self) -> SocketAddr {
-        self.core.local_addr
+        self.ep.core.local_addr
     }
 
     fn kind(&self) -> TransportKind {
@@ -350,31 +262,34 @@ impl Endpoint for UdpEndpoint {
 
     fn send_to(&self, to: SocketAddr, payload: &[u8]) -> io::Result<()> {
         let closed = || io::Error::new(io::ErrorKind::NotConnected, "endpoint closed");
-        if self.core.is_closed() {
+        let core = &self.ep.core;
+        if core.is_closed() {
             return Err(closed());
         }
-        let guard = self.core.send_fd.read();
+        let guard = self.ep.send_fd();
         let fd = guard.as_ref().ok_or_else(closed)?;
-        let Some(injector) = &self.core.faults else {
+        let Some(injector) = &core.faults else {
             return self.raw_send(fd, to, payload);
         };
         let mut buf = payload.to_vec();
         let plan = injector.apply(to, &mut buf);
         if plan.drop {
-            bump(&self.core.stats.dropped_by_faults, 1);
+            bump(&core.stats.dropped_by_faults, 1);
             return Ok(());
         }
         let copies = if plan.duplicate { 2 } else { 1 };
         if plan.is_delayed() {
             let now = Instant::now();
             for d in plan.delay.iter().take(copies).flatten() {
-                self.runtime.worker(0).push(Command::SendLater(Delayed::new(
-                    deadline_after(now, *d),
-                    self.core.id,
-                    self.core.local_addr,
-                    to,
-                    buf.clone(),
-                )));
+                self.runtime
+                    .worker(0)
+                    .push_backend(UdpCommand::SendLater(Delayed::new(
+                        deadline_after(now, *d),
+                        core.id,
+                        core.local_addr,
+                        to,
+                        buf.clone(),
+                    )));
             }
             return Ok(());
         }
@@ -388,13 +303,12 @@ impl Endpoint for UdpEndpoint {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.core.closed.store(true, Ordering::Release);
-        *self.core.send_fd.write() = None;
-        self.runtime.close_endpoint(self.core.id, None);
+        self.ep.close();
+        self.runtime.close_endpoint(self.ep.core.id, None);
     }
 
     fn stats(&self) -> EndpointStats {
-        self.core.stats.snapshot()
+        self.ep.core.stats.snapshot()
     }
 }
 
@@ -432,11 +346,11 @@ mod tests {
     }
 
     struct Nop;
-    impl crate::transport::DatagramHandler for Nop {
+    impl crate::transport::api::DatagramHandler for Nop {
         fn handle_batch(
             &self,
-            _batch: &[crate::transport::Datagram<'_>],
-            _replies: &mut dyn crate::transport::ReplySink,
+            _batch: &[crate::transport::api::Datagram<'_>],
+            _replies: &mut dyn crate::transport::api::ReplySink,
         ) {
         }
     }
@@ -452,24 +366,22 @@ mod tests {
                 workers: Some(2),
                 ..UdpTransport::DEFAULT
             };
-            let backend = if mode == UdpMode::Uring {
-                Backend::Uring
-            } else {
-                Backend::Epoll
+            let alive = || match mode {
+                UdpMode::Uring => crate::transport::runtime::runtime_alive(&t.uring_backend(), 2),
+                _ => crate::transport::runtime::runtime_alive(&t.epoll_backend(), 2),
             };
-            let config = t.config(backend, 2);
             let a = t
                 .open("127.0.0.1:0".parse().unwrap(), Arc::new(Nop))
                 .unwrap();
             let b = t
                 .open("127.0.0.1:0".parse().unwrap(), Arc::new(Nop))
                 .unwrap();
-            assert!(crate::runtime::runtime_alive(&config));
+            assert!(alive());
             drop(a);
-            assert!(crate::runtime::runtime_alive(&config));
+            assert!(alive());
             b.close();
             drop(b);
-            assert!(!crate::runtime::runtime_alive(&config));
+            assert!(!alive());
         }
     }
 }
