@@ -359,6 +359,12 @@ mod tests {
     #[test]
     fn runtime_stops_with_last_endpoint() {
         for mode in [UdpMode::Uring, UdpMode::Epoll] {
+            if mode == UdpMode::Uring
+                && let Err(reason) = crate::transport::uring::probe::probe_once()
+            {
+                eprintln!("skipping runtime_stops_with_last_endpoint on io_uring: {reason}");
+                continue;
+            }
             // An odd slot count no other test uses: this runtime is ours alone.
             let t = UdpTransport {
                 mode,

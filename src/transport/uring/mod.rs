@@ -8,7 +8,7 @@
 //! [`Worker::queue_sends`] turns the queued replies into `SendMsg`s for the next wait.
 
 mod buf_ring;
-mod probe;
+pub(crate) mod probe;
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
