@@ -5,9 +5,8 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use crate::message::ProtocolVersion;
+pub use crate::protocol::FailureDetectorConfig;
 use crate::protocol::NodeState;
 use crate::types::ChitchatId;
 
@@ -196,39 +195,9 @@ impl ConfigError {
     }
 }
 
-/// Parameters of the failure detector (chitchat's defaults).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FailureDetectorConfig {
-    /// A node is alive iff its phi is at most this.
-    pub phi_threshold: f64,
-    /// How many inter-heartbeat intervals are remembered per node.
-    pub sampling_window_size: usize,
-    /// Intervals longer than this are discarded.
-    pub max_interval: Duration,
-    /// Prior mean interval (weight 5) used to smooth the first samples.
-    pub initial_interval: Duration,
-    /// A dead node is forgotten after this; its state stops being shared after half of it.
-    pub dead_node_grace_period: Duration,
-}
-
+// `FailureDetectorConfig` lives with the detector (a leaf module); its validation lives here,
+// next to the other fields' rules.
 impl FailureDetectorConfig {
-    /// All five parameters, in chitchat's order.
-    pub fn new(
-        phi_threshold: f64,
-        sampling_window_size: usize,
-        max_interval: Duration,
-        initial_interval: Duration,
-        dead_node_grace_period: Duration,
-    ) -> Self {
-        FailureDetectorConfig {
-            phi_threshold,
-            sampling_window_size,
-            max_interval,
-            initial_interval,
-            dead_node_grace_period,
-        }
-    }
-
     /// The first parameter the detector cannot work with (a threshold that is not a positive
     /// number, an empty window, a zero duration), as an error naming it.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -264,18 +233,6 @@ impl FailureDetectorConfig {
             ));
         }
         Ok(())
-    }
-}
-
-impl Default for FailureDetectorConfig {
-    fn default() -> Self {
-        FailureDetectorConfig {
-            phi_threshold: 8.0,
-            sampling_window_size: 1_000,
-            max_interval: Duration::from_secs(10),
-            initial_interval: Duration::from_secs(5),
-            dead_node_grace_period: Duration::from_secs(24 * 60 * 60),
-        }
     }
 }
 

@@ -11,7 +11,53 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::config::FailureDetectorConfig;
+use serde::{Deserialize, Serialize};
+
+/// Parameters of the failure detector (chitchat's defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailureDetectorConfig {
+    /// A node is alive iff its phi is at most this.
+    pub phi_threshold: f64,
+    /// How many inter-heartbeat intervals are remembered per node.
+    pub sampling_window_size: usize,
+    /// Intervals longer than this are discarded.
+    pub max_interval: Duration,
+    /// Prior mean interval (weight 5) used to smooth the first samples.
+    pub initial_interval: Duration,
+    /// A dead node is forgotten after this; its state stops being shared after half of it.
+    pub dead_node_grace_period: Duration,
+}
+
+impl FailureDetectorConfig {
+    /// All five parameters, in chitchat's order.
+    pub fn new(
+        phi_threshold: f64,
+        sampling_window_size: usize,
+        max_interval: Duration,
+        initial_interval: Duration,
+        dead_node_grace_period: Duration,
+    ) -> Self {
+        FailureDetectorConfig {
+            phi_threshold,
+            sampling_window_size,
+            max_interval,
+            initial_interval,
+            dead_node_grace_period,
+        }
+    }
+}
+
+impl Default for FailureDetectorConfig {
+    fn default() -> Self {
+        FailureDetectorConfig {
+            phi_threshold: 8.0,
+            sampling_window_size: 1_000,
+            max_interval: Duration::from_secs(10),
+            initial_interval: Duration::from_secs(5),
+            dead_node_grace_period: Duration::from_secs(24 * 60 * 60),
+        }
+    }
+}
 
 /// Weight, in samples, of the prior mean interval.
 const PRIOR_WEIGHT: f64 = 5.0;

@@ -19,6 +19,7 @@ mod reply;
 
 pub use chitchat::{Chitchat, MAX_NODE_STATES, ProtocolStats};
 pub use cluster_state::ClusterStateSnapshot;
+pub use failure_detector::FailureDetectorConfig;
 pub use gc_history::GARBAGE_COLLECTED_NODE_HISTORY_SIZE;
 pub use listener::{KeyChangeEvent, ListenerHandle};
 pub use node_state::{KeyValueError, NodeState};
