@@ -18,7 +18,7 @@ pub type CatchupCallback = Box<dyn Fn() + Send>;
 pub type ExtraLivenessPredicate = Box<dyn Fn(&NodeState) -> bool + Send>;
 
 /// Largest string the wire can carry (u16 length prefix).
-pub const MAX_WIRE_STRING_LEN: usize = u16::MAX as usize;
+pub use crate::wire::MAX_STRING_LEN as MAX_WIRE_STRING_LEN;
 
 /// Everything a node needs to start, with chitchat 0.13's fields (so that existing configs port
 /// unchanged); [`ChitchatConfig::validate`] rejects what cannot work before anything binds.

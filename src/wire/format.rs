@@ -6,8 +6,8 @@
 pub const MAGIC_NUMBER: u16 = 45_139;
 /// Magic number (2) + protocol version (1) + message type (1).
 pub const HEADER_LEN: usize = 4;
-/// Largest UDP payload over IPv4: the size budget of every message.
-pub const MAX_UDP_DATAGRAM_PAYLOAD_SIZE: usize = 65_507;
+/// Largest UDP payload over IPv4: the size budget of every message (the transport's figure).
+pub const MAX_UDP_DATAGRAM_PAYLOAD_SIZE: usize = crate::transport::MAX_DATAGRAM_LEN;
 /// Uncompressed size at which the block stream writers cut a block, as the reference does.
 pub const BLOCK_THRESHOLD: usize = 16_384;
 /// Largest decompressed size of one compressed block (the reference decompresses into a buffer
