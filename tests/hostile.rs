@@ -883,3 +883,78 @@ fn attack_datagrams_decode_as_intended() {
 fn delta_of(node_delta: chitchat_uring::message::NodeDelta) -> chitchat_uring::message::Delta {
     delta(vec![node_delta])
 }
+
+/// Writes the seed corpus of the `handle_datagram` fuzz target (fuzz/seeds/handle_datagram):
+/// well-formed Syn/SynAck/Ack datagrams about the fuzzed node's own id (`node-own`, generation
+/// 1, 127.0.0.1:7280), its remote nodes (`node-0..2` on ports 7300..7302) and a new node, each
+/// prefixed by the mode byte of the target (even: raw datagram), plus structured-mode inputs
+/// (odd mode byte). Run: `cargo test --release --test hostile -- --ignored write_handle_datagram_seeds`.
+#[test]
+#[ignore = "writes the fuzz seed corpus"]
+fn write_handle_datagram_seeds() {
+    use chitchat_uring::ChitchatId;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/handle_datagram");
+    std::fs::create_dir_all(&dir).unwrap();
+    let at = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let own = ChitchatId::new("node-own", 1, at(7280));
+    let remote = ChitchatId::new("node-1", 1, at(7301));
+    let new = ChitchatId::new("node-new", 1, at(7400));
+    let cluster = "fuzz-cluster";
+    let mut seeds: Vec<(&str, Vec<u8>)> = vec![
+        ("syn_empty_v0", syn(V0, cluster, Digest::default())),
+        ("syn_own_hb_max", syn(V0, cluster, digest([(&own, u64::MAX - 1, 0, 7)]))),
+        (
+            "syn_v1_mixed",
+            syn(
+                V1,
+                cluster,
+                digest([(&own, 5, 0, 7), (&remote, 100, 2, 7), (&new, 1, 0, 0)]),
+            ),
+        ),
+        ("syn_other_cluster", syn(V0, "other", digest([(&own, 1, 0, 1)]))),
+        ("syn_garbage_digest_v1", syn_with_garbage_digest_v1("other", 40)),
+        ("syn_ack_empty_v0", empty_syn_ack_v0()),
+        (
+            "syn_ack_own_set_max",
+            syn_ack(
+                V0,
+                digest([(&own, 3, 0, 1 << 53)]),
+                delta(vec![set_max_version_delta(&own, 0, 0, u64::MAX)]),
+            ),
+        ),
+        (
+            "syn_ack_remote_kv_v1",
+            syn_ack(
+                V1,
+                digest([(&remote, 200, 2, 9), (&new, 1, 0, 1)]),
+                delta(vec![
+                    kv_delta(&remote, 7, 2, &[("key-1", "new", 8), ("key-9", "z", 9)]),
+                    kv_delta(&new, 0, 0, &[("blob", "b", 1)]),
+                ]),
+            ),
+        ),
+        (
+            "ack_own_kv_max",
+            ack(V0, delta(vec![kv_delta(&own, 0, 0, &[("own-0", "forged", u64::MAX)])])),
+        ),
+        (
+            "ack_reset_remote_gc_max",
+            ack(V0, delta(vec![reset_delta(&remote, u64::MAX, &[("forged", "evil", 1)])])),
+        ),
+        (
+            "ack_reset_own",
+            ack(V1, delta(vec![reset_delta(&own, 1 << 40, &[("own-3", "x", 1 << 41)])])),
+        ),
+    ];
+    for (_, bytes) in &mut seeds {
+        bytes.insert(0, 0);
+    }
+    // Structured mode: mode byte (odd), then the reader's choices.
+    seeds.push(("structured_synack_own", vec![1, 1, 1, 0, 1, 5, 5, 5, 1, 0, 1, 5, 0, 1, 0, 0]));
+    seeds.push(("structured_ack_own_max", vec![3, 2, 1, 0, 1, 0, 0, 5, 2, 0, 0, 3, 5, 1, 2, 3, 1]));
+    seeds.push(("structured_syn_many", vec![7, 0, 5, 2, 0, 5, 5, 3, 1, 2, 3, 1, 2, 4, 0, 4, 7]));
+    for (name, bytes) in &seeds {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), seeds.len());
+}
