@@ -64,7 +64,8 @@ async fn pair_with_attacker_seeding_b(
 async fn forged_heartbeat_near_u64_max(transport: UdpTransport) {
     let _serial = SERIAL.lock().await;
     let attacker = Attacker::bind();
-    let Some((a, b)) = pair_with_attacker_seeding_b(&attacker, Vec::new(), &transport, |_| {}).await
+    let Some((a, b)) =
+        pair_with_attacker_seeding_b(&attacker, Vec::new(), &transport, |_| {}).await
     else {
         return;
     };
@@ -75,11 +76,7 @@ async fn forged_heartbeat_near_u64_max(transport: UdpTransport) {
         "b never gossiped to its seed"
     );
     let forged = u64::MAX - 16;
-    let bytes = syn_ack(
-        V0,
-        digest([(&a_id, forged, gc, max)]),
-        Default::default(),
-    );
+    let bytes = syn_ack(V0, digest([(&a_id, forged, gc, max)]), Default::default());
     attacker.send(b.local_addr(), &bytes);
     let attacked = Instant::now();
     // Give the datagram time to land, then watch A's own heartbeat for the whole bound.
@@ -279,7 +276,12 @@ async fn own_id_counter_overflow(attack: OwnIdAttack, transport: UdpTransport) {
     let bytes = match attack {
         OwnIdAttack::AckKeyVersion => ack(
             V0,
-            delta(vec![kv_delta(&v_id, 0, 0, &[("own-0", "forged", u64::MAX)])]),
+            delta(vec![kv_delta(
+                &v_id,
+                0,
+                0,
+                &[("own-0", "forged", u64::MAX)],
+            )]),
         ),
         OwnIdAttack::SynAckSetMaxVersion => {
             assert!(
@@ -339,7 +341,8 @@ async fn own_id_counter_overflow(attack: OwnIdAttack, transport: UdpTransport) {
         "{attack:?}: a new own key got version {version} (max was {max_after})"
     );
     let reached = wait_until(OWNER_WINS_WITHIN, || {
-        view_of(&peer, &v_id).is_some_and(|v| v.get("after-attack").map(String::as_str) == Some("ok"))
+        view_of(&peer, &v_id)
+            .is_some_and(|v| v.get("after-attack").map(String::as_str) == Some("ok"))
     })
     .await;
     assert!(
@@ -418,7 +421,9 @@ async fn burst(
         attacker.send(node.local_addr(), datagram);
         sent += datagram.len() as u64;
         // Keep the kernel queues from dropping the burst: the attack is what the node handles.
-        if node.endpoint_stats().datagrams_received + 200 < received_before + sent / datagram.len() as u64 {
+        if node.endpoint_stats().datagrams_received + 200
+            < received_before + sent / datagram.len() as u64
+        {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
@@ -440,7 +445,9 @@ async fn burst(
 }
 
 fn reply_budget(sent: u64, elapsed: Duration) -> u64 {
-    AMPLIFICATION_FACTOR * sent + (PER_SOURCE_RATE * elapsed.as_secs_f64()) as u64 + PER_SOURCE_BURST
+    AMPLIFICATION_FACTOR * sent
+        + (PER_SOURCE_RATE * elapsed.as_secs_f64()) as u64
+        + PER_SOURCE_BURST
 }
 
 /// Before issue 13: every 12-byte Syn is answered with a SynAck carrying the node's whole
@@ -467,7 +474,10 @@ async fn empty_syn_from_non_member(transport: UdpTransport) {
         "replies to a non-member: {replied} B > budget {budget} B (3 × {sent} B + allowance)"
     );
     // A join still works from the allowance: the first Syn got a real SynAck.
-    assert!(got >= 1, "the node answered no Syn at all (a new node could not join)");
+    assert!(
+        got >= 1,
+        "the node answered no Syn at all (a new node could not join)"
+    );
     node.shutdown().await.unwrap();
 }
 
@@ -535,7 +545,12 @@ async fn forged_node_flood_keeps_memory_bounded_and_members_flowing() {
     // The victim's seed is the attacker, and every forged node gossips at the attacker's
     // address: the victim keeps sending the attacker Syns, so the flood's SynAcks are solicited.
     let (pv, pm) = (free_port(), free_port());
-    let victim = spawn(config(pv, CLUSTER, &[attacker.addr()]), Vec::new(), &epoll()).await;
+    let victim = spawn(
+        config(pv, CLUSTER, &[attacker.addr()]),
+        Vec::new(),
+        &epoll(),
+    )
+    .await;
     let member = spawn(config(pm, CLUSTER, &[addr(pv)]), Vec::new(), &epoll()).await;
     let m_id = member.chitchat_id().clone();
     assert!(
@@ -607,7 +622,11 @@ async fn forged_node_flood_keeps_memory_bounded_and_members_flowing() {
         "[forged-node flood] {sent} SynAcks in {flood_took:?}{}; the victim holds {held} node \
          states; RSS baseline {} MiB, peak growth {} MiB (bound {} MiB); the member's mid-flood \
          update seen during the flood: {mid_flood_seen}",
-        if aborted { " (stopped early: over the bound)" } else { "" },
+        if aborted {
+            " (stopped early: over the bound)"
+        } else {
+            ""
+        },
         baseline >> 20,
         growth >> 20,
         MAX_RSS_GROWTH >> 20
@@ -634,7 +653,10 @@ async fn forged_node_flood_keeps_memory_bounded_and_members_flowing() {
         "the member's update made during the flood did not reach the victim during it"
     );
     assert!(reached, "the member's updates no longer reach the victim");
-    assert!(is_live_at(&victim, &m_id), "the member went dead at the victim");
+    assert!(
+        is_live_at(&victim, &m_id),
+        "the member went dead at the victim"
+    );
     victim.shutdown().await.unwrap();
     member.shutdown().await.unwrap();
 }
@@ -689,8 +711,14 @@ async fn cluster_id_is_checked_before_the_digest_is_decoded() {
         answered_junk,
         "no BadCluster for a wrong-cluster Syn with a junk digest: the digest was decoded first"
     );
-    assert!(!answered_own, "a junk digest of our own cluster was answered");
-    assert_eq!(malformed, 1, "the junk digest of our own cluster is malformed");
+    assert!(
+        !answered_own,
+        "a junk digest of our own cluster was answered"
+    );
+    assert_eq!(
+        malformed, 1,
+        "the junk digest of our own cluster is malformed"
+    );
     node.shutdown().await.unwrap();
 }
 
@@ -777,7 +805,10 @@ async fn syn_flood_with_1000_entry_digests_keeps_the_cluster_live() {
         a.server_stats(),
         a.endpoint_stats()
     );
-    assert!(violations.is_empty(), "liveness lost under the Syn flood: {violations:?}");
+    assert!(
+        violations.is_empty(),
+        "liveness lost under the Syn flood: {violations:?}"
+    );
     for node in [a, b, c] {
         node.shutdown().await.unwrap();
     }
@@ -830,7 +861,10 @@ async fn members_with_40kb_of_state_converge_and_a_fresh_node_joins() {
     .await;
     let converge_time = started.elapsed();
     eprintln!("[members] 3 nodes with 40 KB each converged in {converge_time:?}");
-    assert!(converged, "3 members did not converge within {CONVERGE_WITHIN:?}");
+    assert!(
+        converged,
+        "3 members did not converge within {CONVERGE_WITHIN:?}"
+    );
 
     // A fresh node joins a node holding state (120 KB of cluster state in total).
     let pn = free_port();
@@ -854,7 +888,10 @@ async fn members_with_40kb_of_state_converge_and_a_fresh_node_joins() {
 #[test]
 fn attack_datagrams_decode_as_intended() {
     let id = forged_id("x", "127.0.0.1:9".parse().unwrap());
-    let reset = ack(V0, delta(vec![reset_delta(&id, u64::MAX, &[("k", "v", 1)])]));
+    let reset = ack(
+        V0,
+        delta(vec![reset_delta(&id, u64::MAX, &[("k", "v", 1)])]),
+    );
     let decoded = decode_envelope(&reset).unwrap();
     let ChitchatMessage::Ack { delta } = decoded.message else {
         panic!("not an ack");
@@ -876,7 +913,11 @@ fn attack_datagrams_decode_as_intended() {
         digest([(&id, 1, 0, 1)]),
         delta_of(kv_delta(&id, 0, 0, &[("blob", &value, 1)])),
     );
-    assert!(flood.len() < 2_000, "a flood SynAck is {} bytes", flood.len());
+    assert!(
+        flood.len() < 2_000,
+        "a flood SynAck is {} bytes",
+        flood.len()
+    );
     assert!(decode_envelope(&flood).is_ok());
 }
 
@@ -902,7 +943,10 @@ fn write_handle_datagram_seeds() {
     let cluster = "fuzz-cluster";
     let mut seeds: Vec<(&str, Vec<u8>)> = vec![
         ("syn_empty_v0", syn(V0, cluster, Digest::default())),
-        ("syn_own_hb_max", syn(V0, cluster, digest([(&own, u64::MAX - 1, 0, 7)]))),
+        (
+            "syn_own_hb_max",
+            syn(V0, cluster, digest([(&own, u64::MAX - 1, 0, 7)])),
+        ),
         (
             "syn_v1_mixed",
             syn(
@@ -911,8 +955,14 @@ fn write_handle_datagram_seeds() {
                 digest([(&own, 5, 0, 7), (&remote, 100, 2, 7), (&new, 1, 0, 0)]),
             ),
         ),
-        ("syn_other_cluster", syn(V0, "other", digest([(&own, 1, 0, 1)]))),
-        ("syn_garbage_digest_v1", syn_with_garbage_digest_v1("other", 40)),
+        (
+            "syn_other_cluster",
+            syn(V0, "other", digest([(&own, 1, 0, 1)])),
+        ),
+        (
+            "syn_garbage_digest_v1",
+            syn_with_garbage_digest_v1("other", 40),
+        ),
         ("syn_ack_empty_v0", empty_syn_ack_v0()),
         (
             "syn_ack_own_set_max",
@@ -935,26 +985,94 @@ fn write_handle_datagram_seeds() {
         ),
         (
             "ack_own_kv_max",
-            ack(V0, delta(vec![kv_delta(&own, 0, 0, &[("own-0", "forged", u64::MAX)])])),
+            ack(
+                V0,
+                delta(vec![kv_delta(&own, 0, 0, &[("own-0", "forged", u64::MAX)])]),
+            ),
         ),
         (
             "ack_reset_remote_gc_max",
-            ack(V0, delta(vec![reset_delta(&remote, u64::MAX, &[("forged", "evil", 1)])])),
+            ack(
+                V0,
+                delta(vec![reset_delta(
+                    &remote,
+                    u64::MAX,
+                    &[("forged", "evil", 1)],
+                )]),
+            ),
         ),
         (
             "ack_reset_own",
-            ack(V1, delta(vec![reset_delta(&own, 1 << 40, &[("own-3", "x", 1 << 41)])])),
+            ack(
+                V1,
+                delta(vec![reset_delta(&own, 1 << 40, &[("own-3", "x", 1 << 41)])]),
+            ),
         ),
     ];
     for (_, bytes) in &mut seeds {
         bytes.insert(0, 0);
     }
     // Structured mode: mode byte (odd), then the reader's choices.
-    seeds.push(("structured_synack_own", vec![1, 1, 1, 0, 1, 5, 5, 5, 1, 0, 1, 5, 0, 1, 0, 0]));
-    seeds.push(("structured_ack_own_max", vec![3, 2, 1, 0, 1, 0, 0, 5, 2, 0, 0, 3, 5, 1, 2, 3, 1]));
-    seeds.push(("structured_syn_many", vec![7, 0, 5, 2, 0, 5, 5, 3, 1, 2, 3, 1, 2, 4, 0, 4, 7]));
+    seeds.push((
+        "structured_synack_own",
+        vec![1, 1, 1, 0, 1, 5, 5, 5, 1, 0, 1, 5, 0, 1, 0, 0],
+    ));
+    seeds.push((
+        "structured_ack_own_max",
+        vec![3, 2, 1, 0, 1, 0, 0, 5, 2, 0, 0, 3, 5, 1, 2, 3, 1],
+    ));
+    seeds.push((
+        "structured_syn_many",
+        vec![7, 0, 5, 2, 0, 5, 5, 3, 1, 2, 3, 1, 2, 4, 0, 4, 7],
+    ));
     for (name, bytes) in &seeds {
         std::fs::write(dir.join(name), bytes).unwrap();
     }
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), seeds.len());
+}
+
+/// Regression test of the `handle_datagram` fuzz finding (fuzz/artifacts crash-0de7e37f…, the
+/// seed `ack_own_kv_max`): a V0 Ack carrying a key-value of the receiver's own id at version
+/// 2^64 - 1. Before issue 13 `supersede_stale_self_copy` sets the own max_version to 2^64 - 1
+/// and then `max_version += 1` per own key: "attempt to add with overflow" with overflow checks
+/// (src/protocol/node_state.rs:551), a wrap to versions 0, 1, 2… without. Fails at the
+/// max_version assertion in release builds, panics in debug builds.
+#[test]
+fn fuzz_finding_own_id_key_version_u64_max_neither_panics_nor_wraps() {
+    use chitchat_uring::{Chitchat, ChitchatConfig, ChitchatId, Clock, ManualClock};
+    // The datagram of the crash input, after its mode byte.
+    const DATAGRAM_HEX: &str = "53b00002013a0028b52ffd20438d010074020008006e6f64652d6f776e0100047f\
+        000001701c000105006f776e2d300600666f72676564ff00031000b3d5b9e10b00";
+    let datagram: Vec<u8> = (0..DATAGRAM_HEX.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&DATAGRAM_HEX[i..i + 2], 16).unwrap())
+        .collect();
+    let own = ChitchatId::new("node-own", 1, ([127, 0, 0, 1], 7280).into());
+    let mut config = ChitchatConfig::for_test(7280);
+    config.chitchat_id = own.clone();
+    config.cluster_id = "fuzz-cluster".to_string();
+    let (_seeds_tx, seeds_rx) = tokio::sync::watch::channel(Default::default());
+    let initial = (0..6)
+        .map(|i| (format!("own-{i}"), format!("value-{i}")))
+        .collect();
+    let clock = ManualClock::new();
+    let mut node = Chitchat::with_clock(config, seeds_rx, initial, Clock::Manual(clock), 7);
+    let max_before = node.node_state(&own).unwrap().max_version();
+    let mut reply = Vec::new();
+    let decoded = decode_envelope(&datagram).unwrap();
+    assert!(matches!(decoded.message, ChitchatMessage::Ack { .. }));
+    node.handle_datagram(&datagram, &mut reply, None).unwrap();
+    let max_after = node.node_state(&own).unwrap().max_version();
+    assert!(
+        (max_before..=MAX_PLAUSIBLE_COUNTER).contains(&max_after),
+        "own max_version went from {max_before} to {max_after}"
+    );
+    node.self_node_state().set("after", "ok");
+    let version = node
+        .node_state(&own)
+        .unwrap()
+        .get_versioned("after")
+        .unwrap()
+        .version;
+    assert!(version > max_after && version <= MAX_PLAUSIBLE_COUNTER);
 }

@@ -20,8 +20,8 @@ use chitchat_uring::message::{Delta, Digest, KeyValueUpdate, NodeDelta, NodeDige
 use chitchat_uring::types::DeletionStatusMutation;
 use chitchat_uring::wire::{decode_envelope, encode_envelope};
 use chitchat_uring::{
-    Chitchat, ChitchatConfig, ChitchatEnvelope, ChitchatId, ChitchatMessage, Clock,
-    DeletionStatus, Heartbeat, ManualClock, ProtocolVersion, VersionedValue,
+    Chitchat, ChitchatConfig, ChitchatEnvelope, ChitchatId, ChitchatMessage, Clock, DeletionStatus,
+    Heartbeat, ManualClock, ProtocolVersion, VersionedValue,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -48,14 +48,11 @@ fn node(clock: &ManualClock) -> Chitchat {
     config.cluster_id = CLUSTER.to_string();
     config.marked_for_deletion_grace_period = Duration::from_secs(10);
     let (_seed_tx, seed_rx) = tokio::sync::watch::channel(HashSet::new());
-    let initial = (0..6).map(|i| (format!("own-{i}"), format!("value-{i}"))).collect();
-    let mut chitchat = Chitchat::with_clock(
-        config,
-        seed_rx,
-        initial,
-        Clock::Manual(clock.clone()),
-        7,
-    );
+    let initial = (0..6)
+        .map(|i| (format!("own-{i}"), format!("value-{i}")))
+        .collect();
+    let mut chitchat =
+        Chitchat::with_clock(config, seed_rx, initial, Clock::Manual(clock.clone()), 7);
     chitchat.self_node_state().delete("own-5");
     let now = chitchat.now();
     for r in 0..3u16 {
@@ -210,7 +207,12 @@ impl Reader<'_> {
         };
         let message = match control % 4 {
             0 => ChitchatMessage::Syn {
-                cluster_id: if control & 0x20 == 0 { CLUSTER } else { "other" }.to_string(),
+                cluster_id: if control & 0x20 == 0 {
+                    CLUSTER
+                } else {
+                    "other"
+                }
+                .to_string(),
                 digest: self.digest(),
             },
             1 => ChitchatMessage::SynAck {
@@ -226,8 +228,41 @@ impl Reader<'_> {
     }
 }
 
+/// Set `HANDLE_DATAGRAM_SKIP_KNOWN=1` to skip datagrams that hit the finding already known
+/// (issue 13 row 3: a delta about the own id with a version above the own max_version makes
+/// `supersede_stale_self_copy` overflow), so a run can look for other findings until it is
+/// fixed. Off by default: the target reports it.
+fn skip_known(datagram: &[u8], chitchat: &Chitchat) -> bool {
+    static SKIP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*SKIP.get_or_init(|| std::env::var_os("HANDLE_DATAGRAM_SKIP_KNOWN").is_some()) {
+        return false;
+    }
+    let own_max = chitchat
+        .node_state(chitchat.self_chitchat_id())
+        .map_or(0, |s| s.max_version());
+    let Ok(envelope) = decode_envelope(datagram) else {
+        return false;
+    };
+    let delta = match &envelope.message {
+        ChitchatMessage::SynAck { delta, .. } | ChitchatMessage::Ack { delta } => delta,
+        _ => return false,
+    };
+    delta.node_deltas.iter().any(|nd| {
+        &nd.chitchat_id == chitchat.self_chitchat_id()
+            && nd
+                .key_values
+                .iter()
+                .map(|kv| kv.version)
+                .chain([nd.max_version])
+                .any(|v| v > own_max)
+    })
+}
+
 /// Handles one datagram; a reply, if any, must be a datagram real nodes decode.
 fn handle(chitchat: &mut Chitchat, datagram: &[u8], reply: &mut Vec<u8>) {
+    if skip_known(datagram, chitchat) {
+        return;
+    }
     if let Ok(outcome) = chitchat.handle_datagram(datagram, reply, None)
         && outcome.replied
     {

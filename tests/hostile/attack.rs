@@ -137,7 +137,10 @@ pub fn syn_with_garbage_digest_v1(cluster_id: &str, junk_len: u16) -> Vec<u8> {
     bytes.push(0); // end of the block stream
     bytes.extend_from_slice(&(cluster_id.len() as u16).to_le_bytes());
     bytes.extend_from_slice(cluster_id.as_bytes());
-    assert!(decode_envelope(&bytes).is_err(), "the junk digest must not decode");
+    assert!(
+        decode_envelope(&bytes).is_err(),
+        "the junk digest must not decode"
+    );
     bytes
 }
 
@@ -180,7 +183,9 @@ impl Attacker {
     }
 
     pub fn send(&self, to: SocketAddr, bytes: &[u8]) {
-        self.socket.send_to(bytes, to).expect("send an attack datagram");
+        self.socket
+            .send_to(bytes, to)
+            .expect("send an attack datagram");
     }
 
     /// Receives until a datagram from `from` decodes and satisfies `pred`, within `timeout`.
@@ -208,8 +213,10 @@ impl Attacker {
     /// victim sent (the recent-Syn table of DESIGN-13 §4 lets it through), so what the
     /// SynAck carries is judged on its content, not dropped as unsolicited.
     pub fn await_syn_from(&self, victim: SocketAddr, timeout: Duration) -> bool {
-        self.recv_matching(victim, timeout, |m| matches!(m, ChitchatMessage::Syn { .. }))
-            .is_some()
+        self.recv_matching(victim, timeout, |m| {
+            matches!(m, ChitchatMessage::Syn { .. })
+        })
+        .is_some()
     }
 
     /// Reads and discards whatever is queued; returns (datagrams, bytes).

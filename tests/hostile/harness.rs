@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use chitchat_uring::transport::UdpMode;
 use chitchat_uring::{
-    ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, UdpTransport,
-    spawn_chitchat,
+    ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, UdpTransport, spawn_chitchat,
 };
 
 pub const CLUSTER: &str = "hostile-cluster";
@@ -103,12 +102,20 @@ pub async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) 
 
 /// Whether `observer`'s failure detector holds `id` live.
 pub fn is_live_at(observer: &ChitchatHandle, id: &ChitchatId) -> bool {
-    observer.chitchat().lock().live_nodes().any(|live| live == id)
+    observer
+        .chitchat()
+        .lock()
+        .live_nodes()
+        .any(|live| live == id)
 }
 
 /// Whether `observer` holds `id` dead.
 pub fn is_dead_at(observer: &ChitchatHandle, id: &ChitchatId) -> bool {
-    observer.chitchat().lock().dead_nodes().any(|dead| dead == id)
+    observer
+        .chitchat()
+        .lock()
+        .dead_nodes()
+        .any(|dead| dead == id)
 }
 
 /// The visible key-values `observer` holds for `id`.
