@@ -9,7 +9,7 @@ use tracing::debug;
 use crate::protocol::cluster_state::ClusterState;
 use crate::protocol::node_state::{NodeState, ScheduledForDeletion};
 use crate::types::{ChitchatId, Version, VersionedValue};
-use crate::wire::DigestView;
+use crate::wire::{self, DigestView};
 
 /// Receives the ops of a delta and says whether each still fits (the wire's `DeltaWriter`, or a
 /// collector around it). Once a node or key-value op is refused the delta is over.
@@ -31,6 +31,8 @@ pub(crate) struct DeltaSummary {
     pub(crate) key_values: usize,
     /// Some stale node or key-value did not fit.
     pub(crate) truncated: bool,
+    /// Key-values left out because no datagram could carry them.
+    pub(crate) unrelayable: usize,
 }
 
 /// One node state the peer is behind on.
@@ -108,10 +110,16 @@ pub(crate) fn write_delta<S: DeltaSink, R: Rng>(
             break;
         }
         summary.nodes += 1;
+        let relayable_len = wire::max_key_value_len(state.chitchat_id());
         let mut added_kv = false;
         for (key, value) in state.stale_key_values(candidate.from_version_excluded) {
             if !is_relayable_key(key) {
                 debug!(node = ?state.chitchat_id(), key, "not relaying a key chitchat peers crash on");
+                continue;
+            }
+            if key.len() + value.value.len() > relayable_len {
+                // It fits in no datagram: skipping it lets the entries behind it through.
+                summary.unrelayable += 1;
                 continue;
             }
             if !sink.try_add_kv(key, value) {

@@ -10,6 +10,7 @@ mod delta_plan;
 mod delta_plan_tests;
 mod failure_detector;
 mod gc_history;
+pub mod limits;
 mod listener;
 mod node_state;
 #[cfg(test)]
@@ -20,6 +21,7 @@ mod reply;
 pub use chitchat::{Chitchat, MAX_NODE_STATES, ProtocolStats};
 pub use cluster_state::ClusterStateSnapshot;
 pub use gc_history::GARBAGE_COLLECTED_NODE_HISTORY_SIZE;
+pub use limits::{Limits, Refusal, RefusalCounts};
 pub use listener::{KeyChangeEvent, ListenerHandle};
 pub use node_state::{KeyValueError, NodeState};
 pub use peer_selection::{GOSSIP_COUNT, GossipTargets, select_nodes_for_gossip};
