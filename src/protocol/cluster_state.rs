@@ -66,6 +66,11 @@ impl ClusterState {
             .then_some(Refusal::RemoteStateFull)
     }
 
+    /// Whether `id` is the own node.
+    pub(crate) fn is_self(&self, id: &ChitchatId) -> bool {
+        self.self_id.as_ref() == Some(id)
+    }
+
     fn is_remote(&self, id: &ChitchatId) -> bool {
         self.self_id.as_ref() != Some(id)
     }

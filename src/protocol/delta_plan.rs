@@ -39,9 +39,11 @@ pub(crate) struct DeltaSummary {
 struct Candidate<'a> {
     state: &'a NodeState,
     from_version_excluded: Version,
-    /// Sort key: unknown nodes first (smallest max_version first), then known nodes with the
-    /// most stale key-values; the last field breaks ties randomly.
-    priority: (bool, u64, u64),
+    /// Sort key: this node and the nodes the failure detector holds live first (so nodes
+    /// never seen alive, forged ones included, cannot crowd real members out of a delta);
+    /// then unknown nodes (smallest max_version first), then known nodes with the most stale
+    /// key-values; the last field breaks ties randomly.
+    priority: (bool, bool, u64, u64),
 }
 
 /// True for keys a chitchat 0.13 peer would crash on (its listener slices `key[0..1]`); such keys
@@ -79,6 +81,7 @@ pub(crate) fn write_delta<S: DeltaSink, R: Rng>(
         let should_reset = peer_gc < state.last_gc_version() && peer_max < state.last_gc_version();
         let from_version_excluded = if should_reset { 0 } else { peer_max };
         let is_unknown = from_version_excluded == 0;
+        let is_member = cluster_state.is_self(id) || state.liveness.is_live();
         let rank = if is_unknown {
             state.max_version()
         } else {
@@ -88,7 +91,7 @@ pub(crate) fn write_delta<S: DeltaSink, R: Rng>(
         candidates.push(Candidate {
             state,
             from_version_excluded,
-            priority: (!is_unknown, rank, rng.random()),
+            priority: (!is_member, !is_unknown, rank, rng.random()),
         });
     }
     candidates.sort_unstable_by_key(|c| c.priority);
