@@ -11,6 +11,8 @@ mod delta_plan_tests;
 mod failure_detector;
 mod gc_history;
 pub mod limits;
+#[cfg(test)]
+mod limits_tests;
 mod listener;
 mod node_state;
 #[cfg(test)]
