@@ -128,7 +128,9 @@ impl Chitchat {
         };
         let self_id = chitchat.config.chitchat_id.clone();
         chitchat.cluster_state.set_self_id(self_id);
+        let created = chitchat.clock.now();
         let own = chitchat.self_node_state();
+        own.anchor_own(created);
         own.inc_heartbeat();
         for (key, value) in initial_key_values {
             own.set(key, value);

@@ -12,36 +12,44 @@ use tracing::warn;
 /// Received values above it are ignored, which keeps every `+ 1` on them far from wrapping.
 pub const MAX_PLAUSIBLE_COUNTER: u64 = 1 << 53;
 
-/// A counter about a known node may exceed the known value by this much at once.
+/// A counter about a known node may exceed its anchor (the first value known of it) by this
+/// much at once…
 pub const JUMP_BASE: u64 = 1 << 24;
 
-/// …plus this much per second since the known value last rose (a loaded node's heartbeat rises
-/// by one per message it handles).
+/// …plus this much per second since the anchor (a loaded node's heartbeat rises by one per
+/// message it handles, so 10^5–10^6/s is real).
+///
+/// DESIGN-13 words the bound relative to the last rise; anchoring it at the first value known
+/// instead means a run of forged jumps can never add up past what the owner could have
+/// counted since (each accepted jump does not reopen the allowance), so the owner, bounded the
+/// same way from its creation, can always outgrow what a peer was made to believe.
 pub const JUMP_RATE_PER_SEC: u64 = 1 << 20;
 
 /// Ceiling on the counters of a node we do not know yet.
 pub const NEW_NODE_CEILING: u64 = 1 << 40;
 
-/// Whether `claimed` is a plausible value of a counter known to be `known`, which last rose at
-/// `rose_at` (`None`: unknown node).
-pub fn is_plausible(claimed: u64, known: Option<(u64, Instant)>, now: Instant) -> bool {
+/// Whether `claimed` is a plausible value of a counter whose anchor is `anchor`: the first
+/// value known and when (`None`: nothing known yet, the new-node ceiling applies).
+pub fn is_plausible(claimed: u64, anchor: Option<(u64, Instant)>, now: Instant) -> bool {
     if claimed > MAX_PLAUSIBLE_COUNTER {
         return false;
     }
-    match known {
+    match anchor {
         None => claimed <= NEW_NODE_CEILING,
-        Some((known, rose_at)) => {
-            claimed <= jump_ceiling(known, now.saturating_duration_since(rose_at))
+        Some((known, since)) => {
+            claimed <= jump_ceiling(known, now.saturating_duration_since(since))
         }
     }
 }
 
-/// The highest plausible successor of `known` after `elapsed` without a rise.
+/// The highest plausible value of a counter that was `known` `elapsed` ago.
 pub fn jump_ceiling(known: u64, elapsed: Duration) -> u64 {
-    let secs = elapsed.as_secs().min(u64::MAX / JUMP_RATE_PER_SEC);
+    // Sub-second precision: the owner's own rises past a claim are covered within microseconds.
+    let grown = elapsed.as_nanos().saturating_mul(u128::from(JUMP_RATE_PER_SEC)) / 1_000_000_000;
+    let grown = u64::try_from(grown).unwrap_or(u64::MAX);
     known
         .saturating_add(JUMP_BASE)
-        .saturating_add(secs.saturating_mul(JUMP_RATE_PER_SEC))
+        .saturating_add(grown)
         .min(MAX_PLAUSIBLE_COUNTER)
 }
 

@@ -277,7 +277,9 @@ fn forged_heartbeat_about_a_node_is_superseded_by_its_owner() {
         net.round();
         assert!(
             counters(&net, 1, &a).0 > before,
-            "[heartbeat {forged}] not rising"
+            "[heartbeat {forged}] not rising: {before} at node 1, node 0 at {:?}, refused {:?}",
+            counters(&net, 0, &a),
+            net.nodes[1].stats().refused
         );
     }
 }

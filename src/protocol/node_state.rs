@@ -87,13 +87,15 @@ pub struct NodeState {
     clock: Clock,
     #[serde(skip)]
     gc_hint: GcHint,
-    /// When the heartbeat last rose (remote nodes) or was last forced up by a claim (own
-    /// node): the plausibility bound of the next jump grows with the time since.
+    /// The first heartbeat known and when (own node: 0 at creation). A received heartbeat is
+    /// plausible up to `anchor + JUMP_BASE + JUMP_RATE_PER_SEC × secs since`: forgeries can
+    /// never push a copy further than its owner could have counted since, so the owner can
+    /// always outgrow them in one step (see `limits`).
     #[serde(skip)]
-    heartbeat_rose_at: Option<Instant>,
+    heartbeat_anchor: Option<(u64, Instant)>,
     /// The same for max_version / last_gc_version.
     #[serde(skip)]
-    versions_rose_at: Option<Instant>,
+    versions_anchor: Option<(u64, Instant)>,
     /// Bytes of keys and values held (tombstones included), for the byte budgets.
     #[serde(skip)]
     bytes: usize,
@@ -115,8 +117,8 @@ impl Clone for NodeState {
             listeners: self.listeners.clone(),
             clock: self.clock.clone(),
             gc_hint: self.gc_hint,
-            heartbeat_rose_at: self.heartbeat_rose_at,
-            versions_rose_at: self.versions_rose_at,
+            heartbeat_anchor: self.heartbeat_anchor,
+            versions_anchor: self.versions_anchor,
             bytes: self.bytes,
             liveness: NodeLiveness::default(),
         }
@@ -186,7 +188,6 @@ impl PartialEq for NodeState {
 
 impl NodeState {
     pub(crate) fn new(chitchat_id: ChitchatId, listeners: Listeners, clock: Clock) -> NodeState {
-        let now = clock.now();
         NodeState {
             chitchat_id,
             heartbeat: Heartbeat(0),
@@ -196,8 +197,8 @@ impl NodeState {
             listeners,
             clock,
             gc_hint: GcHint::Nothing,
-            heartbeat_rose_at: Some(now),
-            versions_rose_at: Some(now),
+            heartbeat_anchor: None,
+            versions_anchor: None,
             bytes: 0,
             liveness: NodeLiveness::default(),
         }
@@ -429,24 +430,22 @@ impl NodeState {
         heartbeat: Heartbeat,
         now: Instant,
     ) -> Result<bool, Refusal> {
-        let known = (self.heartbeat.0 != 0)
-            .then(|| (self.heartbeat.0, self.heartbeat_rose_at.unwrap_or(now)));
-        if heartbeat.0 > self.heartbeat.0 && !limits::is_plausible(heartbeat.0, known, now) {
+        if heartbeat.0 > self.heartbeat.0
+            && !limits::is_plausible(heartbeat.0, self.heartbeat_anchor, now)
+        {
             return Err(Refusal::ImplausibleHeartbeat);
         }
-        let rose = heartbeat > self.heartbeat;
         let reported = self.try_set_heartbeat(heartbeat);
-        if rose {
-            self.heartbeat_rose_at = Some(now);
+        if self.heartbeat_anchor.is_none() && self.heartbeat.0 != 0 {
+            self.heartbeat_anchor = Some((self.heartbeat.0, now));
         }
         Ok(reported)
     }
 
-    /// The versions this state is known at, for the plausibility of received ones (None: the
-    /// node's versions were never seen).
-    fn known_versions(&self, now: Instant) -> Option<(Version, Instant)> {
-        let known = self.max_version.max(self.last_gc_version);
-        (known != 0).then(|| (known, self.versions_rose_at.unwrap_or(now)))
+    /// Marks this state as the own node's: its claims are bounded from 0 at `now`.
+    pub(crate) fn anchor_own(&mut self, now: Instant) {
+        self.heartbeat_anchor = Some((self.heartbeat.0, now));
+        self.versions_anchor = Some((self.max_version.max(self.last_gc_version), now));
     }
 
     /// Whether every counter of a received delta about this (remote) node is plausible.
@@ -455,7 +454,7 @@ impl NodeState {
         delta: &NodeDelta,
         now: Instant,
     ) -> Result<(), Refusal> {
-        let known = self.known_versions(now);
+        let known = self.versions_anchor;
         let ok = |v: Version| {
             v <= self.max_version.max(self.last_gc_version) || limits::is_plausible(v, known, now)
         };
@@ -479,7 +478,7 @@ impl NodeState {
     /// same id, so they see it increase again.
     ///
     /// Own node only: the claim must be plausible relative to the own heartbeat and the time
-    /// since the last forced rise, so forged claims cannot push it toward the ceiling.
+    /// since this node was created, so forged claims cannot push it toward the ceiling.
     pub(crate) fn fast_forward_heartbeat(
         &mut self,
         heartbeat: Heartbeat,
@@ -488,12 +487,11 @@ impl NodeState {
         if heartbeat < self.heartbeat {
             return Ok(());
         }
-        let known = Some((self.heartbeat.0, self.heartbeat_rose_at.unwrap_or(now)));
+        let known = self.heartbeat_anchor.or(Some((self.heartbeat.0, now)));
         if !limits::is_plausible(heartbeat.0, known, now) {
             return Err(Refusal::ImplausibleHeartbeat);
         }
         self.heartbeat = Heartbeat(heartbeat.0.saturating_add(1));
-        self.heartbeat_rose_at = Some(now);
         Ok(())
     }
 
@@ -685,8 +683,8 @@ impl NodeState {
         } else {
             self.max_version.max(delta.max_version)
         };
-        if (self.max_version, self.last_gc_version) > before {
-            self.versions_rose_at = Some(now);
+        if self.versions_anchor.is_none() && (self.max_version, self.last_gc_version) > before {
+            self.versions_anchor = Some((self.max_version.max(self.last_gc_version), now));
         }
     }
 
@@ -752,13 +750,12 @@ impl NodeState {
     /// below gets a reset (SPEC §4.4) that replaces its copy, forged keys included, with ours.
     /// Re-issuing the entries makes the reset's last version our max_version, so the peer's
     /// next digest no longer looks behind (no reset loop, for chitchat 0.13 peers too).
-    /// Refused if the claim is implausible relative to our versions and the time since the
-    /// last forced rise; returns whether the state changed.
+    /// Refused if the claim is implausible relative to our versions and the time since creation; returns whether the state changed.
     pub(crate) fn outgrow_claim(&mut self, claim: Version, now: Instant) -> Result<bool, Refusal> {
         if claim <= self.max_version {
             return Ok(false);
         }
-        let known = Some((self.max_version, self.versions_rose_at.unwrap_or(now)));
+        let known = self.versions_anchor.or(Some((self.max_version, now)));
         if !limits::is_plausible(claim, known, now) {
             return Err(Refusal::ImplausibleVersion);
         }
@@ -783,7 +780,6 @@ impl NodeState {
         }
         self.last_gc_version = new_gc;
         self.max_version = version;
-        self.versions_rose_at = Some(now);
         Ok(true)
     }
 }
