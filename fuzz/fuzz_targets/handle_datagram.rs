@@ -75,11 +75,20 @@ fn node(clock: &ManualClock) -> Chitchat {
             .collect();
         chitchat.reset_node_state_if_update(&id, kvs.into_iter(), gc + 5, gc);
         for hb in 1..=3 {
-            chitchat.report_heartbeat(&id, Heartbeat::from(hb * 10));
+            // Heartbeats arrive the public way: in a digest.
+            let mut digest = Digest::default();
+            digest.add_node(
+                id.clone(),
+                NodeDigest::new(Heartbeat::from(hb * 10), gc, gc + 5),
+            );
+            chitchat.process_message(ChitchatMessage::Syn {
+                cluster_id: CLUSTER.to_string(),
+                digest,
+            });
             clock.advance(Duration::from_millis(100));
         }
     }
-    chitchat.update_nodes_liveness();
+    chitchat.end_gossip_round();
     chitchat
 }
 
@@ -295,15 +304,17 @@ fuzz_target!(|data: &[u8]| {
     }
     // The node still works after whatever it was sent: a gossip round, tombstone GC and local
     // writes (each `+ 1` on a received counter panics here if unchecked).
-    chitchat.update_nodes_liveness();
+    chitchat.end_gossip_round();
     clock.advance(Duration::from_secs(11));
-    chitchat.gc_keys_marked_for_deletion();
     let mut syn = Vec::new();
+    // Bumps the own heartbeat, collects due tombstones and writes the round's Syn.
+    let _ = chitchat.begin_gossip_round(&mut syn);
+    chitchat.end_gossip_round();
     chitchat.write_syn(ProtocolVersion::V0, &mut syn);
     assert!(decode_envelope(&syn).is_ok(), "the own Syn does not decode");
     let own = chitchat.self_node_state();
     own.set("own-0", "after");
     own.delete("own-1");
     own.delete_after_ttl("own-2");
-    chitchat.update_self_heartbeat();
+    let _ = chitchat.begin_gossip_round(&mut syn);
 });

@@ -45,7 +45,10 @@ pub fn is_plausible(claimed: u64, anchor: Option<(u64, Instant)>, now: Instant) 
 /// The highest plausible value of a counter that was `known` `elapsed` ago.
 pub fn jump_ceiling(known: u64, elapsed: Duration) -> u64 {
     // Sub-second precision: the owner's own rises past a claim are covered within microseconds.
-    let grown = elapsed.as_nanos().saturating_mul(u128::from(JUMP_RATE_PER_SEC)) / 1_000_000_000;
+    let grown = elapsed
+        .as_nanos()
+        .saturating_mul(u128::from(JUMP_RATE_PER_SEC))
+        / 1_000_000_000;
     let grown = u64::try_from(grown).unwrap_or(u64::MAX);
     known
         .saturating_add(JUMP_BASE)
