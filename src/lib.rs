@@ -19,10 +19,12 @@ pub use config::{
 };
 pub use message::{ChitchatEnvelope, ChitchatMessage, ProtocolVersion};
 pub use protocol::{
-    Chitchat, ClusterStateSnapshot, KeyChangeEvent, KeyValueError, ListenerHandle, NodeState,
+    Chitchat, ClusterStateSnapshot, KeyChangeEvent, KeyValueError, Limits, ListenerHandle,
+    NodeState, Refusal, RefusalCounts,
 };
 pub use server::{
-    ChitchatHandle, ChitchatRef, Command, MESSAGE_HANDLING_BOUND, ServerStats, spawn_chitchat,
+    ChitchatHandle, ChitchatRef, Command, MESSAGE_HANDLING_BOUND, ServerStats, SpawnOptions,
+    spawn_chitchat, spawn_chitchat_with,
 };
 pub use transport::{ChannelTransport, Transport, TransportKind, UdpTransport};
 pub use types::{ChitchatId, DeletionStatus, Heartbeat, Version, VersionedValue};

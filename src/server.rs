@@ -19,7 +19,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::ChitchatConfig;
 use crate::control::ControlThread;
 use crate::dns::{self, DNS_POLLING_DURATION, Seeds};
-use crate::protocol::Chitchat;
+use crate::protocol::{Chitchat, Limits};
 use crate::transport::{
     Datagram, DatagramHandler, Endpoint, EndpointStats, ReplySink, Transport, TransportKind,
 };
@@ -387,6 +387,40 @@ pub async fn spawn_chitchat(
     initial_key_values: Vec<(String, String)>,
     transport: &dyn Transport,
 ) -> anyhow::Result<ChitchatHandle> {
+    spawn_chitchat_with(
+        config,
+        initial_key_values,
+        transport,
+        SpawnOptions::default(),
+    )
+    .await
+}
+
+/// What [`spawn_chitchat_with`] takes beyond chitchat's arguments: settings `ChitchatConfig`
+/// has no field for (its fields stay exactly chitchat's). Built from `Default` with the
+/// `with_*` methods; new fields may be added.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct SpawnOptions {
+    /// Byte budgets and bounds applied to received state (DESIGN-13).
+    pub limits: Limits,
+}
+
+impl SpawnOptions {
+    /// The byte budgets applied to received state.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+}
+
+/// [`spawn_chitchat`] with the options chitchat has no argument for.
+pub async fn spawn_chitchat_with(
+    config: ChitchatConfig,
+    initial_key_values: Vec<(String, String)>,
+    transport: &dyn Transport,
+    options: SpawnOptions,
+) -> anyhow::Result<ChitchatHandle> {
     config.validate()?;
     let control = ControlThread::shared().context("failed to start the control thread")?;
     let listen_addr = config.listen_addr;
@@ -410,11 +444,9 @@ pub async fn spawn_chitchat(
     let (seed_tx, seed_rx) = watch::channel::<HashSet<SocketAddr>>(seed_addrs);
 
     let chitchat_id = config.chitchat_id.clone();
-    let chitchat = ChitchatRef::new(Chitchat::with_chitchat_id_and_seeds(
-        config,
-        seed_rx,
-        initial_key_values,
-    ));
+    let mut node = Chitchat::with_chitchat_id_and_seeds(config, seed_rx, initial_key_values);
+    node.set_limits(options.limits);
+    let chitchat = ChitchatRef::new(node);
     let counters = Arc::new(Counters::default());
     let (panic_tx, panic_rx) = watch::channel(None);
     let handler = Arc::new(NodeHandler {

@@ -21,14 +21,18 @@ use tracing::{error, info, warn};
 
 use crate::clock::Clock;
 use crate::config::ChitchatConfig;
+use crate::message::NodeDigest;
 use crate::message::{ChitchatEnvelope, ChitchatMessage, Delta, Digest, ProtocolVersion};
 use crate::protocol::cluster_state::{ClusterState, ClusterStateSnapshot};
 use crate::protocol::failure_detector::FailureDetector;
+use crate::protocol::limits::{Limits, Refusal, RefusalCounts, RefusalLog};
 use crate::protocol::listener::{KeyChangeEvent, ListenerHandle, Listeners};
 use crate::protocol::node_state::NodeState;
 use crate::protocol::peer_selection::{GossipTargets, select_nodes_for_gossip};
 use crate::protocol::reply::{self, ReplyOutcome};
-use crate::types::{ChitchatId, Heartbeat, Version, VersionedValue};
+#[cfg(test)]
+use crate::types::Heartbeat;
+use crate::types::{ChitchatId, Version, VersionedValue};
 use crate::wire::DecodeError;
 use crate::wire::{DigestView, MessageView};
 
@@ -61,6 +65,8 @@ pub struct ProtocolStats {
     pub deltas_truncated: u64,
     /// Digest entries ignored because the node-state cap was reached.
     pub nodes_refused: u64,
+    /// Received values ignored as implausible or over a byte budget, by kind (DESIGN-13).
+    pub refused: RefusalCounts,
 }
 
 /// One node's view of the cluster and the rules that change it (SPEC §4). Lock it, feed it
@@ -76,6 +82,8 @@ pub struct Chitchat {
     clock: Clock,
     rng: SmallRng,
     stats: ProtocolStats,
+    limits: Limits,
+    refusal_log: RefusalLog,
 }
 
 impl Chitchat {
@@ -115,8 +123,14 @@ impl Chitchat {
             clock,
             rng: SmallRng::seed_from_u64(rng_seed),
             stats: ProtocolStats::default(),
+            limits: Limits::default(),
+            refusal_log: RefusalLog::default(),
         };
+        let self_id = chitchat.config.chitchat_id.clone();
+        chitchat.cluster_state.set_self_id(self_id);
+        let created = chitchat.clock.now();
         let own = chitchat.self_node_state();
+        own.anchor_own(created);
         own.inc_heartbeat();
         for (key, value) in initial_key_values {
             own.set(key, value);
@@ -142,6 +156,32 @@ impl Chitchat {
     /// What the state machine saw and did so far.
     pub fn stats(&self) -> &ProtocolStats {
         &self.stats
+    }
+
+    /// The byte budgets applied to received state.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Changes the byte budgets; what is already held is kept (a lower cap refuses only new
+    /// nodes and further growth).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// Bytes of remote state held (ids, keys, values of every other node), the figure
+    /// `Limits::max_remote_state_bytes` bounds.
+    pub fn remote_state_bytes(&self) -> usize {
+        self.cluster_state.remote_bytes()
+    }
+
+    /// Counts and logs (rate-limited per kind) received values that were ignored.
+    fn refuse(&mut self, refusal: Refusal, n: u64, now: Instant, detail: std::fmt::Arguments<'_>) {
+        if n == 0 {
+            return;
+        }
+        self.stats.refused.add(refusal, n);
+        self.refusal_log.note(refusal, now, detail);
     }
 
     /// The cluster this node belongs to: Syns of other clusters get BadCluster.
@@ -268,6 +308,7 @@ impl Chitchat {
         } else {
             self.cluster_state.node_state_or_create(chitchat_id)
         };
+        let bytes_before = state.bytes();
         let before = state.monotonic_property();
         if before >= (last_gc_version, max_version) {
             warn!(node = ?chitchat_id, ?before, last_gc_version, max_version,
@@ -289,6 +330,9 @@ impl Chitchat {
         state.set_last_gc_version(last_gc_version);
         // Known to the failure detector (so it is eventually collected), but not seen alive.
         self.failure_detector.ensure_window(&mut state.liveness);
+        let bytes_after = state.bytes();
+        self.cluster_state
+            .account(chitchat_id, bytes_before, bytes_after);
     }
 
     /// Bumps the own heartbeat: every round and every message handled.
@@ -307,42 +351,119 @@ impl Chitchat {
     #[cfg(test)]
     pub(crate) fn report_heartbeat(&mut self, chitchat_id: &ChitchatId, heartbeat: Heartbeat) {
         let now = self.clock.now();
-        self.report_heartbeat_at(chitchat_id, heartbeat, now);
+        self.report_heartbeat_at(chitchat_id, NodeDigest::new(heartbeat, 0, 0), now);
     }
 
-    fn report_heartbeat_at(
-        &mut self,
-        chitchat_id: &ChitchatId,
-        heartbeat: Heartbeat,
-        now: Instant,
-    ) {
+    /// One digest entry: a heartbeat about another node (plausible ones only, DESIGN-13 §1),
+    /// or a claim about our own node, which we outgrow (§2).
+    fn report_heartbeat_at(&mut self, chitchat_id: &ChitchatId, entry: NodeDigest, now: Instant) {
+        let heartbeat = entry.heartbeat;
         if chitchat_id == &self.config.chitchat_id {
-            // Peers remember a previous incarnation with this very id: outgrow it.
-            self.self_node_state().fast_forward_heartbeat(heartbeat);
+            self.own_claim(entry, now);
+            return;
+        }
+        if chitchat_id.node_id.len() > self.limits.max_node_id_len {
+            let len = chitchat_id.node_id.len();
+            self.refuse(
+                Refusal::IdTooLong,
+                1,
+                now,
+                format_args!("a node id of {len} bytes"),
+            );
             return;
         }
         if let Some(last) = self.cluster_state.last_heartbeat_if_deleted(chitchat_id)
             && heartbeat <= last
         {
             // A stale copy of a garbage-collected node: do not resurrect it.
-            if let Some(state) = self.cluster_state.node_state_mut(chitchat_id)
-                && state.try_set_heartbeat(heartbeat)
-            {
-                self.failure_detector
-                    .report_heartbeat(&mut state.liveness, now);
+            let reported = self
+                .cluster_state
+                .node_state_mut(chitchat_id)
+                .map(|state| state.try_set_received_heartbeat(heartbeat, now));
+            match reported {
+                Some(Ok(true)) => {
+                    if let Some(state) = self.cluster_state.node_state_mut(chitchat_id) {
+                        self.failure_detector
+                            .report_heartbeat(&mut state.liveness, now);
+                    }
+                }
+                Some(Err(refusal)) => self.refuse(
+                    refusal,
+                    1,
+                    now,
+                    format_args!("{heartbeat:?} about {chitchat_id:?}"),
+                ),
+                _ => {}
             }
             return;
         }
-        if self.cluster_state.node_state(chitchat_id).is_none()
-            && self.cluster_state.node_states.len() >= MAX_NODE_STATES
-        {
-            self.stats.nodes_refused += 1;
-            return;
+        if self.cluster_state.node_state(chitchat_id).is_none() {
+            if !crate::protocol::limits::is_plausible(heartbeat.0, None, now) {
+                self.refuse(
+                    Refusal::ImplausibleHeartbeat,
+                    1,
+                    now,
+                    format_args!("{heartbeat:?} about the new node {chitchat_id:?}"),
+                );
+                return;
+            }
+            if let Some(refusal) = self
+                .cluster_state
+                .refuses_new_node(&self.limits, MAX_NODE_STATES)
+            {
+                self.stats.nodes_refused += 1;
+                let held = self.cluster_state.remote_bytes();
+                self.refuse(
+                    refusal,
+                    1,
+                    now,
+                    format_args!("new node refused: {held} bytes of remote state held"),
+                );
+                return;
+            }
         }
         let state = self.cluster_state.node_state_or_create(chitchat_id);
-        if state.try_set_heartbeat(heartbeat) {
-            self.failure_detector
-                .report_heartbeat(&mut state.liveness, now);
+        match state.try_set_received_heartbeat(heartbeat, now) {
+            Ok(true) => self
+                .failure_detector
+                .report_heartbeat(&mut state.liveness, now),
+            Ok(false) => {}
+            Err(refusal) => self.refuse(
+                refusal,
+                1,
+                now,
+                format_args!("{heartbeat:?} about {chitchat_id:?}"),
+            ),
+        }
+    }
+
+    /// Owner authority (DESIGN-13 §2): a digest entry about our own id claiming more than we
+    /// have is outgrown, so our next word supersedes the claim at every peer holding it.
+    fn own_claim(&mut self, entry: NodeDigest, now: Instant) {
+        let own = self.self_node_state();
+        let heartbeat = own.fast_forward_heartbeat(entry.heartbeat, now);
+        let claim = entry.max_version.max(entry.last_gc_version);
+        let versions = self.self_node_state().outgrow_claim(claim, now);
+        if let Err(refusal) = heartbeat {
+            self.refuse(
+                refusal,
+                1,
+                now,
+                format_args!("a claim of {:?} about this node", entry.heartbeat),
+            );
+        }
+        if let Err(refusal) = versions {
+            let refusal = if entry.last_gc_version > entry.max_version {
+                Refusal::ImplausibleLastGcVersion
+            } else {
+                refusal
+            };
+            self.refuse(
+                refusal,
+                1,
+                now,
+                format_args!("a claim of version {claim} about this node"),
+            );
         }
     }
 
@@ -350,7 +471,8 @@ impl Chitchat {
     /// by id, so known nodes are matched in one merged pass instead of a search per entry; only
     /// new ids (and our own) take the general path.
     fn report_heartbeats(&mut self, digest: &DigestView<'_>, now: Instant) {
-        let mut others: Vec<(ChitchatId, Heartbeat)> = Vec::new();
+        let mut others: Vec<(ChitchatId, NodeDigest)> = Vec::new();
+        let mut implausible = 0u64;
         let mut states = self.cluster_state.node_states.iter_mut().peekable();
         for (id, node_digest) in digest.entries() {
             while states
@@ -361,16 +483,25 @@ impl Chitchat {
                 Some((state_id, state))
                     if id.cmp_id(state_id).is_eq() && **state_id != self.config.chitchat_id =>
                 {
-                    if state.try_set_heartbeat(node_digest.heartbeat) {
-                        self.failure_detector
-                            .report_heartbeat(&mut state.liveness, now);
+                    match state.try_set_received_heartbeat(node_digest.heartbeat, now) {
+                        Ok(true) => self
+                            .failure_detector
+                            .report_heartbeat(&mut state.liveness, now),
+                        Ok(false) => {}
+                        Err(_) => implausible += 1,
                     }
                 }
-                _ => others.push((id.to_owned_id(), node_digest.heartbeat)),
+                _ => others.push((id.to_owned_id(), *node_digest)),
             }
         }
-        for (id, heartbeat) in others {
-            self.report_heartbeat_at(&id, heartbeat, now);
+        self.refuse(
+            Refusal::ImplausibleHeartbeat,
+            implausible,
+            now,
+            format_args!("{implausible} heartbeats of known nodes in one digest"),
+        );
+        for (id, entry) in others {
+            self.report_heartbeat_at(&id, entry, now);
         }
     }
 
@@ -378,7 +509,17 @@ impl Chitchat {
     fn process_delta(&mut self, delta: &Delta) {
         let now = self.clock.now();
         let self_id = self.config.chitchat_id.clone();
-        let outcome = self.cluster_state.apply_delta(delta, &self_id, now);
+        let outcome = self
+            .cluster_state
+            .apply_delta_within(delta, &self_id, now, &self.limits);
+        for (refusal, n) in outcome.refusals.iter() {
+            self.refuse(
+                refusal,
+                n,
+                now,
+                format_args!("{n} node deltas or key-values in one delta"),
+            );
+        }
         self.stats.node_deltas_applied += outcome.nodes_applied as u64;
         self.stats.node_deltas_reset += outcome.nodes_reset as u64;
         self.stats.node_deltas_rejected += outcome.nodes_rejected as u64;
@@ -579,6 +720,9 @@ impl Chitchat {
                 outcome.replied = true;
                 outcome.digest_truncated = digest_truncated;
                 outcome.delta_truncated = summary.truncated;
+                self.stats
+                    .refused
+                    .add(Refusal::UnrelayableKeyValue, summary.unrelayable as u64);
             }
             MessageView::SynAck { digest, delta } => {
                 self.stats.syn_ack_received += 1;
@@ -596,6 +740,9 @@ impl Chitchat {
                 );
                 outcome.replied = true;
                 outcome.delta_truncated = summary.truncated;
+                self.stats
+                    .refused
+                    .add(Refusal::UnrelayableKeyValue, summary.unrelayable as u64);
             }
             MessageView::Ack { delta } => {
                 self.stats.ack_received += 1;

@@ -11,6 +11,7 @@ use tracing::{debug, error, info};
 use crate::clock::Clock;
 use crate::message::{Delta, Digest, NodeDigest};
 use crate::protocol::gc_history::{GARBAGE_COLLECTED_NODE_HISTORY_SIZE, GcHistory};
+use crate::protocol::limits::{Limits, Refusal, RefusalCounts};
 use crate::protocol::listener::Listeners;
 use crate::protocol::node_state::{DeltaStatus, NodeState, ScheduledForDeletion};
 use crate::types::{ChitchatId, Heartbeat};
@@ -20,6 +21,10 @@ pub(crate) struct ClusterState {
     listeners: Listeners,
     gc_history: GcHistory,
     clock: Clock,
+    /// The own id: its state is not remote and not counted in `remote_bytes`.
+    self_id: Option<ChitchatId>,
+    /// Bytes of remote state: ids, keys and values of every other node state.
+    remote_bytes: usize,
 }
 
 /// What applying a delta did.
@@ -29,6 +34,8 @@ pub(crate) struct DeltaApplication {
     pub(crate) nodes_reset: usize,
     pub(crate) nodes_rejected: usize,
     pub(crate) nodes_unknown: usize,
+    /// Values ignored, by kind.
+    pub(crate) refusals: RefusalCounts,
 }
 
 impl ClusterState {
@@ -38,6 +45,43 @@ impl ClusterState {
             listeners,
             gc_history: GcHistory::new(GARBAGE_COLLECTED_NODE_HISTORY_SIZE),
             clock,
+            self_id: None,
+            remote_bytes: 0,
+        }
+    }
+
+    /// Names the own node (its state is left out of the remote byte budget).
+    pub(crate) fn set_self_id(&mut self, self_id: ChitchatId) {
+        self.self_id = Some(self_id);
+    }
+
+    /// Bytes of remote state held (ids, keys, values).
+    pub(crate) fn remote_bytes(&self) -> usize {
+        self.remote_bytes
+    }
+
+    /// Why a new node state cannot be created under `limits` and the node-count cap, if so.
+    pub(crate) fn refuses_new_node(&self, limits: &Limits, max_nodes: usize) -> Option<Refusal> {
+        (self.node_states.len() >= max_nodes || self.remote_bytes >= limits.max_remote_state_bytes)
+            .then_some(Refusal::RemoteStateFull)
+    }
+
+    /// Whether `id` is the own node.
+    pub(crate) fn is_self(&self, id: &ChitchatId) -> bool {
+        self.self_id.as_ref() == Some(id)
+    }
+
+    fn is_remote(&self, id: &ChitchatId) -> bool {
+        self.self_id.as_ref() != Some(id)
+    }
+
+    /// Records that a remote state's byte count went from `before` to `after`.
+    pub(crate) fn account(&mut self, id: &ChitchatId, before: usize, after: usize) {
+        if self.is_remote(id) {
+            self.remote_bytes = self
+                .remote_bytes
+                .saturating_sub(before)
+                .saturating_add(after);
         }
     }
 
@@ -62,6 +106,8 @@ impl ClusterState {
     pub(crate) fn node_state_or_create(&mut self, chitchat_id: &ChitchatId) -> &mut NodeState {
         if !self.node_states.contains_key(chitchat_id) {
             self.gc_history.remove(chitchat_id);
+            let id_len = chitchat_id.node_id.len();
+            self.account(chitchat_id, 0, id_len);
             let state = NodeState::new(
                 chitchat_id.clone(),
                 self.listeners.clone(),
@@ -86,6 +132,7 @@ impl ClusterState {
     /// Removes a dead node and remembers its last heartbeat, so stale copies cannot bring it back.
     pub(crate) fn garbage_collect_node(&mut self, chitchat_id: &ChitchatId) {
         if let Some(state) = self.node_states.remove(chitchat_id) {
+            self.account(chitchat_id, chitchat_id.node_id.len() + state.bytes(), 0);
             info!(node = ?chitchat_id, "garbage-collecting dead node");
             self.gc_history
                 .insert(chitchat_id.clone(), state.heartbeat());
@@ -108,31 +155,54 @@ impl ClusterState {
     }
 
     pub(crate) fn gc_keys_marked_for_deletion(&mut self, grace_period: Duration, now: Instant) {
-        for state in self.node_states.values_mut() {
+        let mut freed = 0usize;
+        for (id, state) in self.node_states.iter_mut() {
+            let before = state.bytes();
             state.gc_keys_marked_for_deletion(grace_period, now);
+            if self.self_id.as_ref() != Some(id) {
+                freed += before.saturating_sub(state.bytes());
+            }
         }
+        self.remote_bytes = self.remote_bytes.saturating_sub(freed);
     }
 
     /// Applies a received delta (SPEC §4.5). Deltas only update nodes that already exist; a
-    /// delta about `self_id` never overwrites our own state (we are its only author).
-    pub(crate) fn apply_delta(
+    /// delta about `self_id` never overwrites our own state (we are its only author): it
+    /// only makes us outgrow the versions it claims. Implausible node deltas (DESIGN-13 §1)
+    /// are ignored whole; the per-node budgets of `limits` cut the rest of a node's delta.
+    pub(crate) fn apply_delta_within(
         &mut self,
         delta: &Delta,
         self_id: &ChitchatId,
         now: Instant,
+        limits: &Limits,
     ) -> DeltaApplication {
         let mut outcome = DeltaApplication::default();
         for node_delta in &delta.node_deltas {
+            if node_delta.chitchat_id.node_id.len() > limits.max_node_id_len {
+                outcome.refusals.add(Refusal::IdTooLong, 1);
+                continue;
+            }
             if &node_delta.chitchat_id == self_id {
-                if let Some(own) = self.node_states.get_mut(self_id) {
-                    own.supersede_stale_self_copy(node_delta);
+                if let Some(own) = self.node_states.get_mut(self_id)
+                    && let Err(refusal) =
+                        own.supersede_stale_self_copy_within(node_delta, limits.max_keys_per_node)
+                {
+                    outcome.refusals.add(refusal, 1);
                 }
                 continue;
             }
+            let remote = self.is_remote(&node_delta.chitchat_id);
             let Some(state) = self.node_states.get_mut(&node_delta.chitchat_id) else {
                 outcome.nodes_unknown += 1;
                 continue;
             };
+            if let Err(refusal) = state.check_delta_plausibility(node_delta, now) {
+                outcome.refusals.add(refusal, 1);
+                outcome.nodes_rejected += 1;
+                continue;
+            }
+            let bytes_before = state.bytes();
             let before = state.monotonic_property();
             match state.delta_status(node_delta) {
                 DeltaStatus::Reject => {
@@ -149,7 +219,14 @@ impl ClusterState {
                     outcome.nodes_applied += 1;
                 }
             }
-            state.apply_delta(node_delta, now);
+            state.apply_delta_within(node_delta, now, limits, &mut outcome.refusals);
+            let bytes_after = state.bytes();
+            if remote {
+                self.remote_bytes = self
+                    .remote_bytes
+                    .saturating_sub(bytes_before)
+                    .saturating_add(bytes_after);
+            }
             let after = state.monotonic_property();
             if after < before {
                 // Unreachable by the acceptance rules; logged rather than asserted so a forged

@@ -9,7 +9,7 @@ use tracing::debug;
 use crate::protocol::cluster_state::ClusterState;
 use crate::protocol::node_state::{NodeState, ScheduledForDeletion};
 use crate::types::{ChitchatId, Version, VersionedValue};
-use crate::wire::DigestView;
+use crate::wire::{self, DigestView};
 
 /// Receives the ops of a delta and says whether each still fits (the wire's `DeltaWriter`, or a
 /// collector around it). Once a node or key-value op is refused the delta is over.
@@ -31,15 +31,19 @@ pub(crate) struct DeltaSummary {
     pub(crate) key_values: usize,
     /// Some stale node or key-value did not fit.
     pub(crate) truncated: bool,
+    /// Key-values left out because no datagram could carry them.
+    pub(crate) unrelayable: usize,
 }
 
 /// One node state the peer is behind on.
 struct Candidate<'a> {
     state: &'a NodeState,
     from_version_excluded: Version,
-    /// Sort key: unknown nodes first (smallest max_version first), then known nodes with the
-    /// most stale key-values; the last field breaks ties randomly.
-    priority: (bool, u64, u64),
+    /// Sort key: this node and the nodes the failure detector holds live first (so nodes
+    /// never seen alive, forged ones included, cannot crowd real members out of a delta);
+    /// then unknown nodes (smallest max_version first), then known nodes with the most stale
+    /// key-values; the last field breaks ties randomly.
+    priority: (bool, bool, u64, u64),
 }
 
 /// True for keys a chitchat 0.13 peer would crash on (its listener slices `key[0..1]`); such keys
@@ -77,6 +81,7 @@ pub(crate) fn write_delta<S: DeltaSink, R: Rng>(
         let should_reset = peer_gc < state.last_gc_version() && peer_max < state.last_gc_version();
         let from_version_excluded = if should_reset { 0 } else { peer_max };
         let is_unknown = from_version_excluded == 0;
+        let is_member = cluster_state.is_self(id) || state.liveness.is_live();
         let rank = if is_unknown {
             state.max_version()
         } else {
@@ -86,7 +91,7 @@ pub(crate) fn write_delta<S: DeltaSink, R: Rng>(
         candidates.push(Candidate {
             state,
             from_version_excluded,
-            priority: (!is_unknown, rank, rng.random()),
+            priority: (!is_member, !is_unknown, rank, rng.random()),
         });
     }
     candidates.sort_unstable_by_key(|c| c.priority);
@@ -108,10 +113,16 @@ pub(crate) fn write_delta<S: DeltaSink, R: Rng>(
             break;
         }
         summary.nodes += 1;
+        let relayable_len = wire::max_key_value_len(state.chitchat_id());
         let mut added_kv = false;
         for (key, value) in state.stale_key_values(candidate.from_version_excluded) {
             if !is_relayable_key(key) {
                 debug!(node = ?state.chitchat_id(), key, "not relaying a key chitchat peers crash on");
+                continue;
+            }
+            if key.len() + value.value.len() > relayable_len {
+                // It fits in no datagram: skipping it lets the entries behind it through.
+                summary.unrelayable += 1;
                 continue;
             }
             if !sink.try_add_kv(key, value) {

@@ -10,6 +10,9 @@ mod delta_plan;
 mod delta_plan_tests;
 mod failure_detector;
 mod gc_history;
+pub mod limits;
+#[cfg(test)]
+mod limits_tests;
 mod listener;
 mod node_state;
 #[cfg(test)]
@@ -21,6 +24,7 @@ pub use chitchat::{Chitchat, MAX_NODE_STATES, ProtocolStats};
 pub use cluster_state::ClusterStateSnapshot;
 pub use failure_detector::FailureDetectorConfig;
 pub use gc_history::GARBAGE_COLLECTED_NODE_HISTORY_SIZE;
+pub use limits::{Limits, Refusal, RefusalCounts};
 pub use listener::{KeyChangeEvent, ListenerHandle};
 pub use node_state::{KeyValueError, NodeState};
 pub use peer_selection::{GOSSIP_COUNT, GossipTargets, select_nodes_for_gossip};

@@ -11,6 +11,7 @@ use tracing::{debug, warn};
 use crate::clock::Clock;
 use crate::message::NodeDelta;
 use crate::protocol::failure_detector::{DeletionSchedule, NodeLiveness};
+use crate::protocol::limits::{self, Limits, Refusal, RefusalCounts};
 use crate::protocol::listener::{KeyChangeEvent, Listeners};
 use crate::types::{
     ChitchatId, DeletionStatus, DeletionStatusMutation, Heartbeat, Version, VersionedValue,
@@ -86,6 +87,18 @@ pub struct NodeState {
     clock: Clock,
     #[serde(skip)]
     gc_hint: GcHint,
+    /// The first heartbeat known and when (own node: 0 at creation). A received heartbeat is
+    /// plausible up to `anchor + JUMP_BASE + JUMP_RATE_PER_SEC × secs since`: forgeries can
+    /// never push a copy further than its owner could have counted since, so the owner can
+    /// always outgrow them in one step (see `limits`).
+    #[serde(skip)]
+    heartbeat_anchor: Option<(u64, Instant)>,
+    /// The same for max_version / last_gc_version.
+    #[serde(skip)]
+    versions_anchor: Option<(u64, Instant)>,
+    /// Bytes of keys and values held (tombstones included), for the byte budgets.
+    #[serde(skip)]
+    bytes: usize,
     /// The failure detector's data about this node (not part of the replicated state).
     #[serde(skip)]
     pub(crate) liveness: NodeLiveness,
@@ -104,6 +117,9 @@ impl Clone for NodeState {
             listeners: self.listeners.clone(),
             clock: self.clock.clone(),
             gc_hint: self.gc_hint,
+            heartbeat_anchor: self.heartbeat_anchor,
+            versions_anchor: self.versions_anchor,
+            bytes: self.bytes,
             liveness: NodeLiveness::default(),
         }
     }
@@ -181,6 +197,9 @@ impl NodeState {
             listeners,
             clock,
             gc_hint: GcHint::Nothing,
+            heartbeat_anchor: None,
+            versions_anchor: None,
+            bytes: 0,
             liveness: NodeLiveness::default(),
         }
     }
@@ -316,7 +335,7 @@ impl NodeState {
         } else {
             DeletionStatus::Set
         };
-        let version = self.max_version + 1;
+        let version = self.max_version.saturating_add(1);
         self.set_versioned_value(
             key,
             VersionedValue {
@@ -355,7 +374,8 @@ impl NodeState {
             warn!(node = ?self.chitchat_id, key, "deleting a key that does not exist");
             return;
         };
-        self.max_version += 1;
+        self.max_version = self.max_version.saturating_add(1);
+        self.bytes = self.bytes.saturating_sub(entry.value.len());
         *entry = VersionedValue {
             value: String::new(),
             version: self.max_version,
@@ -377,7 +397,7 @@ impl NodeState {
             debug!(node = ?self.chitchat_id, key, "key already deleted");
             return;
         }
-        self.max_version += 1;
+        self.max_version = self.max_version.saturating_add(1);
         entry.version = self.max_version;
         entry.status = DeletionStatus::DeleteAfterTtl(now);
         self.gc_hint.note(entry.status);
@@ -403,16 +423,76 @@ impl NodeState {
         }
     }
 
+    /// [`NodeState::try_set_heartbeat`] for a received value about a remote node: an
+    /// implausible one (DESIGN-13 §1) is refused and the state left as is.
+    pub(crate) fn try_set_received_heartbeat(
+        &mut self,
+        heartbeat: Heartbeat,
+        now: Instant,
+    ) -> Result<bool, Refusal> {
+        if heartbeat.0 > self.heartbeat.0
+            && !limits::is_plausible(heartbeat.0, self.heartbeat_anchor, now)
+        {
+            return Err(Refusal::ImplausibleHeartbeat);
+        }
+        let reported = self.try_set_heartbeat(heartbeat);
+        if self.heartbeat_anchor.is_none() && self.heartbeat.0 != 0 {
+            self.heartbeat_anchor = Some((self.heartbeat.0, now));
+        }
+        Ok(reported)
+    }
+
+    /// Marks this state as the own node's: its claims are bounded from 0 at `now`.
+    pub(crate) fn anchor_own(&mut self, now: Instant) {
+        self.heartbeat_anchor = Some((self.heartbeat.0, now));
+        self.versions_anchor = Some((self.max_version.max(self.last_gc_version), now));
+    }
+
+    /// Whether every counter of a received delta about this (remote) node is plausible.
+    pub(crate) fn check_delta_plausibility(
+        &self,
+        delta: &NodeDelta,
+        now: Instant,
+    ) -> Result<(), Refusal> {
+        let known = self.versions_anchor;
+        let ok = |v: Version| {
+            v <= self.max_version.max(self.last_gc_version) || limits::is_plausible(v, known, now)
+        };
+        if !ok(delta.last_gc_version) {
+            return Err(Refusal::ImplausibleLastGcVersion);
+        }
+        if !ok(delta.max_version)
+            || !ok(delta.from_version_excluded)
+            || !delta.key_values.iter().all(|kv| ok(kv.version))
+        {
+            return Err(Refusal::ImplausibleVersion);
+        }
+        Ok(())
+    }
+
     pub(crate) fn inc_heartbeat(&mut self) {
         self.heartbeat.inc();
     }
 
     /// Raises the own heartbeat past what peers remember of a previous incarnation with the
     /// same id, so they see it increase again.
-    pub(crate) fn fast_forward_heartbeat(&mut self, heartbeat: Heartbeat) {
-        if heartbeat >= self.heartbeat {
-            self.heartbeat = Heartbeat(heartbeat.0.saturating_add(1));
+    ///
+    /// Own node only: the claim must be plausible relative to the own heartbeat and the time
+    /// since this node was created, so forged claims cannot push it toward the ceiling.
+    pub(crate) fn fast_forward_heartbeat(
+        &mut self,
+        heartbeat: Heartbeat,
+        now: Instant,
+    ) -> Result<(), Refusal> {
+        if heartbeat < self.heartbeat {
+            return Ok(());
         }
+        let known = self.heartbeat_anchor.or(Some((self.heartbeat.0, now)));
+        if !limits::is_plausible(heartbeat.0, known, now) {
+            return Err(Refusal::ImplausibleHeartbeat);
+        }
+        self.heartbeat = Heartbeat(heartbeat.0.saturating_add(1));
+        Ok(())
     }
 
     /// Inserts or replaces `key` if `value` is newer, raising `max_version`; notifies listeners
@@ -433,12 +513,24 @@ impl NodeState {
                 node: &self.chitchat_id,
             });
         }
-        self.key_values.insert(key, value);
+        let key_len = key.len();
+        let added = key_len + value.value.len();
+        if let Some(old) = self.key_values.insert(key, value) {
+            self.bytes = self.bytes.saturating_sub(key_len + old.value.len());
+        }
+        self.bytes = self.bytes.saturating_add(added);
     }
 
     /// Removes a key without leaving a tombstone (catch-up resets only).
     pub(crate) fn remove_key(&mut self, key: &str) {
-        self.key_values.remove(key);
+        if let Some(old) = self.key_values.remove(key) {
+            self.bytes = self.bytes.saturating_sub(key.len() + old.value.len());
+        }
+    }
+
+    /// Bytes of keys and values held, tombstones included.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
     }
 
     pub(crate) fn set_last_gc_version(&mut self, last_gc_version: Version) {
@@ -480,7 +572,8 @@ impl NodeState {
         }
         let mut last_gc_version = self.last_gc_version;
         let mut remaining = GcHint::Nothing;
-        self.key_values.retain(|_, value| {
+        let mut freed = 0usize;
+        self.key_values.retain(|key, value| {
             let Some(since) = value.status.time_of_start_scheduled_for_deletion() else {
                 return true;
             };
@@ -489,8 +582,10 @@ impl NodeState {
                 return true;
             }
             last_gc_version = last_gc_version.max(value.version);
+            freed += key.len() + value.value.len();
             false
         });
+        self.bytes = self.bytes.saturating_sub(freed);
         self.last_gc_version = last_gc_version;
         self.gc_hint = remaining;
     }
@@ -523,22 +618,56 @@ impl NodeState {
     /// back to 0 so the next observed value is again a non-reported first value.
     pub(crate) fn reset_for_delta(&mut self, last_gc_version: Version) {
         self.key_values.clear();
+        self.bytes = 0;
         self.gc_hint = GcHint::Nothing;
         self.heartbeat = Heartbeat(0);
         self.max_version = 0;
         self.last_gc_version = last_gc_version;
     }
 
-    /// Applies the key-values of an accepted node delta (after a possible reset).
-    pub(crate) fn apply_delta(&mut self, delta: &NodeDelta, now: Instant) {
+    /// Applies the key-values of an accepted node delta (after a possible reset), within the
+    /// per-node budgets of `limits`: over them, the rest of the delta is ignored (and
+    /// requested again later: max_version stays at the last entry applied). A key-value that
+    /// could never be relayed in a datagram is dropped but does not stop the rest.
+    pub(crate) fn apply_delta_within(
+        &mut self,
+        delta: &NodeDelta,
+        now: Instant,
+        limits: &Limits,
+        refusals: &mut RefusalCounts,
+    ) {
+        let before = (self.max_version, self.last_gc_version);
         let current_max = self.max_version;
+        let relayable_len = wire::max_key_value_len(&self.chitchat_id);
+        let mut applied_up_to = current_max;
+        let mut stopped = false;
         for kv in &delta.key_values {
             if kv.version <= current_max {
                 continue;
             }
             if kv.status.scheduled_for_deletion() && kv.version <= self.last_gc_version {
+                applied_up_to = applied_up_to.max(kv.version);
                 continue;
             }
+            let size = kv.key.len() + kv.value.len();
+            if size > relayable_len || kv.key.len() > MAX_STRING_LEN {
+                refusals.add(Refusal::UnrelayableKeyValue, 1);
+                applied_up_to = applied_up_to.max(kv.version);
+                continue;
+            }
+            let existing = self.key_values.get(&kv.key);
+            if existing.is_none() && self.key_values.len() >= limits.max_keys_per_node {
+                refusals.add(Refusal::TooManyKeys, 1);
+                stopped = true;
+                break;
+            }
+            let freed = existing.map_or(0, |e| kv.key.len() + e.value.len());
+            if self.bytes.saturating_sub(freed).saturating_add(size) > limits.max_node_state_bytes {
+                refusals.add(Refusal::NodeStateTooLarge, 1);
+                stopped = true;
+                break;
+            }
+            applied_up_to = applied_up_to.max(kv.version);
             self.set_versioned_value(
                 kv.key.clone(),
                 VersionedValue {
@@ -549,52 +678,109 @@ impl NodeState {
             );
         }
         // A sender's max_version never goes below its own KVs; a forged one must not lower ours.
-        self.max_version = self.max_version.max(delta.max_version);
+        self.max_version = if stopped {
+            self.max_version.max(applied_up_to)
+        } else {
+            self.max_version.max(delta.max_version)
+        };
+        if self.versions_anchor.is_none() && (self.max_version, self.last_gc_version) > before {
+            self.versions_anchor = Some((self.max_version.max(self.last_gc_version), now));
+        }
     }
 
-    /// A peer sent us a copy of our own state with versions beyond ours: it is the state of a
-    /// previous incarnation that used the same id. Jump past those versions and re-issue our
-    /// current entries (and tombstones for keys we no longer have) so peers replace the stale copy.
-    pub(crate) fn supersede_stale_self_copy(&mut self, delta: &NodeDelta) {
-        let stale_max = delta
+    /// [`NodeState::apply_delta_within`] the default limits (tests).
+    #[cfg(test)]
+    pub(crate) fn apply_delta(&mut self, delta: &NodeDelta, now: Instant) {
+        let mut refusals = RefusalCounts::default();
+        self.apply_delta_within(delta, now, &Limits::default(), &mut refusals);
+    }
+
+    /// A peer sent us a delta about our own state with versions beyond ours: a forged copy or
+    /// the state of a previous incarnation that used the same id. It is never applied; we
+    /// outgrow its versions ([`NodeState::outgrow_claim`]) and leave tombstones for the keys
+    /// it has that we do not (while the own state holds fewer than `max_keys` entries, so
+    /// forged keys cannot grow it without bound).
+    pub(crate) fn supersede_stale_self_copy_within(
+        &mut self,
+        delta: &NodeDelta,
+        max_keys: usize,
+    ) -> Result<bool, Refusal> {
+        let now = self.clock.now();
+        let claim = delta
             .key_values
             .iter()
             .map(|kv| kv.version)
-            .max()
-            .unwrap_or(0)
-            .max(delta.max_version);
-        if stale_max <= self.max_version {
-            return;
+            .fold(delta.max_version.max(delta.last_gc_version), Version::max);
+        if !self.outgrow_claim(claim, now)? {
+            return Ok(false);
         }
-        warn!(node = ?self.chitchat_id, stale_max, own_max = self.max_version,
-              "peers hold a newer copy of this node's state (restart with the same generation id?): superseding it");
-        self.max_version = stale_max;
-        let now = self.clock.now();
-        let mut keys: Vec<String> = self.key_values.keys().cloned().collect();
         for kv in &delta.key_values {
-            if !self.key_values.contains_key(&kv.key) {
-                keys.push(kv.key.clone());
+            if self.key_values.len() >= max_keys || self.key_values.contains_key(&kv.key) {
+                continue;
             }
+            let Some(version) = self.max_version.checked_add(1) else {
+                break;
+            };
+            self.max_version = version;
+            let status = DeletionStatus::Deleted(now);
+            self.gc_hint.note(status);
+            self.bytes = self.bytes.saturating_add(kv.key.len());
+            self.key_values.insert(
+                kv.key.clone(),
+                VersionedValue {
+                    value: String::new(),
+                    version,
+                    status,
+                },
+            );
         }
-        for key in keys {
-            self.max_version += 1;
-            let version = self.max_version;
-            match self.key_values.get_mut(&key) {
-                Some(entry) => entry.version = version,
-                None => {
-                    let status = DeletionStatus::Deleted(now);
-                    self.gc_hint.note(status);
-                    self.key_values.insert(
-                        key,
-                        VersionedValue {
-                            value: String::new(),
-                            version,
-                            status,
-                        },
-                    );
-                }
-            }
+        Ok(true)
+    }
+
+    /// [`NodeState::supersede_stale_self_copy_within`] with the default key cap (tests).
+    #[cfg(test)]
+    pub(crate) fn supersede_stale_self_copy(&mut self, delta: &NodeDelta) {
+        let _ = self.supersede_stale_self_copy_within(delta, Limits::default().max_keys_per_node);
+    }
+
+    /// Owner authority (DESIGN-13 §2), own node only: a peer claims a version of our state
+    /// (`claim`: a digest's max_version or last_gc_version, a delta's versions) above ours. It
+    /// holds a forged copy or one of a previous incarnation with this id; either way we outgrow
+    /// it: `last_gc_version := claim + 1` and every entry re-issued above it, so every peer
+    /// below gets a reset (SPEC §4.4) that replaces its copy, forged keys included, with ours.
+    /// Re-issuing the entries makes the reset's last version our max_version, so the peer's
+    /// next digest no longer looks behind (no reset loop, for chitchat 0.13 peers too).
+    /// Refused if the claim is implausible relative to our versions and the time since creation; returns whether the state changed.
+    pub(crate) fn outgrow_claim(&mut self, claim: Version, now: Instant) -> Result<bool, Refusal> {
+        if claim <= self.max_version {
+            return Ok(false);
         }
+        let known = self.versions_anchor.or(Some((self.max_version, now)));
+        if !limits::is_plausible(claim, known, now) {
+            return Err(Refusal::ImplausibleVersion);
+        }
+        let entries = self.key_values.len() as u64;
+        // claim ≤ 2^53 and entries < 2^63: cannot overflow, checked all the same.
+        let Some(new_gc) = claim.checked_add(1) else {
+            return Err(Refusal::ImplausibleVersion);
+        };
+        if new_gc.checked_add(entries).is_none() {
+            return Err(Refusal::ImplausibleVersion);
+        }
+        warn!(node = ?self.chitchat_id, claim, own_max = self.max_version,
+              "a peer claims versions of this node beyond its own (forged, or a previous \
+               incarnation with the same id): outgrowing them");
+        let mut entries: Vec<(&String, &mut VersionedValue)> = self.key_values.iter_mut().collect();
+        // Keep the relative order of the writes.
+        entries.sort_unstable_by_key(|(_, v)| v.version);
+        let mut version = new_gc;
+        for (_, entry) in entries {
+            version += 1;
+            entry.version = version;
+        }
+        self.last_gc_version = new_gc;
+        self.max_version = version;
+        Ok(true)
     }
 }
 
