@@ -205,8 +205,10 @@ async fn forged_reset(forged_gc: impl FnOnce(u64) -> u64, label: &str) {
         counters_at(&b, &a_id)
     );
     assert_eq!(view_of(&b, &a_id), Some(own_view(&a)), "[{label}]");
-    // No catch-up storm: at most the one forged reset may reach the application.
-    assert!(fired <= 1, "[{label}] {fired} catch-up callbacks: a storm");
+    // No catch-up storm. A plausible forged reset cannot be told from a real one, so it may
+    // reach the application once; the owner's healing reset is plain protocol and reaches it
+    // once more, exactly as a chitchat peer would see it. Anything beyond those two is a storm.
+    assert!(fired <= 2, "[{label}] {fired} catch-up callbacks: a storm");
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
