@@ -388,6 +388,18 @@ pub async fn spawn_chitchat(
     transport: &dyn Transport,
 ) -> anyhow::Result<ChitchatHandle> {
     config.validate()?;
+    if let Some(label) = transport.cluster_label()
+        && label != config.cluster_id
+    {
+        return Err(crate::config::ConfigError::new(
+            "cluster_id",
+            format!(
+                "is {:?} but the keyed transport seals for cluster {label:?}",
+                config.cluster_id
+            ),
+        )
+        .into());
+    }
     let control = ControlThread::shared().context("failed to start the control thread")?;
     let listen_addr = config.listen_addr;
     let seeds = Seeds::parse(&config.seed_nodes);
@@ -410,11 +422,9 @@ pub async fn spawn_chitchat(
     let (seed_tx, seed_rx) = watch::channel::<HashSet<SocketAddr>>(seed_addrs);
 
     let chitchat_id = config.chitchat_id.clone();
-    let chitchat = ChitchatRef::new(Chitchat::with_chitchat_id_and_seeds(
-        config,
-        seed_rx,
-        initial_key_values,
-    ));
+    let mut node = Chitchat::with_chitchat_id_and_seeds(config, seed_rx, initial_key_values);
+    node.set_datagram_budget(transport.max_payload());
+    let chitchat = ChitchatRef::new(node);
     let counters = Arc::new(Counters::default());
     let (panic_tx, panic_rx) = watch::channel(None);
     let handler = Arc::new(NodeHandler {

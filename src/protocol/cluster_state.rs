@@ -14,12 +14,16 @@ use crate::protocol::gc_history::{GARBAGE_COLLECTED_NODE_HISTORY_SIZE, GcHistory
 use crate::protocol::listener::Listeners;
 use crate::protocol::node_state::{DeltaStatus, NodeState, ScheduledForDeletion};
 use crate::types::{ChitchatId, Heartbeat};
+use crate::wire;
 
 pub(crate) struct ClusterState {
     pub(crate) node_states: BTreeMap<ChitchatId, NodeState>,
     listeners: Listeners,
     gc_history: GcHistory,
     clock: Clock,
+    /// Largest datagram this node may send: the UDP maximum, less the transport's own bytes
+    /// (sealing, in keyed clusters). Every reply and Syn is written within it.
+    pub(crate) datagram_budget: usize,
 }
 
 /// What applying a delta did.
@@ -38,6 +42,7 @@ impl ClusterState {
             listeners,
             gc_history: GcHistory::new(GARBAGE_COLLECTED_NODE_HISTORY_SIZE),
             clock,
+            datagram_budget: wire::MAX_UDP_DATAGRAM_PAYLOAD_SIZE,
         }
     }
 
