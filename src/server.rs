@@ -422,6 +422,18 @@ pub async fn spawn_chitchat_with(
     options: SpawnOptions,
 ) -> anyhow::Result<ChitchatHandle> {
     config.validate()?;
+    if let Some(label) = transport.cluster_label()
+        && label != config.cluster_id
+    {
+        return Err(crate::config::ConfigError::new(
+            "cluster_id",
+            format!(
+                "is {:?} but the keyed transport seals for cluster {label:?}",
+                config.cluster_id
+            ),
+        )
+        .into());
+    }
     let control = ControlThread::shared().context("failed to start the control thread")?;
     let listen_addr = config.listen_addr;
     let seeds = Seeds::parse(&config.seed_nodes);
@@ -446,6 +458,7 @@ pub async fn spawn_chitchat_with(
     let chitchat_id = config.chitchat_id.clone();
     let mut node = Chitchat::with_chitchat_id_and_seeds(config, seed_rx, initial_key_values);
     node.set_limits(options.limits);
+    node.set_datagram_budget(transport.max_payload());
     let chitchat = ChitchatRef::new(node);
     let counters = Arc::new(Counters::default());
     let (panic_tx, panic_rx) = watch::channel(None);

@@ -138,6 +138,15 @@ impl Chitchat {
         chitchat
     }
 
+    /// Bounds every datagram this node writes (Syn, SynAck, Ack) and every key-value its own
+    /// state accepts to `max_datagram_len` bytes: the server sets it from its endpoint, which is
+    /// smaller than the UDP maximum where the transport adds bytes (sealing, in keyed clusters).
+    pub fn set_datagram_budget(&mut self, max_datagram_len: usize) {
+        let budget = max_datagram_len.min(crate::wire::MAX_UDP_DATAGRAM_PAYLOAD_SIZE);
+        self.cluster_state.datagram_budget = budget;
+        self.self_node_state().datagram_budget = budget;
+    }
+
     /// The config this node was created with (read-only: a changed config means a new node).
     pub fn config(&self) -> &ChitchatConfig {
         &self.config

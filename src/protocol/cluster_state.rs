@@ -15,6 +15,7 @@ use crate::protocol::limits::{Limits, Refusal, RefusalCounts};
 use crate::protocol::listener::Listeners;
 use crate::protocol::node_state::{DeltaStatus, NodeState, ScheduledForDeletion};
 use crate::types::{ChitchatId, Heartbeat};
+use crate::wire;
 
 pub(crate) struct ClusterState {
     pub(crate) node_states: BTreeMap<ChitchatId, NodeState>,
@@ -25,6 +26,9 @@ pub(crate) struct ClusterState {
     self_id: Option<ChitchatId>,
     /// Bytes of remote state: ids, keys and values of every other node state.
     remote_bytes: usize,
+    /// Largest datagram this node may send: the UDP maximum, less the transport's own bytes
+    /// (sealing, in keyed clusters). Every reply and Syn is written within it.
+    pub(crate) datagram_budget: usize,
 }
 
 /// What applying a delta did.
@@ -47,6 +51,7 @@ impl ClusterState {
             clock,
             self_id: None,
             remote_bytes: 0,
+            datagram_budget: wire::MAX_UDP_DATAGRAM_PAYLOAD_SIZE,
         }
     }
 

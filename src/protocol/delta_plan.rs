@@ -113,7 +113,8 @@ pub(crate) fn write_delta<S: DeltaSink, R: Rng>(
             break;
         }
         summary.nodes += 1;
-        let relayable_len = wire::max_key_value_len(state.chitchat_id());
+        let relayable_len =
+            wire::max_key_value_len_in(cluster_state.datagram_budget, state.chitchat_id());
         let mut added_kv = false;
         for (key, value) in state.stale_key_values(candidate.from_version_excluded) {
             if !is_relayable_key(key) {

@@ -102,6 +102,14 @@ pub struct NodeState {
     /// The failure detector's data about this node (not part of the replicated state).
     #[serde(skip)]
     pub(crate) liveness: NodeLiveness,
+    /// Largest datagram the node sends (see `Chitchat::set_datagram_budget`): bounds the
+    /// key-values the own state accepts, so each can always be gossiped.
+    #[serde(skip, default = "max_datagram")]
+    pub(crate) datagram_budget: usize,
+}
+
+fn max_datagram() -> usize {
+    wire::MAX_UDP_DATAGRAM_PAYLOAD_SIZE
 }
 
 /// A copy of the replicated state (key-values, versions, heartbeat) sharing the listeners and
@@ -121,6 +129,7 @@ impl Clone for NodeState {
             versions_anchor: self.versions_anchor,
             bytes: self.bytes,
             liveness: NodeLiveness::default(),
+            datagram_budget: self.datagram_budget,
         }
     }
 }
@@ -201,6 +210,7 @@ impl NodeState {
             versions_anchor: None,
             bytes: 0,
             liveness: NodeLiveness::default(),
+            datagram_budget: max_datagram(),
         }
     }
 
@@ -354,7 +364,7 @@ impl NodeState {
                 key: key.to_string(),
             });
         }
-        let limit = wire::max_key_value_len(&self.chitchat_id);
+        let limit = wire::max_key_value_len_in(self.datagram_budget, &self.chitchat_id);
         let size = key.len() + value.len();
         if size > limit || key.len() > MAX_STRING_LEN || value.len() > MAX_STRING_LEN {
             return Err(KeyValueError::TooLarge {

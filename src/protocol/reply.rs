@@ -141,7 +141,7 @@ pub(crate) fn write_syn<R: Rng>(
     out: &mut Vec<u8>,
 ) -> bool {
     Encoder::write_header(out, version, MessageType::Syn);
-    let budget = wire::syn_digest_budget(cluster_id);
+    let budget = wire::syn_digest_budget(cluster_state.datagram_budget, cluster_id);
     let (_, truncated) = write_digest(cluster_state, self_id, scheduled, version, budget, rng, out);
     wire::put_cluster_id(out, cluster_id);
     truncated
@@ -161,7 +161,8 @@ pub(crate) fn write_syn_ack<R: Rng>(
     deadline: Option<Instant>,
 ) -> (bool, DeltaSummary) {
     Encoder::write_header(out, version, MessageType::SynAck);
-    let digest_budget = wire::body_budget(MIN_SYN_ACK_DELTA_BUDGET);
+    let digest_budget =
+        wire::body_budget_in(cluster_state.datagram_budget, MIN_SYN_ACK_DELTA_BUDGET);
     let (digest_len, digest_truncated) = write_digest(
         cluster_state,
         self_id,
@@ -171,7 +172,7 @@ pub(crate) fn write_syn_ack<R: Rng>(
         rng,
         out,
     );
-    let mtu = wire::delta_mtu(digest_len);
+    let mtu = wire::delta_mtu_in(cluster_state.datagram_budget, digest_len);
     let summary = append_delta(
         cluster_state,
         peer_digest,
@@ -195,7 +196,7 @@ pub(crate) fn write_ack<R: Rng>(
     deadline: Option<Instant>,
 ) -> DeltaSummary {
     Encoder::write_header(out, version, MessageType::Ack);
-    let mtu = wire::delta_mtu(0);
+    let mtu = wire::delta_mtu_in(cluster_state.datagram_budget, 0);
     append_delta(
         cluster_state,
         peer_digest,

@@ -79,6 +79,15 @@ pub struct EndpointStats {
     pub dropped_by_faults: u64,
     /// The multishot receive was re-armed, e.g. after the buffer ring ran dry (ENOBUFS).
     pub recv_rearms: u64,
+    /// Keyed endpoints: received datagrams that did not open (bad tag, unknown key, replayed,
+    /// too old, truncated, foreign); dropped before decoding.
+    pub auth_failures: u64,
+    /// Keyed endpoints: plaintext chitchat datagrams refused (`KeyedMode::Required`).
+    pub plaintext_refused: u64,
+    /// Keyed endpoints: plaintext chitchat datagrams accepted (`KeyedMode::AcceptPlaintext`).
+    pub plaintext_accepted: u64,
+    /// Keyed endpoints: datagrams that could not be sealed (over the sealed budget); not sent.
+    pub seal_failures: u64,
 }
 
 /// An open, receiving endpoint.
@@ -109,4 +118,17 @@ pub trait Transport: Send + Sync {
         listen_addr: SocketAddr,
         handler: Arc<dyn DatagramHandler>,
     ) -> anyhow::Result<Box<dyn Endpoint>>;
+
+    /// The cluster id this transport's datagrams are bound to, if it binds them to one (keyed
+    /// transports): `spawn_chitchat` refuses a node of another cluster on it.
+    fn cluster_label(&self) -> Option<&str> {
+        None
+    }
+
+    /// Largest datagram payload the protocol may hand this transport's endpoints: less than
+    /// [`MAX_DATAGRAM_LEN`] where the transport adds bytes of its own (sealing, in keyed
+    /// clusters).
+    fn max_payload(&self) -> usize {
+        MAX_DATAGRAM_LEN
+    }
 }

@@ -54,6 +54,7 @@ impl AtomicStats {
             recv_errors: g(&self.recv_errors),
             dropped_by_faults: g(&self.dropped_by_faults),
             recv_rearms: g(&self.recv_rearms),
+            ..EndpointStats::default()
         }
     }
 }

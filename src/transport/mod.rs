@@ -45,6 +45,7 @@ mod delay_queue;
 mod dispatch;
 mod epoll;
 mod faults;
+mod keyed;
 mod log_limit;
 mod runtime;
 #[allow(missing_docs)] // Documented with the keyed-transport wiring (issue 10).
@@ -60,4 +61,5 @@ pub use api::{
 };
 pub use channel::{ChannelTransport, Statistics};
 pub use faults::{Faults, Partition};
+pub use keyed::KeyedTransport;
 pub use udp::{TRANSPORT_ENV, UdpMode, UdpTransport};

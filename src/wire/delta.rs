@@ -6,7 +6,9 @@ use std::collections::HashSet;
 use super::block_stream::{BlockStreamWriter, max_items_len, read_block_stream};
 use super::codec::{Decoder, Encoder};
 use super::error::{DecodeError, EncodeError};
-use super::format::{BLOCK_THRESHOLD, MAX_STRING_LEN, delta_mtu};
+#[cfg(test)]
+use super::format::delta_mtu;
+use super::format::{BLOCK_THRESHOLD, MAX_STRING_LEN, MAX_UDP_DATAGRAM_PAYLOAD_SIZE, delta_mtu_in};
 use super::primitives::{Reader, chitchat_id_len, put_chitchat_id, put_str, put_u8, put_u64};
 use crate::message::{Delta, KeyValueUpdate, NodeDelta};
 use crate::types::{ChitchatId, DeletionStatusMutation, Version};
@@ -25,7 +27,12 @@ const SET_MAX_VERSION_OP_LEN: usize = 1 + 8;
 /// the delta of an Ack (the largest delta a node sends): a larger one could never be gossiped
 /// and would stall its node's replication.
 pub(crate) fn max_key_value_len(chitchat_id: &ChitchatId) -> usize {
-    let mtu = delta_mtu(0);
+    max_key_value_len_in(MAX_UDP_DATAGRAM_PAYLOAD_SIZE, chitchat_id)
+}
+
+/// [`max_key_value_len`] for datagrams of at most `datagram` bytes.
+pub(crate) fn max_key_value_len_in(datagram: usize, chitchat_id: &ChitchatId) -> usize {
+    let mtu = delta_mtu_in(datagram, 0);
     let ops_len = max_items_len(mtu, BLOCK_THRESHOLD.min(mtu));
     ops_len.saturating_sub(NODE_OP_FIXED_LEN + chitchat_id_len(chitchat_id) + KV_OP_FIXED_LEN)
 }

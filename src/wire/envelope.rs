@@ -5,7 +5,7 @@ use super::codec::{Decoder, Encoder};
 use super::delta::decode_delta_with;
 use super::digest::{DigestView, decode_digest_view};
 use super::error::{DecodeError, EncodeError};
-use super::format::{MAGIC_NUMBER, MAX_STRING_LEN, MessageType, body_budget};
+use super::format::{MAGIC_NUMBER, MAX_STRING_LEN, MessageType, body_budget_in};
 use super::primitives::{Reader, put_str, put_u8, put_u16, str_len};
 use crate::message::{ChitchatEnvelope, ChitchatMessage, Delta, ProtocolVersion};
 
@@ -22,8 +22,8 @@ impl MessageType {
 }
 
 /// Bytes a Syn's digest may take: the datagram minus the header and the cluster id after it.
-pub(crate) fn syn_digest_budget(cluster_id: &str) -> usize {
-    body_budget(str_len(cluster_id))
+pub(crate) fn syn_digest_budget(datagram: usize, cluster_id: &str) -> usize {
+    body_budget_in(datagram, str_len(cluster_id))
 }
 
 /// Appends a Syn's trailing cluster id. The config validation bounds cluster ids to what the u16

@@ -54,15 +54,24 @@ impl MessageType {
 /// Bytes a message body may take once the header and `reserved` bytes (e.g. a SynAck's digest,
 /// a Syn's cluster id) are accounted for.
 pub fn body_budget(reserved: usize) -> usize {
-    MAX_UDP_DATAGRAM_PAYLOAD_SIZE
-        .saturating_sub(HEADER_LEN)
-        .saturating_sub(reserved)
+    body_budget_in(MAX_UDP_DATAGRAM_PAYLOAD_SIZE, reserved)
+}
+
+/// [`body_budget`] for datagrams of at most `datagram` bytes (less than the UDP maximum where
+/// the transport adds bytes of its own: sealing, in keyed clusters).
+pub fn body_budget_in(datagram: usize, reserved: usize) -> usize {
+    datagram.saturating_sub(HEADER_LEN).saturating_sub(reserved)
 }
 
 /// Bytes left for a delta once the header and `reserved` bytes (e.g. a SynAck's digest) are
 /// accounted for: the reference's `delta_mtu`.
 pub fn delta_mtu(reserved: usize) -> usize {
     body_budget(reserved)
+}
+
+/// [`delta_mtu`] for datagrams of at most `datagram` bytes.
+pub fn delta_mtu_in(datagram: usize, reserved: usize) -> usize {
+    body_budget_in(datagram, reserved)
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ mod testing;
 // no wire file imports one that imports it back.
 pub use codec::{Decoder, Encoder};
 pub use delta::DeltaWriter;
-pub(crate) use delta::max_key_value_len;
+pub(crate) use delta::{max_key_value_len, max_key_value_len_in};
 pub use digest::{DigestEncoding, DigestView};
 pub(crate) use digest::{V0_DIGEST_COUNT_LEN, digest_entry_len};
 pub use envelope::{EnvelopeView, MessageView, decode_envelope, encode_envelope};
@@ -36,6 +36,6 @@ pub use error::{DecodeError, EncodeError};
 pub use format::{
     BLOCK_THRESHOLD, HEADER_LEN, MAGIC_NUMBER, MAX_BLOCK_DECOMPRESSED_LEN,
     MAX_STREAM_DECOMPRESSED_LEN, MAX_STRING_LEN, MAX_UDP_DATAGRAM_PAYLOAD_SIZE, MessageType,
-    body_budget, delta_mtu,
+    body_budget, body_budget_in, delta_mtu, delta_mtu_in,
 };
 pub use primitives::{ChitchatIdRef, chitchat_id_len};

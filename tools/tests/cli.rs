@@ -466,3 +466,90 @@ fn node_joins_a_chitchat_0_13_node_and_they_exchange_keys() {
     ours.quit();
     rt.block_on(theirs.shutdown()).unwrap();
 }
+
+/// A key file of `n` fresh keys, base64 one per line.
+fn key_file(name: &str, n: usize) -> std::path::PathBuf {
+    use chitchat_uring::transport::seal::Key;
+    let path =
+        std::env::temp_dir().join(format!("chitchat-uring-{name}-{}.keys", std::process::id()));
+    let lines: Vec<String> = (0..n)
+        .map(|_| Key::generate().unwrap().to_base64())
+        .collect();
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+#[test]
+fn keyed_cluster_converges_and_says_it_is_keyed() {
+    let keys = key_file("cluster", 2);
+    let output = run(
+        &[
+            "cluster",
+            "--nodes",
+            "4",
+            "--for-secs",
+            "0.5",
+            "--json",
+            "--key-file",
+            keys.to_str().unwrap(),
+        ],
+        Duration::from_secs(90),
+    );
+    let _ = std::fs::remove_file(&keys);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "stderr:\n{stderr}");
+    let summary: Value =
+        serde_json::from_str(String::from_utf8(output.stdout).unwrap().trim()).unwrap();
+    assert_eq!(summary["outcome"], "complete", "{summary}");
+    assert!(
+        summary["transport"]
+            .as_str()
+            .unwrap()
+            .contains("keyed (XChaCha20-Poly1305)"),
+        "{summary}"
+    );
+}
+
+#[test]
+fn bad_key_files_fail_naming_the_flag_and_line() {
+    let path = std::env::temp_dir().join(format!("chitchat-uring-bad-{}.keys", std::process::id()));
+    std::fs::write(&path, "# a comment\nnot-a-key\n").unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let output = run(
+        &[
+            "node",
+            "--listen",
+            &listen,
+            "--id",
+            "n",
+            "--key-file",
+            path.to_str().unwrap(),
+        ],
+        Duration::from_secs(10),
+    );
+    let _ = std::fs::remove_file(&path);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--key-file") && stderr.contains("line 2"),
+        "{stderr}"
+    );
+
+    let output = run(
+        &[
+            "node",
+            "--listen",
+            &listen,
+            "--id",
+            "n",
+            "--accept-plaintext",
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--accept-plaintext needs --key-file"),
+        "{stderr}"
+    );
+}

@@ -35,6 +35,10 @@ pub struct Args {
     /// UDP backend.
     #[arg(long, value_enum, default_value_t = TransportArg::Auto)]
     transport: TransportArg,
+    /// Keyed cluster: every node seals its datagrams under the first key of this file (one
+    /// base64-encoded 32-byte key per line), so the summary shows what keyed gossip costs.
+    #[arg(long, value_name = "PATH")]
+    key_file: Option<std::path::PathBuf>,
 }
 
 fn secs(flag: &str, value: f64) -> anyhow::Result<Duration> {
@@ -54,19 +58,30 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         cluster_id: "chitchat-uring-local".to_string(),
     };
     common::raise_open_files_limit();
-    let transport = args.transport.transport();
+    let transport = common::keyed_or_plain(
+        args.transport.transport(),
+        args.key_file.as_deref(),
+        false,
+        &spec.cluster_id,
+    )?;
+    let keyed = args.key_file.is_some();
     let mut display = ProgressDisplay::new();
     display.line(&format!(
         "starting {} nodes on 127.0.0.1 ({} keys each, gossip every {} ms)",
         spec.nodes, spec.keys, args.gossip_ms
     ));
     let started = Instant::now();
-    let cluster = UringCluster::start(&spec, &transport).context("starting the cluster")?;
+    let cluster = UringCluster::start(&spec, transport.as_ref()).context("starting the cluster")?;
     let startup = started.elapsed();
     let transport_name = cluster
         .transport_kind()
         .map(|k| describe_transport(&k))
         .unwrap_or_default();
+    let transport_name = if keyed {
+        format!("{transport_name}, keyed (XChaCha20-Poly1305)")
+    } else {
+        transport_name
+    };
     display.line(&format!("transport: {transport_name}"));
     let base = ClusterReport::started(
         "chitchat-uring",

@@ -5,7 +5,8 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use anyhow::anyhow;
-use chitchat_uring::transport::UdpMode;
+use chitchat_uring::transport::seal::{KeyedMode, Keyring, KeyringHandle};
+use chitchat_uring::transport::{KeyedTransport, Transport, UdpMode};
 use chitchat_uring::{ProtocolVersion, UdpTransport};
 use clap::ValueEnum;
 
@@ -142,4 +143,33 @@ pub fn raise_open_files_limit() {
             let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
+}
+
+/// `--key-file` (and `--accept-plaintext`): the UDP transport, sealed under the file's keys for
+/// `cluster` when a key file is given. Errors name the flag and the line.
+pub fn keyed_or_plain(
+    udp: UdpTransport,
+    key_file: Option<&std::path::Path>,
+    accept_plaintext: bool,
+    cluster: &str,
+) -> anyhow::Result<Box<dyn Transport>> {
+    let Some(path) = key_file else {
+        if accept_plaintext {
+            return Err(anyhow!("--accept-plaintext needs --key-file"));
+        }
+        return Ok(Box::new(udp));
+    };
+    let ring =
+        Keyring::load_key_file(path).map_err(|e| anyhow!("--key-file {}: {e}", path.display()))?;
+    let mode = if accept_plaintext {
+        KeyedMode::AcceptPlaintext
+    } else {
+        KeyedMode::Required
+    };
+    Ok(Box::new(KeyedTransport::new(
+        udp,
+        KeyringHandle::new(ring),
+        cluster,
+        mode,
+    )))
 }

@@ -15,7 +15,7 @@ use chitchat_uring::{
 use chitchat_uring_tools::bench_support::describe_transport;
 use serde::Serialize;
 
-use crate::common::{self, ProtocolArg, TransportArg};
+use crate::common::{self, ProtocolArg, TransportArg, keyed_or_plain};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -50,6 +50,14 @@ pub struct Args {
     /// UDP backend.
     #[arg(long, value_enum, default_value_t = TransportArg::Auto)]
     transport: TransportArg,
+    /// Keyed cluster: seal every datagram (XChaCha20-Poly1305) under the first key of this file
+    /// (one base64-encoded 32-byte key per line) and accept datagrams sealed under any of them.
+    #[arg(long, value_name = "PATH")]
+    key_file: Option<std::path::PathBuf>,
+    /// With --key-file: also accept plaintext chitchat datagrams (still sending sealed), for
+    /// turning keys on in a running cluster.
+    #[arg(long)]
+    accept_plaintext: bool,
     /// Version of the Syns this node sends (replies echo the version received). Keep v0 next
     /// to chitchat nodes that do not all decode v1.
     #[arg(long, value_enum, default_value_t = ProtocolArg::V0)]
@@ -138,9 +146,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let transport = args.transport.transport();
+    let transport = keyed_or_plain(
+        args.transport.transport(),
+        args.key_file.as_deref(),
+        args.accept_plaintext,
+        &args.cluster,
+    )?;
     let handle = runtime
-        .block_on(spawn_chitchat(config, args.kvs.clone(), &transport))
+        .block_on(spawn_chitchat(config, args.kvs.clone(), transport.as_ref()))
         .with_context(|| format!("--listen {}: cannot start the node", args.listen))?;
     tracing::info!(
         id = ?handle.chitchat_id(),
