@@ -44,6 +44,7 @@ mod channel;
 mod delay_queue;
 mod dispatch;
 mod epoll;
+mod ext;
 mod faults;
 mod log_limit;
 mod runtime;
@@ -59,5 +60,6 @@ pub use api::{
     TransportKind,
 };
 pub use channel::{ChannelTransport, Statistics};
+pub use ext::TransportExt;
 pub use faults::{Faults, Partition};
 pub use udp::{TRANSPORT_ENV, UdpMode, UdpTransport};
