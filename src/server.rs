@@ -54,6 +54,30 @@ impl ChitchatRef {
     }
 }
 
+impl ChitchatRef {
+    /// A reference that does not keep the state alive (chitchat users hold
+    /// `Weak<Mutex<Chitchat>>` in their background tasks; this is its counterpart).
+    pub fn downgrade(&self) -> WeakChitchatRef {
+        WeakChitchatRef {
+            inner: Arc::downgrade(&self.inner),
+        }
+    }
+}
+
+/// A weak [`ChitchatRef`]: [`upgrade`](Self::upgrade) gives the state back while a strong
+/// reference exists.
+#[derive(Clone, Debug, Default)]
+pub struct WeakChitchatRef {
+    inner: std::sync::Weak<Mutex<Chitchat>>,
+}
+
+impl WeakChitchatRef {
+    /// The strong reference, if the state is still alive.
+    pub fn upgrade(&self) -> Option<ChitchatRef> {
+        self.inner.upgrade().map(|inner| ChitchatRef { inner })
+    }
+}
+
 /// What the handle asks of the server loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
@@ -74,6 +98,8 @@ struct Counters {
     gossip_send_errors: AtomicU64,
     gossip_rounds: AtomicU64,
     last_malformed_log_ms: AtomicU64,
+    /// `abort()` was called: the stop is reported as an error, as chitchat does.
+    aborted: std::sync::atomic::AtomicBool,
 }
 
 /// A snapshot of a node's server counters.
@@ -226,7 +252,12 @@ impl Server {
                             warn!(%addr, %error, "failed to gossip");
                         }
                     }
-                    Some(Command::Shutdown) | None => break,
+                    Some(Command::Shutdown) | None => {
+                        if self.counters.aborted.load(Ordering::Acquire) {
+                            return Err(anyhow!("the chitchat server was aborted"));
+                        }
+                        break;
+                    }
                 },
                 changed = self.panic_rx.changed() => {
                     let message = self.panic_rx.borrow().clone();
@@ -331,8 +362,10 @@ impl ChitchatHandle {
             .map_err(|_| anyhow!("the chitchat server has stopped"))
     }
 
-    /// Stops the server without waiting (like `initiate_shutdown`, ignoring a stopped server).
+    /// Stops the server without waiting; as in chitchat, the termination watcher then reports
+    /// the abort as an error (a graceful stop is `shutdown`/`initiate_shutdown`).
     pub fn abort(&self) {
+        self.counters.aborted.store(true, Ordering::Release);
         let _ = self.command_tx.send(Command::Shutdown);
     }
 
