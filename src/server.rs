@@ -142,6 +142,10 @@ struct NodeHandler {
     counters: Arc<Counters>,
     panic_tx: watch::Sender<Option<String>>,
     started: Instant,
+    /// The runtime of the application that called `spawn_chitchat`: entered around the
+    /// protocol's work so listeners and catch-up callbacks can `tokio::spawn` (entering is a
+    /// thread-local swap).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl NodeHandler {
@@ -169,6 +173,7 @@ impl DatagramHandler for NodeHandler {
         // on the system clock (`with_chitchat_id_and_seeds`), so that is this `Instant::now()`.
         let received_at = Instant::now();
         let deadline = received_at + MESSAGE_HANDLING_BOUND;
+        let _runtime = self.runtime.as_ref().map(tokio::runtime::Handle::enter);
         let mut chitchat = self.chitchat.lock();
         for (i, datagram) in batch.iter().enumerate() {
             if Instant::now() >= deadline {
@@ -455,6 +460,7 @@ pub async fn spawn_chitchat(
         counters: counters.clone(),
         panic_tx,
         started: Instant::now(),
+        runtime: tokio::runtime::Handle::try_current().ok(),
     });
     let endpoint: Arc<dyn Endpoint> = Arc::from(
         transport

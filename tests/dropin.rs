@@ -110,3 +110,52 @@ async fn weak_reference_upgrades_while_the_node_lives() {
     }
     assert!(weak.upgrade().is_none(), "the state outlived its node");
 }
+
+/// Listeners run in the application's runtime context (`tokio::spawn` works in them) and a
+/// panicking one is caught: the node goes on converging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_can_spawn_and_a_panicking_listener_does_not_stop_the_node() {
+    let transport = ChannelTransport::new();
+    let (n1, n2) = pair(&transport, 21_050).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    {
+        let chitchat = n1.chitchat();
+        let c = chitchat.lock();
+        c.subscribe_event("spawn", move |event| {
+            let tx = tx.clone();
+            let value = event.value.to_string();
+            // Panics without a runtime context.
+            tokio::spawn(async move {
+                let _ = tx.send(value);
+            });
+        })
+        .forever();
+        c.subscribe_event("boom", |_| panic!("listener exploded"))
+            .forever();
+    }
+    n2.chitchat().lock().self_node_state().set("boom", "!");
+    n2.chitchat().lock().self_node_state().set("spawn", "spawned");
+    let got = tokio::time::timeout(WAIT, rx.recv()).await.unwrap();
+    assert_eq!(got.as_deref(), Some("spawned"));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while n1.chitchat().lock().listener_panics() == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(n1.chitchat().lock().listener_panics(), 1);
+    // Still converging after the panic.
+    n2.chitchat().lock().self_node_state().set("later", "yes");
+    let n2_id = n2.chitchat_id().clone();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let seen = |n1: &ChitchatHandle| {
+        n1.chitchat()
+            .lock()
+            .node_state(&n2_id)
+            .is_some_and(|s| s.get("later") == Some("yes"))
+    };
+    while !seen(&n1) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen(&n1), "the node stopped converging after a listener panic");
+    n1.shutdown().await.unwrap();
+    n2.shutdown().await.unwrap();
+}
