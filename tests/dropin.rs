@@ -159,3 +159,28 @@ async fn listeners_can_spawn_and_a_panicking_listener_does_not_stop_the_node() {
     n1.shutdown().await.unwrap();
     n2.shutdown().await.unwrap();
 }
+
+/// A node cannot start on a port another socket holds, with or without SO_REUSEPORT (ours):
+/// the error names the address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_port_fails_to_start_naming_the_address() {
+    let transport = chitchat_uring::UdpTransport::default();
+    let holder = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let error = spawn_chitchat(config(port, &[]), Vec::new(), &transport)
+        .await
+        .err()
+        .expect("a foreign socket holds the port");
+    assert!(format!("{error:#}").contains(&format!("127.0.0.1:{port}")), "{error:#}");
+    drop(holder);
+    // Our own node on the port: a second node must not join its SO_REUSEPORT group.
+    let node = spawn_chitchat(config(port, &[]), Vec::new(), &transport)
+        .await
+        .unwrap();
+    let error = spawn_chitchat(config(port, &[]), Vec::new(), &transport)
+        .await
+        .err()
+        .expect("our first node holds the port");
+    assert!(format!("{error:#}").contains(&format!("127.0.0.1:{port}")), "{error:#}");
+    node.shutdown().await.unwrap();
+}
