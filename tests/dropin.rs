@@ -134,7 +134,10 @@ async fn listeners_can_spawn_and_a_panicking_listener_does_not_stop_the_node() {
             .forever();
     }
     n2.chitchat().lock().self_node_state().set("boom", "!");
-    n2.chitchat().lock().self_node_state().set("spawn", "spawned");
+    n2.chitchat()
+        .lock()
+        .self_node_state()
+        .set("spawn", "spawned");
     let got = tokio::time::timeout(WAIT, rx.recv()).await.unwrap();
     assert_eq!(got.as_deref(), Some("spawned"));
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -155,7 +158,10 @@ async fn listeners_can_spawn_and_a_panicking_listener_does_not_stop_the_node() {
     while !seen(&n1) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(seen(&n1), "the node stopped converging after a listener panic");
+    assert!(
+        seen(&n1),
+        "the node stopped converging after a listener panic"
+    );
     n1.shutdown().await.unwrap();
     n2.shutdown().await.unwrap();
 }
@@ -171,7 +177,10 @@ async fn a_busy_port_fails_to_start_naming_the_address() {
         .await
         .err()
         .expect("a foreign socket holds the port");
-    assert!(format!("{error:#}").contains(&format!("127.0.0.1:{port}")), "{error:#}");
+    assert!(
+        format!("{error:#}").contains(&format!("127.0.0.1:{port}")),
+        "{error:#}"
+    );
     drop(holder);
     // Our own node on the port: a second node must not join its SO_REUSEPORT group.
     let node = spawn_chitchat(config(port, &[]), Vec::new(), &transport)
@@ -181,6 +190,9 @@ async fn a_busy_port_fails_to_start_naming_the_address() {
         .await
         .err()
         .expect("our first node holds the port");
-    assert!(format!("{error:#}").contains(&format!("127.0.0.1:{port}")), "{error:#}");
+    assert!(
+        format!("{error:#}").contains(&format!("127.0.0.1:{port}")),
+        "{error:#}"
+    );
     node.shutdown().await.unwrap();
 }

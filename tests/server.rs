@@ -358,12 +358,12 @@ async fn a_panicking_listener_is_caught_counted_and_the_node_goes_on() {
             SocketAddr::from(([127, 0, 0, 1], port)),
             &syn("test-cluster", Digest::default(), ProtocolVersion::V0),
         );
-        assert!(
-            peer.recv_within(WAIT).is_some(),
-            "{name}: still answering"
-        );
+        assert!(peer.recv_within(WAIT).is_some(), "{name}: still answering");
         drop(chitchat);
-        assert!(node.shutdown().await.is_ok(), "{name}: the node had stopped");
+        assert!(
+            node.shutdown().await.is_ok(),
+            "{name}: the node had stopped"
+        );
         assert!(
             UdpSocket::bind(("127.0.0.1", port)).is_ok(),
             "{name}: port freed"
