@@ -24,8 +24,20 @@ pub use protocol::{
 };
 pub use server::{
     ChitchatHandle, ChitchatRef, Command, MESSAGE_HANDLING_BOUND, ServerStats, SpawnOptions,
-    spawn_chitchat, spawn_chitchat_with,
+    WeakChitchatRef, spawn_chitchat, spawn_chitchat_with,
 };
 pub use transport::{ChannelTransport, Transport, TransportKind, UdpTransport};
 pub use types::{ChitchatId, DeletionStatus, Heartbeat, Version, VersionedValue};
 pub use wire::MAX_UDP_DATAGRAM_PAYLOAD_SIZE;
+
+/// Installs a `tracing` subscriber that writes to the test harness's captured output (shown for
+/// failing tests). Idempotent: every test of a binary may call it. chitchat 0.13 gates it behind
+/// the same `testsuite` feature.
+#[cfg(any(test, feature = "testsuite"))]
+pub fn setup_tracing_for_tests() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        // Another subscriber may already be installed (by the application's own tests): keep it.
+        let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    });
+}

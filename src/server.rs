@@ -54,6 +54,30 @@ impl ChitchatRef {
     }
 }
 
+impl ChitchatRef {
+    /// A reference that does not keep the state alive (chitchat users hold
+    /// `Weak<Mutex<Chitchat>>` in their background tasks; this is its counterpart).
+    pub fn downgrade(&self) -> WeakChitchatRef {
+        WeakChitchatRef {
+            inner: Arc::downgrade(&self.inner),
+        }
+    }
+}
+
+/// A weak [`ChitchatRef`]: [`upgrade`](Self::upgrade) gives the state back while a strong
+/// reference exists.
+#[derive(Clone, Debug, Default)]
+pub struct WeakChitchatRef {
+    inner: std::sync::Weak<Mutex<Chitchat>>,
+}
+
+impl WeakChitchatRef {
+    /// The strong reference, if the state is still alive.
+    pub fn upgrade(&self) -> Option<ChitchatRef> {
+        self.inner.upgrade().map(|inner| ChitchatRef { inner })
+    }
+}
+
 /// What the handle asks of the server loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
@@ -74,6 +98,8 @@ struct Counters {
     gossip_send_errors: AtomicU64,
     gossip_rounds: AtomicU64,
     last_malformed_log_ms: AtomicU64,
+    /// `abort()` was called: the stop is reported as an error, as chitchat does.
+    aborted: std::sync::atomic::AtomicBool,
 }
 
 /// A snapshot of a node's server counters.
@@ -116,6 +142,10 @@ struct NodeHandler {
     counters: Arc<Counters>,
     panic_tx: watch::Sender<Option<String>>,
     started: Instant,
+    /// The runtime of the application that called `spawn_chitchat`: entered around the
+    /// protocol's work so listeners and catch-up callbacks can `tokio::spawn` (entering is a
+    /// thread-local swap).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl NodeHandler {
@@ -143,6 +173,7 @@ impl DatagramHandler for NodeHandler {
         // on the system clock (`with_chitchat_id_and_seeds`), so that is this `Instant::now()`.
         let received_at = Instant::now();
         let deadline = received_at + MESSAGE_HANDLING_BOUND;
+        let _runtime = self.runtime.as_ref().map(tokio::runtime::Handle::enter);
         let mut chitchat = self.chitchat.lock();
         for (i, datagram) in batch.iter().enumerate() {
             if Instant::now() >= deadline {
@@ -226,7 +257,12 @@ impl Server {
                             warn!(%addr, %error, "failed to gossip");
                         }
                     }
-                    Some(Command::Shutdown) | None => break,
+                    Some(Command::Shutdown) | None => {
+                        if self.counters.aborted.load(Ordering::Acquire) {
+                            return Err(anyhow!("the chitchat server was aborted"));
+                        }
+                        break;
+                    }
                 },
                 changed = self.panic_rx.changed() => {
                     let message = self.panic_rx.borrow().clone();
@@ -331,8 +367,10 @@ impl ChitchatHandle {
             .map_err(|_| anyhow!("the chitchat server has stopped"))
     }
 
-    /// Stops the server without waiting (like `initiate_shutdown`, ignoring a stopped server).
+    /// Stops the server without waiting; as in chitchat, the termination watcher then reports
+    /// the abort as an error (a graceful stop is `shutdown`/`initiate_shutdown`).
     pub fn abort(&self) {
+        self.counters.aborted.store(true, Ordering::Release);
         let _ = self.command_tx.send(Command::Shutdown);
     }
 
@@ -467,6 +505,7 @@ pub async fn spawn_chitchat_with(
         counters: counters.clone(),
         panic_tx,
         started: Instant::now(),
+        runtime: tokio::runtime::Handle::try_current().ok(),
     });
     let endpoint: Arc<dyn Endpoint> = Arc::from(
         transport

@@ -112,12 +112,12 @@ struct ChannelLinks {
 
 impl Links for ChannelLinks {
     fn cut(&self, a: usize, b: usize) {
-        self.network.remove_link(self.addrs[a], self.addrs[b]);
+        self.network.remove_link_now(self.addrs[a], self.addrs[b]);
     }
     fn heal_all(&self) {
         for a in &self.addrs {
             for b in &self.addrs {
-                self.network.add_link(*a, *b);
+                self.network.add_link_now(*a, *b);
             }
         }
     }

@@ -504,7 +504,7 @@ fn channel_partition_and_heal() {
     let rb = Recorder::silent();
     let a = t.open(addr(1), ra.clone()).unwrap();
     let b = t.open(addr(2), rb.clone()).unwrap();
-    t.remove_link(addr(2), addr(1));
+    t.remove_link_now(addr(2), addr(1));
     a.send_to(addr(2), b"cut").unwrap();
     b.send_to(addr(1), b"cut").unwrap();
     // A third path still works, so a later delivery proves the cut ones were dropped.
@@ -514,7 +514,7 @@ fn channel_partition_and_heal() {
     assert_eq!(rb.received.lock()[0].1, b"via c");
     assert_eq!(ra.count(), 0);
     assert_eq!(t.statistics().num_messages_total, 3);
-    t.add_link(addr(1), addr(2));
+    t.add_link_now(addr(1), addr(2));
     a.send_to(addr(2), b"healed").unwrap();
     assert!(wait_until(WAIT, || rb.count() == 2));
 }

@@ -293,6 +293,12 @@ impl Chitchat {
         self.cluster_state.listeners().subscribe(prefix, callback)
     }
 
+    /// Key-change listener calls that panicked (each caught, logged, and skipped: the node goes
+    /// on).
+    pub fn listener_panics(&self) -> u64 {
+        self.cluster_state.listeners().panics()
+    }
+
     /// Catch-up API: replaces a node state with one fetched by other means, if it is newer
     /// (SPEC §4.9). Keys absent from `key_values` are removed without tombstones.
     pub fn reset_node_state_if_update(

@@ -2,6 +2,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use parking_lot::RwLock;
@@ -43,6 +45,22 @@ struct Registry {
 #[derive(Clone, Default)]
 pub(crate) struct Listeners {
     inner: Arc<RwLock<Registry>>,
+    /// Listener calls that panicked (caught: a listener never stops the node).
+    panics: Arc<AtomicU64>,
+}
+
+/// Calls one listener, catching a panic: it is logged and counted, and the other listeners and
+/// the node go on.
+fn call_guarded(listener: &BoxedListener, event: KeyChangeEvent<'_>, panics: &AtomicU64) {
+    if let Err(payload) = catch_unwind(AssertUnwindSafe(|| listener(event))) {
+        let total = panics.fetch_add(1, Ordering::Relaxed) + 1;
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-string panic payload".to_string());
+        tracing::error!(key = event.key, %message, total, "key-change listener panicked");
+    }
 }
 
 impl Listeners {
@@ -74,7 +92,7 @@ impl Listeners {
         let registry = self.inner.read();
         if let Some(listeners) = registry.listeners.get("") {
             for listener in listeners.values() {
-                listener(event);
+                call_guarded(listener, event, &self.panics);
             }
         }
         let Some(first_char) = event.key.chars().next() else {
@@ -86,10 +104,15 @@ impl Listeners {
         for (prefix, listeners) in registry.listeners.range::<str, _>(range) {
             if let Some(stripped) = event.strip_key_prefix(prefix) {
                 for listener in listeners.values() {
-                    listener(stripped);
+                    call_guarded(listener, stripped, &self.panics);
                 }
             }
         }
+    }
+
+    /// How many listener calls panicked so far.
+    pub(crate) fn panics(&self) -> u64 {
+        self.panics.load(Ordering::Relaxed)
     }
 
     #[cfg(test)]

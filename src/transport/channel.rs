@@ -100,8 +100,20 @@ impl ChannelTransport {
         self.network.state.lock().statistics
     }
 
-    /// Restores the (symmetric) link between `a` and `b`.
-    pub fn add_link(&self, a: SocketAddr, b: SocketAddr) {
+    /// Restores the (symmetric) link between `a` and `b` (async as in chitchat 0.13; it never
+    /// waits: [`add_link_now`](Self::add_link_now) is the same from synchronous code).
+    pub async fn add_link(&self, a: SocketAddr, b: SocketAddr) {
+        self.add_link_now(a, b);
+    }
+
+    /// Cuts the (symmetric) link between `a` and `b`: datagrams are silently dropped (async as in
+    /// chitchat 0.13; [`remove_link_now`](Self::remove_link_now) is the synchronous form).
+    pub async fn remove_link(&self, a: SocketAddr, b: SocketAddr) {
+        self.remove_link_now(a, b);
+    }
+
+    /// Restores the (symmetric) link between `a` and `b`, from synchronous code.
+    pub fn add_link_now(&self, a: SocketAddr, b: SocketAddr) {
         let mut st = self.network.state.lock();
         if let Some(set) = st.removed_links.get_mut(&a) {
             set.remove(&b);
@@ -111,8 +123,8 @@ impl ChannelTransport {
         }
     }
 
-    /// Cuts the (symmetric) link between `a` and `b`: datagrams are silently dropped.
-    pub fn remove_link(&self, a: SocketAddr, b: SocketAddr) {
+    /// Cuts the (symmetric) link between `a` and `b`, from synchronous code.
+    pub fn remove_link_now(&self, a: SocketAddr, b: SocketAddr) {
         let mut st = self.network.state.lock();
         st.removed_links.entry(a).or_default().insert(b);
         st.removed_links.entry(b).or_default().insert(a);

@@ -44,6 +44,7 @@ mod channel;
 mod delay_queue;
 mod dispatch;
 mod epoll;
+mod ext;
 mod faults;
 mod keyed;
 mod log_limit;
@@ -60,6 +61,7 @@ pub use api::{
     TransportKind,
 };
 pub use channel::{ChannelTransport, Statistics};
+pub use ext::TransportExt;
 pub use faults::{Faults, Partition};
 pub use keyed::KeyedTransport;
 pub use udp::{TRANSPORT_ENV, UdpMode, UdpTransport};

@@ -205,12 +205,27 @@ impl Transport for UdpTransport {
     }
 }
 
+/// Port ownership: SO_REUSEPORT must only ever group our own worker sockets, so before binding
+/// them we probe-bind the address WITHOUT SO_REUSEPORT: that fails if any socket (ours, another
+/// node's, anyone's) holds the port. The probe is closed at once. Race left: a process of the
+/// same user binding the port with SO_REUSEPORT between the probe and our first bind would still
+/// join the group. Port 0 needs no probe (the kernel picks a free port).
+fn ensure_port_free(listen_addr: SocketAddr) -> anyhow::Result<()> {
+    if listen_addr.port() == 0 {
+        return Ok(());
+    }
+    std::net::UdpSocket::bind(listen_addr)
+        .map(drop)
+        .map_err(|e| anyhow!("failed to bind UDP socket to {listen_addr}: already in use? ({e})"))
+}
+
 /// `n` sockets on one address; port 0 is resolved by the first bind.
 fn bind_sockets(
     listen_addr: SocketAddr,
     n: usize,
     nonblocking: bool,
 ) -> anyhow::Result<Vec<OwnedFd>> {
+    ensure_port_free(listen_addr)?;
     let mut addr = listen_addr;
     let mut sockets = Vec::with_capacity(n);
     for i in 0..n {

@@ -553,7 +553,7 @@ impl LocalCluster for UringCluster {
         let mut first_error = None;
         // Ask every node first, then wait: the nodes stop in parallel.
         for handle in &handles {
-            handle.abort();
+            let _ = handle.initiate_shutdown();
         }
         for handle in handles {
             if let Err(error) = runtime.block_on(handle.shutdown()) {
