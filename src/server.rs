@@ -155,7 +155,12 @@ impl DatagramHandler for NodeHandler {
                 break;
             }
             let reply = replies.buffer();
-            match chitchat.handle_datagram(datagram.payload, reply, Some(deadline)) {
+            match chitchat.handle_datagram_from(
+                datagram.from,
+                datagram.payload,
+                reply,
+                Some(deadline),
+            ) {
                 Ok(outcome) => {
                     self.counters
                         .datagrams_handled
@@ -262,6 +267,7 @@ impl Server {
             let mut chitchat = self.chitchat.lock();
             let version = chitchat.config().protocol_version;
             chitchat.write_syn(version, &mut self.syn_buf);
+            chitchat.note_syn_sent(addr);
         }
         self.send_syn(addr)
     }
