@@ -154,6 +154,11 @@ impl DatagramHandler for NodeHandler {
                 );
                 break;
             }
+            if i > 0 {
+                // Bounded work per lock hold: a waiter (the control thread's gossip round and
+                // failure detector, the application) gets the lock between datagrams.
+                MutexGuard::bump(&mut chitchat);
+            }
             let reply = replies.buffer();
             match chitchat.handle_datagram_from(
                 datagram.from,

@@ -202,6 +202,7 @@ pub(crate) fn write_syn_ack<R: Rng>(
 }
 
 /// Ack = the delta the peer needs, with the whole datagram as budget.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn write_ack<R: Rng>(
     cluster_state: &ClusterState,
     scheduled: &impl ScheduledForDeletion,
