@@ -185,8 +185,18 @@ impl DatagramHandler for NodeHandler {
                 );
                 break;
             }
+            if i > 0 {
+                // Bounded work per lock hold: a waiter (the control thread's gossip round and
+                // failure detector, the application) gets the lock between datagrams.
+                MutexGuard::bump(&mut chitchat);
+            }
             let reply = replies.buffer();
-            match chitchat.handle_datagram(datagram.payload, reply, Some(deadline)) {
+            match chitchat.handle_datagram_from(
+                datagram.from,
+                datagram.payload,
+                reply,
+                Some(deadline),
+            ) {
                 Ok(outcome) => {
                     self.counters
                         .datagrams_handled
@@ -298,6 +308,7 @@ impl Server {
             let mut chitchat = self.chitchat.lock();
             let version = chitchat.config().protocol_version;
             chitchat.write_syn(version, &mut self.syn_buf);
+            chitchat.note_syn_sent(addr);
         }
         self.send_syn(addr)
     }

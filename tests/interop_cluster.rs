@@ -515,6 +515,17 @@ async fn keys_that_crash_chitchat_are_never_sent_to_it() {
             key_values: vec![kv("good-1", 1), kv("éclair", 2), kv("good-3", 3)],
         }],
     };
+    // Our node only accepts a SynAck that answers a Syn it sent (issue 13): it gossips with the
+    // rogue peer first, which answers that Syn.
+    ours.gossip(peer.addr()).unwrap();
+    assert!(
+        peer.recv_matching(Duration::from_secs(5), |envelope| matches!(
+            envelope.message,
+            ChitchatMessage::Syn { .. }
+        ))
+        .is_some(),
+        "our node sent the rogue peer no Syn"
+    );
     peer.send(
         specs[0].addr(),
         &ChitchatEnvelope {

@@ -108,6 +108,17 @@ async fn syn_gets_a_syn_ack_in_the_version_received() {
     }
 }
 
+/// Has `node` send `peer` a Syn and waits for it: a node accepts only a SynAck that answers a
+/// Syn it sent that address recently (issue 13).
+fn solicit_syn_ack(node: &ChitchatHandle, peer: &FakePeer) {
+    node.gossip(peer.addr()).unwrap();
+    assert!(
+        peer.recv_matching(WAIT, |e| matches!(e.message, ChitchatMessage::Syn { .. }))
+            .is_some(),
+        "the node sent the fake peer no Syn"
+    );
+}
+
 #[tokio::test]
 async fn syn_ack_gets_an_ack_and_its_delta_is_applied() {
     for (name, transport) in udp_transports() {
@@ -117,6 +128,7 @@ async fn syn_ack_gets_an_ack_and_its_delta_is_applied() {
         let peer_id = ChitchatId::new("fake-peer", 1, peer.addr());
         let syn_ack = one_key_syn_ack(&peer_id, "from-peer", "hello");
         let node_addr = SocketAddr::from(([127, 0, 0, 1], port));
+        solicit_syn_ack(&node, &peer);
         peer.send(node_addr, &syn_ack);
         let (_, reply, _) = peer
             .recv_matching(WAIT, |e| matches!(e.message, ChitchatMessage::Ack { .. }))
@@ -347,6 +359,7 @@ async fn a_panicking_listener_is_caught_counted_and_the_node_goes_on() {
         let peer = FakePeer::bind();
         let peer_id = ChitchatId::new("fake-peer", 1, peer.addr());
         let syn_ack = one_key_syn_ack(&peer_id, "boom", "!");
+        solicit_syn_ack(&node, &peer);
         peer.send(SocketAddr::from(([127, 0, 0, 1], port)), &syn_ack);
         let chitchat = node.chitchat();
         assert!(

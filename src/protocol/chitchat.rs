@@ -23,6 +23,7 @@ use crate::clock::Clock;
 use crate::config::ChitchatConfig;
 use crate::message::NodeDigest;
 use crate::message::{ChitchatEnvelope, ChitchatMessage, Delta, Digest, ProtocolVersion};
+use crate::protocol::amplification::{AmplificationLimiter, AmplificationLimits};
 use crate::protocol::cluster_state::{ClusterState, ClusterStateSnapshot};
 use crate::protocol::failure_detector::FailureDetector;
 use crate::protocol::limits::{Limits, Refusal, RefusalCounts, RefusalLog};
@@ -67,6 +68,15 @@ pub struct ProtocolStats {
     pub nodes_refused: u64,
     /// Received values ignored as implausible or over a byte budget, by kind (DESIGN-13).
     pub refused: RefusalCounts,
+    /// SynAcks from an address we sent no recent Syn to: dropped unanswered and unapplied
+    /// (kind `unsolicited_syn_ack`).
+    pub unsolicited_syn_ack: u64,
+    /// Replies to non-members withheld because not even a minimal one fit the
+    /// anti-amplification budget (kind `amplification_limited`).
+    pub amplification_limited: u64,
+    /// Non-member datagrams dropped undecoded, their source's receive allowance spent (kind
+    /// `non_member_flood`).
+    pub non_member_flood: u64,
 }
 
 /// One node's view of the cluster and the rules that change it (SPEC §4). Lock it, feed it
@@ -84,6 +94,9 @@ pub struct Chitchat {
     stats: ProtocolStats,
     limits: Limits,
     refusal_log: RefusalLog,
+    amplification: AmplificationLimiter,
+    /// Gossip addresses of the nodes held live (self excluded), as of the last round.
+    member_addrs: HashSet<SocketAddr>,
 }
 
 impl Chitchat {
@@ -113,6 +126,11 @@ impl Chitchat {
     ) -> Self {
         let failure_detector = FailureDetector::new(config.failure_detector_config.clone());
         let (live_nodes_tx, _) = watch::channel(BTreeMap::new());
+        let amplification = AmplificationLimiter::new(
+            AmplificationLimits::default(),
+            config.gossip_interval,
+            clock.now(),
+        );
         let mut chitchat = Chitchat {
             cluster_state: ClusterState::new(Listeners::default(), clock.clone()),
             config,
@@ -125,6 +143,8 @@ impl Chitchat {
             stats: ProtocolStats::default(),
             limits: Limits::default(),
             refusal_log: RefusalLog::default(),
+            amplification,
+            member_addrs: HashSet::new(),
         };
         let self_id = chitchat.config.chitchat_id.clone();
         chitchat.cluster_state.set_self_id(self_id);
@@ -681,6 +701,87 @@ impl Chitchat {
         })
     }
 
+    /// [`Chitchat::handle_datagram`] for a datagram from `from`, with the anti-amplification
+    /// rules (DESIGN-13 §4): a non-member source's datagrams are dropped undecoded once its
+    /// receive allowance is spent, its replies are bounded by its budget, a SynAck from an
+    /// address we sent no recent Syn to is dropped, and a Syn's cluster id is checked before its
+    /// digest is decoded.
+    pub fn handle_datagram_from(
+        &mut self,
+        from: SocketAddr,
+        payload: &[u8],
+        reply: &mut Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> Result<ReplyOutcome, DecodeError> {
+        reply.clear();
+        let now = self.clock.now();
+        let member = self.member_addrs.contains(&from);
+        if !member && !self.amplification.admit(from, payload.len(), now) {
+            self.stats.non_member_flood += 1;
+            return Ok(ReplyOutcome::none(self.config.protocol_version));
+        }
+        let budget = if member {
+            usize::MAX
+        } else {
+            self.amplification.reply_budget(from, now)
+        };
+        let outcome = match crate::wire::syn_cluster_id(payload)? {
+            Some((version, cluster_id)) if cluster_id != self.config.cluster_id => {
+                self.stats.syn_received += 1;
+                self.stats.bad_cluster_sent += 1;
+                warn!(their = %cluster_id, ours = %self.config.cluster_id,
+                      "syn from another cluster: answering BadCluster");
+                reply::write_bad_cluster(version, reply);
+                ReplyOutcome {
+                    replied: true,
+                    ..ReplyOutcome::none(version)
+                }
+            }
+            _ => reply::with_view(payload, |view| {
+                if matches!(view.message, MessageView::SynAck { .. })
+                    && !self.amplification.syn_ack_expected(from, now)
+                {
+                    self.stats.unsolicited_syn_ack += 1;
+                    return ReplyOutcome::none(view.version);
+                }
+                self.process_view_budgeted(view.version, view.message, reply, deadline, budget)
+            })?,
+        };
+        if !outcome.replied {
+            return Ok(outcome);
+        }
+        if reply.len() > budget {
+            reply.clear();
+            self.stats.amplification_limited += 1;
+            return Ok(ReplyOutcome {
+                replied: false,
+                ..outcome
+            });
+        }
+        if !member {
+            self.amplification.charge(from, reply.len(), now);
+        }
+        Ok(outcome)
+    }
+
+    /// Records a Syn sent to `to` outside the rounds (a driver's manual gossip), so that its
+    /// SynAck is accepted.
+    pub fn note_syn_sent(&mut self, to: SocketAddr) {
+        let now = self.clock.now();
+        self.amplification.note_syn_sent(to, now);
+    }
+
+    /// The anti-amplification configuration.
+    pub fn amplification_limits(&self) -> &AmplificationLimits {
+        self.amplification.limits()
+    }
+
+    /// Replaces the anti-amplification configuration (its state starts afresh).
+    pub fn set_amplification_limits(&mut self, limits: AmplificationLimits) {
+        let now = self.clock.now();
+        self.amplification = AmplificationLimiter::new(limits, self.config.gossip_interval, now);
+    }
+
     /// Handles an owned message, writing the reply (if any) into `out`.
     pub(crate) fn process_envelope_into(
         &mut self,
@@ -699,6 +800,18 @@ impl Chitchat {
         message: MessageView<'_>,
         out: &mut Vec<u8>,
         deadline: Option<Instant>,
+    ) -> ReplyOutcome {
+        self.process_view_budgeted(version, message, out, deadline, usize::MAX)
+    }
+
+    /// [`Chitchat::process_view_into`] with replies shrunk to at most `max_len` bytes.
+    fn process_view_budgeted(
+        &mut self,
+        version: ProtocolVersion,
+        message: MessageView<'_>,
+        out: &mut Vec<u8>,
+        deadline: Option<Instant>,
+        max_len: usize,
     ) -> ReplyOutcome {
         out.clear();
         let now = self.clock.now();
@@ -731,6 +844,7 @@ impl Chitchat {
                     &mut self.rng,
                     out,
                     deadline,
+                    max_len,
                 );
                 outcome.replied = true;
                 outcome.digest_truncated = digest_truncated;
@@ -752,6 +866,7 @@ impl Chitchat {
                     &mut self.rng,
                     out,
                     deadline,
+                    max_len,
                 );
                 outcome.replied = true;
                 outcome.delta_truncated = summary.truncated;
@@ -790,6 +905,10 @@ impl Chitchat {
         let dead = self.dead_addrs();
         let seeds = self.seed_addrs_except_self();
         let targets = select_nodes_for_gossip(&mut self.rng, &peers, &live, &dead, &seeds);
+        let now = self.clock.now();
+        for addr in targets.all() {
+            self.amplification.note_syn_sent(addr, now);
+        }
         self.update_self_heartbeat();
         self.gc_keys_marked_for_deletion();
         let version = self.config.protocol_version;
@@ -801,6 +920,7 @@ impl Chitchat {
     /// nodes if they changed and forgets nodes dead for longer than the grace period.
     pub fn end_gossip_round(&mut self) {
         self.update_nodes_liveness();
+        self.member_addrs = self.live_addrs();
     }
 
     /// Addresses of every other node state (for gossip when no node is live).

@@ -1,6 +1,7 @@
 //! The sans-IO protocol core: `Chitchat` and the state it keeps. Every rule of SPEC §4 lives
 //! here; time and randomness are inputs, so every rule is tested deterministically.
 
+pub mod amplification;
 mod chitchat;
 #[cfg(test)]
 mod chitchat_tests;

@@ -34,6 +34,18 @@ pub struct ReplyOutcome {
     pub delta_truncated: bool,
 }
 
+impl ReplyOutcome {
+    /// Nothing written in answer to a message of `version`.
+    pub(crate) fn none(version: ProtocolVersion) -> Self {
+        ReplyOutcome {
+            version,
+            replied: false,
+            digest_truncated: false,
+            delta_truncated: false,
+        }
+    }
+}
+
 thread_local! {
     /// zstd contexts and scratch buffers, one per thread that encodes or decodes. Apart, so
     /// that a reply can be encoded while the message it answers is still borrowed from the
@@ -159,10 +171,14 @@ pub(crate) fn write_syn_ack<R: Rng>(
     rng: &mut R,
     out: &mut Vec<u8>,
     deadline: Option<Instant>,
+    max_len: usize,
 ) -> (bool, DeltaSummary) {
     Encoder::write_header(out, version, MessageType::SynAck);
+    // `max_len` (the anti-amplification budget) shrinks digest and delta; one byte is kept
+    // for the delta's end marker.
     let digest_budget =
-        wire::body_budget_in(cluster_state.datagram_budget, MIN_SYN_ACK_DELTA_BUDGET);
+        wire::body_budget_in(cluster_state.datagram_budget, MIN_SYN_ACK_DELTA_BUDGET)
+            .min(max_len.saturating_sub(wire::HEADER_LEN + 1));
     let (digest_len, digest_truncated) = write_digest(
         cluster_state,
         self_id,
@@ -172,7 +188,8 @@ pub(crate) fn write_syn_ack<R: Rng>(
         rng,
         out,
     );
-    let mtu = wire::delta_mtu_in(cluster_state.datagram_budget, digest_len);
+    let mtu = wire::delta_mtu_in(cluster_state.datagram_budget, digest_len)
+        .min(max_len.saturating_sub(wire::HEADER_LEN.saturating_add(digest_len)));
     let summary = append_delta(
         cluster_state,
         peer_digest,
@@ -186,6 +203,7 @@ pub(crate) fn write_syn_ack<R: Rng>(
 }
 
 /// Ack = the delta the peer needs, with the whole datagram as budget.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn write_ack<R: Rng>(
     cluster_state: &ClusterState,
     scheduled: &impl ScheduledForDeletion,
@@ -194,9 +212,11 @@ pub(crate) fn write_ack<R: Rng>(
     rng: &mut R,
     out: &mut Vec<u8>,
     deadline: Option<Instant>,
+    max_len: usize,
 ) -> DeltaSummary {
     Encoder::write_header(out, version, MessageType::Ack);
-    let mtu = wire::delta_mtu_in(cluster_state.datagram_budget, 0);
+    let mtu = wire::delta_mtu_in(cluster_state.datagram_budget, 0)
+        .min(max_len.saturating_sub(wire::HEADER_LEN));
     append_delta(
         cluster_state,
         peer_digest,

@@ -189,6 +189,46 @@ fn read_header(reader: &mut Reader<'_>) -> Result<(ProtocolVersion, MessageType)
     Ok((version, message_type))
 }
 
+/// Walks over a digest without decoding it: V0 entries by their lengths, V1 by its block
+/// framing (no decompression). What a Syn's cluster id check costs.
+fn skip_digest(version: ProtocolVersion, reader: &mut Reader<'_>) -> Result<(), DecodeError> {
+    match version {
+        ProtocolVersion::V0 => {
+            let count = reader.u16("digest entry count")?;
+            for _ in 0..count {
+                reader.chitchat_id_ref()?;
+                reader.bytes(24, "node digest")?;
+            }
+        }
+        ProtocolVersion::V1 => loop {
+            // Block types: 0 ends the stream, 1 compressed, 2 uncompressed (block_stream.rs).
+            match reader.u8("block type")? {
+                0 => break,
+                1 | 2 => {
+                    let len = usize::from(reader.u16("block length")?);
+                    reader.bytes(len, "block")?;
+                }
+                other => return Err(DecodeError::UnknownBlockType(other)),
+            }
+        },
+    }
+    Ok(())
+}
+
+/// If `bytes` is a Syn, its version and cluster id, read without decoding its digest, so that a
+/// Syn of another cluster can be answered BadCluster at the cost of a walk over its framing.
+/// `Ok(None)` for the other message types.
+pub fn syn_cluster_id(bytes: &[u8]) -> Result<Option<(ProtocolVersion, &str)>, DecodeError> {
+    let mut reader = Reader::new(bytes);
+    let (version, message_type) = read_header(&mut reader)?;
+    if message_type != MessageType::Syn {
+        return Ok(None);
+    }
+    skip_digest(version, &mut reader)?;
+    let cluster_id = reader.str("cluster id")?;
+    Ok(Some((version, cluster_id)))
+}
+
 impl Decoder {
     /// Decodes one datagram, its digest borrowing from `bytes` or from this decoder. Accepts
     /// and rejects exactly what `decode_envelope` does.
@@ -600,6 +640,24 @@ mod tests {
         bytes[2] = 1;
         bytes[3] = 0;
         assert_eq!(decode_envelope(&bytes), Err(DecodeError::StreamTooLarge));
+    }
+
+    #[test]
+    fn syn_cluster_id_skips_the_digest_undecoded() {
+        let mut digest = Digest::default();
+        for i in 0..50u16 {
+            digest.add_node(ChitchatId::for_local_test(i), NodeDigest::default());
+        }
+        for version in [ProtocolVersion::V0, ProtocolVersion::V1] {
+            let bytes = encode_envelope(&syn(version, "cluster-a", digest.clone())).unwrap();
+            assert_eq!(syn_cluster_id(&bytes), Ok(Some((version, "cluster-a"))));
+        }
+        // A corrupt compressed block: the framing is intact, so the cluster id is found.
+        let junk = hex("53 b0 01 00 | 01 03 00 aa bb cc | 00 | 01 00 63");
+        assert!(decode_envelope(&junk).is_err());
+        assert_eq!(syn_cluster_id(&junk), Ok(Some((ProtocolVersion::V1, "c"))));
+        assert_eq!(syn_cluster_id(&hex("53 b0 00 03")), Ok(None));
+        assert!(syn_cluster_id(&hex("53 b0 01 00 | 07")).is_err());
     }
 
     #[test]

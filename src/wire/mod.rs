@@ -30,7 +30,7 @@ pub use delta::DeltaWriter;
 pub(crate) use delta::{max_key_value_len, max_key_value_len_in};
 pub use digest::{DigestEncoding, DigestView};
 pub(crate) use digest::{V0_DIGEST_COUNT_LEN, digest_entry_len};
-pub use envelope::{EnvelopeView, MessageView, decode_envelope, encode_envelope};
+pub use envelope::{EnvelopeView, MessageView, decode_envelope, encode_envelope, syn_cluster_id};
 pub(crate) use envelope::{put_cluster_id, syn_digest_budget};
 pub use error::{DecodeError, EncodeError};
 pub use format::{
