@@ -7,6 +7,7 @@ pub mod config;
 mod control;
 mod dns;
 pub mod message;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod transport;
@@ -22,7 +23,8 @@ pub use protocol::{
     Chitchat, ClusterStateSnapshot, KeyChangeEvent, KeyValueError, ListenerHandle, NodeState,
 };
 pub use server::{
-    ChitchatHandle, ChitchatRef, Command, MESSAGE_HANDLING_BOUND, ServerStats, spawn_chitchat,
+    ChitchatHandle, ChitchatRef, Command, MESSAGE_HANDLING_BOUND, ServerStats, SpawnOptions,
+    spawn_chitchat, spawn_chitchat_with,
 };
 pub use transport::{ChannelTransport, Transport, TransportKind, UdpTransport};
 pub use types::{ChitchatId, DeletionStatus, Heartbeat, Version, VersionedValue};

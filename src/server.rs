@@ -19,6 +19,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::ChitchatConfig;
 use crate::control::ControlThread;
 use crate::dns::{self, DNS_POLLING_DURATION, Seeds};
+use crate::metrics::{self as node_metrics, MALFORMED_OTHER, MetricsSnapshot, Sources};
 use crate::protocol::Chitchat;
 use crate::transport::{
     Datagram, DatagramHandler, Endpoint, EndpointStats, ReplySink, Transport, TransportKind,
@@ -74,6 +75,8 @@ struct Counters {
     gossip_send_errors: AtomicU64,
     gossip_rounds: AtomicU64,
     last_malformed_log_ms: AtomicU64,
+    /// Malformed datagrams by `metrics::MALFORMED_KINDS` index (error path only).
+    malformed_by_kind: [AtomicU64; MALFORMED_OTHER + 1],
 }
 
 /// A snapshot of a node's server counters.
@@ -108,6 +111,56 @@ impl Counters {
             gossip_rounds: get(&self.gossip_rounds),
         }
     }
+
+    fn malformed_by_kind(&self) -> Vec<u64> {
+        self.malformed_by_kind
+            .iter()
+            .map(|counter| counter.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+/// What `spawn_chitchat_with` takes that chitchat's config has no field for.
+#[non_exhaustive]
+#[derive(Debug, Clone, Default)]
+pub struct SpawnOptions {
+    /// The `node` label on every metric of this node (for processes running several nodes).
+    pub metrics_label: Option<String>,
+}
+
+impl SpawnOptions {
+    /// Labels this node's metrics with `node=label`.
+    pub fn with_metrics_label(mut self, label: impl Into<String>) -> Self {
+        self.metrics_label = Some(label.into());
+        self
+    }
+}
+
+/// Figures of a node, gathered from its counters, state and endpoint.
+fn gather_metrics(
+    chitchat: &ChitchatRef,
+    counters: &Counters,
+    endpoint: &dyn Endpoint,
+) -> MetricsSnapshot {
+    let server = counters.snapshot();
+    let malformed = counters.malformed_by_kind();
+    let endpoint_stats = endpoint.stats();
+    let (protocol, nodes) = {
+        let chitchat = chitchat.lock();
+        let nodes = (
+            chitchat.live_nodes().count() as u64,
+            chitchat.dead_nodes().count() as u64,
+            chitchat.node_states().len() as u64,
+        );
+        (chitchat.stats().clone(), nodes)
+    };
+    let sources = Sources {
+        server: &server,
+        malformed: &malformed,
+        protocol: &protocol,
+        endpoint: &endpoint_stats,
+    };
+    MetricsSnapshot::gather(&sources, nodes, &endpoint.kind())
 }
 
 /// The protocol side of the node's endpoint, called on the I/O worker threads.
@@ -116,12 +169,16 @@ struct NodeHandler {
     counters: Arc<Counters>,
     panic_tx: watch::Sender<Option<String>>,
     started: Instant,
+    /// `chitchat_message_handling_seconds`, obtained at spawn (a no-op without a recorder).
+    handling_seconds: metrics::Histogram,
 }
 
 impl NodeHandler {
     /// Logs malformed datagrams at most once a second per node; every one is counted.
     fn note_malformed(&self, from: SocketAddr, error: &crate::wire::DecodeError) {
         self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+        self.counters.malformed_by_kind[node_metrics::malformed_index(error.kind())]
+            .fetch_add(1, Ordering::Relaxed);
         let now_ms = self.started.elapsed().as_millis() as u64;
         let last = self.counters.last_malformed_log_ms.load(Ordering::Relaxed);
         if (now_ms >= last + 1_000 || last == 0)
@@ -160,10 +217,13 @@ impl DatagramHandler for NodeHandler {
                     self.counters
                         .datagrams_handled
                         .fetch_add(1, Ordering::Relaxed);
+                    let now = Instant::now();
+                    self.handling_seconds
+                        .record(now.duration_since(received_at).as_secs_f64());
                     if !outcome.replied {
                         continue;
                     }
-                    if Instant::now() >= deadline {
+                    if now >= deadline {
                         self.counters.abandoned.fetch_add(1, Ordering::Relaxed);
                         warn!(from = %datagram.from,
                               "message handling exceeded {MESSAGE_HANDLING_BOUND:?}: reply abandoned");
@@ -191,6 +251,10 @@ struct Server {
     panic_rx: watch::Receiver<Option<String>>,
     counters: Arc<Counters>,
     syn_buf: Vec<u8>,
+    /// The `node` label, or nothing.
+    metrics_labels: Vec<metrics::Label>,
+    /// `chitchat_gossip_round_seconds`, obtained at spawn.
+    round_seconds: metrics::Histogram,
 }
 
 impl Server {
@@ -200,7 +264,10 @@ impl Server {
         endpoint: Arc<dyn Endpoint>,
         panic_rx: watch::Receiver<Option<String>>,
         counters: Arc<Counters>,
+        metrics_labels: Vec<metrics::Label>,
     ) -> Self {
+        let round_seconds =
+            metrics::histogram!(node_metrics::GOSSIP_ROUND_SECONDS, metrics_labels.clone());
         Server {
             command_rx,
             chitchat,
@@ -208,6 +275,8 @@ impl Server {
             panic_rx,
             counters,
             syn_buf: Vec::with_capacity(2_048),
+            metrics_labels,
+            round_seconds,
         }
     }
 
@@ -242,6 +311,7 @@ impl Server {
     /// One round (SPEC §4.2), the protocol core's: targets, heartbeat, tombstones and the Syn
     /// under the lock; the sends outside it; then liveness under the lock again.
     fn gossip_multiple(&mut self) {
+        let started = Instant::now();
         self.counters.gossip_rounds.fetch_add(1, Ordering::Relaxed);
         let targets = self.chitchat.lock().begin_gossip_round(&mut self.syn_buf);
         for addr in targets.all() {
@@ -254,6 +324,14 @@ impl Server {
             }
         }
         self.chitchat.lock().end_gossip_round();
+        self.round_seconds.record(started.elapsed().as_secs_f64());
+        self.publish_metrics();
+    }
+
+    /// Publishes the node's figures to the metrics facade (once per round, control thread).
+    fn publish_metrics(&self) {
+        gather_metrics(&self.chitchat, &self.counters, self.endpoint.as_ref())
+            .publish(&self.metrics_labels);
     }
 
     /// Sends one Syn, built under the lock with a fresh digest.
@@ -377,6 +455,11 @@ impl ChitchatHandle {
     pub fn server_stats(&self) -> ServerStats {
         self.counters.snapshot()
     }
+
+    /// The node's metrics as a plain struct: the figures published to the `metrics` facade.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        gather_metrics(&self.chitchat, &self.counters, self.endpoint.as_ref())
+    }
 }
 
 /// Validates the config, resolves the seeds, binds the transport and starts gossiping.
@@ -386,6 +469,24 @@ pub async fn spawn_chitchat(
     config: ChitchatConfig,
     initial_key_values: Vec<(String, String)>,
     transport: &dyn Transport,
+) -> anyhow::Result<ChitchatHandle> {
+    spawn_chitchat_with(
+        config,
+        initial_key_values,
+        transport,
+        SpawnOptions::default(),
+    )
+    .await
+}
+
+/// `spawn_chitchat` with what chitchat has no field for ([`SpawnOptions`]).
+///
+/// Install a `metrics` recorder before calling it: the histograms' handles are taken here.
+pub async fn spawn_chitchat_with(
+    config: ChitchatConfig,
+    initial_key_values: Vec<(String, String)>,
+    transport: &dyn Transport,
+    options: SpawnOptions,
 ) -> anyhow::Result<ChitchatHandle> {
     config.validate()?;
     let control = ControlThread::shared().context("failed to start the control thread")?;
@@ -416,12 +517,17 @@ pub async fn spawn_chitchat(
         initial_key_values,
     ));
     let counters = Arc::new(Counters::default());
+    let metrics_labels = node_metrics::base_labels(options.metrics_label.as_deref());
     let (panic_tx, panic_rx) = watch::channel(None);
     let handler = Arc::new(NodeHandler {
         chitchat: chitchat.clone(),
         counters: counters.clone(),
         panic_tx,
         started: Instant::now(),
+        handling_seconds: metrics::histogram!(
+            node_metrics::MESSAGE_HANDLING_SECONDS,
+            metrics_labels.clone()
+        ),
     });
     let endpoint: Arc<dyn Endpoint> = Arc::from(
         transport
@@ -449,6 +555,7 @@ pub async fn spawn_chitchat(
         endpoint.clone(),
         panic_rx,
         counters.clone(),
+        metrics_labels,
     );
     let task_endpoint = endpoint.clone();
     let task_control = control.clone();
