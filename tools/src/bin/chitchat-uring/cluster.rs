@@ -35,6 +35,9 @@ pub struct Args {
     /// UDP backend.
     #[arg(long, value_enum, default_value_t = TransportArg::Auto)]
     transport: TransportArg,
+    /// Serve every node's Prometheus metrics (label `node`) at `GET /metrics` on this address.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn secs(flag: &str, value: f64) -> anyhow::Result<Duration> {
@@ -54,6 +57,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         cluster_id: "chitchat-uring-local".to_string(),
     };
     common::raise_open_files_limit();
+    if let Some(addr) = args.metrics_addr {
+        common::serve_metrics(addr)?;
+    }
     let transport = args.transport.transport();
     let mut display = ProgressDisplay::new();
     display.line(&format!(

@@ -143,3 +143,14 @@ pub fn raise_open_files_limit() {
         }
     }
 }
+
+/// Installs the Prometheus recorder and serves `GET /metrics` on `addr` (on the exporter's own
+/// thread: called outside any runtime). Call before starting nodes.
+pub fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|error| anyhow::anyhow!("--metrics-addr {addr}: {error}"))?;
+    tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    Ok(())
+}
