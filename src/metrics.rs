@@ -77,9 +77,12 @@ pub(crate) struct Sources<'a> {
     pub(crate) endpoint: &'a EndpointStats,
 }
 
+/// How one drop reason is counted from the sources.
+type DropCount = fn(&Sources<'_>) -> u64;
+
 /// The drop reasons other than malformed: one line per reason (label, how it is counted).
 /// Add a reason here and its counter appears in the snapshot and on the facade.
-const DROP_REASONS: &[(&str, fn(&Sources<'_>) -> u64)] = &[
+const DROP_REASONS: &[(&str, DropCount)] = &[
     ("wrong_cluster", |s| s.protocol.bad_cluster_sent),
     ("late", |s| s.server.abandoned),
     ("send_error", |s| s.endpoint.send_errors),
