@@ -7,6 +7,7 @@ pub mod config;
 mod control;
 mod dns;
 pub mod message;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod transport;

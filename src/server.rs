@@ -19,6 +19,8 @@ use tracing::{debug, error, info, warn};
 use crate::config::ChitchatConfig;
 use crate::control::ControlThread;
 use crate::dns::{self, DNS_POLLING_DURATION, Seeds};
+use crate::metrics::{self as node_metrics, MALFORMED_OTHER, MetricsSnapshot, Sources};
+use crate::protocol::amplification::AmplificationLimits;
 use crate::protocol::{Chitchat, Limits};
 use crate::transport::{
     Datagram, DatagramHandler, Endpoint, EndpointStats, ReplySink, Transport, TransportKind,
@@ -100,6 +102,8 @@ struct Counters {
     last_malformed_log_ms: AtomicU64,
     /// `abort()` was called: the stop is reported as an error, as chitchat does.
     aborted: std::sync::atomic::AtomicBool,
+    /// Malformed datagrams by `metrics::MALFORMED_KINDS` index (error path only).
+    malformed_by_kind: [AtomicU64; MALFORMED_OTHER + 1],
 }
 
 /// A snapshot of a node's server counters.
@@ -134,6 +138,40 @@ impl Counters {
             gossip_rounds: get(&self.gossip_rounds),
         }
     }
+
+    fn malformed_by_kind(&self) -> Vec<u64> {
+        self.malformed_by_kind
+            .iter()
+            .map(|counter| counter.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+/// Figures of a node, gathered from its counters, state and endpoint.
+fn gather_metrics(
+    chitchat: &ChitchatRef,
+    counters: &Counters,
+    endpoint: &dyn Endpoint,
+) -> MetricsSnapshot {
+    let server = counters.snapshot();
+    let malformed = counters.malformed_by_kind();
+    let endpoint_stats = endpoint.stats();
+    let (protocol, nodes) = {
+        let chitchat = chitchat.lock();
+        let nodes = (
+            chitchat.live_nodes().count() as u64,
+            chitchat.dead_nodes().count() as u64,
+            chitchat.node_states().len() as u64,
+        );
+        (chitchat.stats().clone(), nodes)
+    };
+    let sources = Sources {
+        server: &server,
+        malformed: &malformed,
+        protocol: &protocol,
+        endpoint: &endpoint_stats,
+    };
+    MetricsSnapshot::gather(&sources, nodes, &endpoint.kind())
 }
 
 /// The protocol side of the node's endpoint, called on the I/O worker threads.
@@ -146,12 +184,16 @@ struct NodeHandler {
     /// protocol's work so listeners and catch-up callbacks can `tokio::spawn` (entering is a
     /// thread-local swap).
     runtime: Option<tokio::runtime::Handle>,
+    /// `chitchat_message_handling_seconds`, obtained at spawn (a no-op without a recorder).
+    handling_seconds: metrics::Histogram,
 }
 
 impl NodeHandler {
     /// Logs malformed datagrams at most once a second per node; every one is counted.
     fn note_malformed(&self, from: SocketAddr, error: &crate::wire::DecodeError) {
         self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+        self.counters.malformed_by_kind[node_metrics::malformed_index(error.kind())]
+            .fetch_add(1, Ordering::Relaxed);
         let now_ms = self.started.elapsed().as_millis() as u64;
         let last = self.counters.last_malformed_log_ms.load(Ordering::Relaxed);
         if (now_ms >= last + 1_000 || last == 0)
@@ -201,10 +243,13 @@ impl DatagramHandler for NodeHandler {
                     self.counters
                         .datagrams_handled
                         .fetch_add(1, Ordering::Relaxed);
+                    let now = Instant::now();
+                    self.handling_seconds
+                        .record(now.duration_since(received_at).as_secs_f64());
                     if !outcome.replied {
                         continue;
                     }
-                    if Instant::now() >= deadline {
+                    if now >= deadline {
                         self.counters.abandoned.fetch_add(1, Ordering::Relaxed);
                         warn!(from = %datagram.from,
                               "message handling exceeded {MESSAGE_HANDLING_BOUND:?}: reply abandoned");
@@ -232,6 +277,10 @@ struct Server {
     panic_rx: watch::Receiver<Option<String>>,
     counters: Arc<Counters>,
     syn_buf: Vec<u8>,
+    /// The `node` label, or nothing.
+    metrics_labels: Vec<metrics::Label>,
+    /// `chitchat_gossip_round_seconds`, obtained at spawn.
+    round_seconds: metrics::Histogram,
 }
 
 impl Server {
@@ -241,7 +290,10 @@ impl Server {
         endpoint: Arc<dyn Endpoint>,
         panic_rx: watch::Receiver<Option<String>>,
         counters: Arc<Counters>,
+        metrics_labels: Vec<metrics::Label>,
     ) -> Self {
+        let round_seconds =
+            metrics::histogram!(node_metrics::GOSSIP_ROUND_SECONDS, metrics_labels.clone());
         Server {
             command_rx,
             chitchat,
@@ -249,6 +301,8 @@ impl Server {
             panic_rx,
             counters,
             syn_buf: Vec::with_capacity(2_048),
+            metrics_labels,
+            round_seconds,
         }
     }
 
@@ -288,6 +342,7 @@ impl Server {
     /// One round (SPEC §4.2), the protocol core's: targets, heartbeat, tombstones and the Syn
     /// under the lock; the sends outside it; then liveness under the lock again.
     fn gossip_multiple(&mut self) {
+        let started = Instant::now();
         self.counters.gossip_rounds.fetch_add(1, Ordering::Relaxed);
         let targets = self.chitchat.lock().begin_gossip_round(&mut self.syn_buf);
         for addr in targets.all() {
@@ -300,6 +355,14 @@ impl Server {
             }
         }
         self.chitchat.lock().end_gossip_round();
+        self.round_seconds.record(started.elapsed().as_secs_f64());
+        self.publish_metrics();
+    }
+
+    /// Publishes the node's figures to the metrics facade (once per round, control thread).
+    fn publish_metrics(&self) {
+        gather_metrics(&self.chitchat, &self.counters, self.endpoint.as_ref())
+            .publish(&self.metrics_labels);
     }
 
     /// Sends one Syn, built under the lock with a fresh digest.
@@ -426,6 +489,11 @@ impl ChitchatHandle {
     pub fn server_stats(&self) -> ServerStats {
         self.counters.snapshot()
     }
+
+    /// The node's metrics as a plain struct: the figures published to the `metrics` facade.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        gather_metrics(&self.chitchat, &self.counters, self.endpoint.as_ref())
+    }
 }
 
 /// Validates the config, resolves the seeds, binds the transport and starts gossiping.
@@ -451,8 +519,12 @@ pub async fn spawn_chitchat(
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct SpawnOptions {
-    /// Byte budgets and bounds applied to received state (DESIGN-13).
+    /// Byte budgets and bounds applied to received state.
     pub limits: Limits,
+    /// Anti-amplification budgets for replies to non-members.
+    pub amplification: AmplificationLimits,
+    /// The `node` label on every metric of this node (for processes running several nodes).
+    pub metrics_label: Option<String>,
 }
 
 impl SpawnOptions {
@@ -461,9 +533,23 @@ impl SpawnOptions {
         self.limits = limits;
         self
     }
+
+    /// The anti-amplification budgets for replies to sources that are not live members.
+    pub fn with_amplification_limits(mut self, limits: AmplificationLimits) -> Self {
+        self.amplification = limits;
+        self
+    }
+
+    /// Labels this node's metrics with `node=label`.
+    pub fn with_metrics_label(mut self, label: impl Into<String>) -> Self {
+        self.metrics_label = Some(label.into());
+        self
+    }
 }
 
-/// [`spawn_chitchat`] with the options chitchat has no argument for.
+/// `spawn_chitchat` with what chitchat has no field for ([`SpawnOptions`]).
+///
+/// Install a `metrics` recorder before calling it: the histograms' handles are taken here.
 pub async fn spawn_chitchat_with(
     config: ChitchatConfig,
     initial_key_values: Vec<(String, String)>,
@@ -507,9 +593,11 @@ pub async fn spawn_chitchat_with(
     let chitchat_id = config.chitchat_id.clone();
     let mut node = Chitchat::with_chitchat_id_and_seeds(config, seed_rx, initial_key_values);
     node.set_limits(options.limits);
+    node.set_amplification_limits(options.amplification.clone());
     node.set_datagram_budget(transport.max_payload());
     let chitchat = ChitchatRef::new(node);
     let counters = Arc::new(Counters::default());
+    let metrics_labels = node_metrics::base_labels(options.metrics_label.as_deref());
     let (panic_tx, panic_rx) = watch::channel(None);
     let handler = Arc::new(NodeHandler {
         chitchat: chitchat.clone(),
@@ -517,6 +605,10 @@ pub async fn spawn_chitchat_with(
         panic_tx,
         started: Instant::now(),
         runtime: tokio::runtime::Handle::try_current().ok(),
+        handling_seconds: metrics::histogram!(
+            node_metrics::MESSAGE_HANDLING_SECONDS,
+            metrics_labels.clone()
+        ),
     });
     let endpoint: Arc<dyn Endpoint> = Arc::from(
         transport
@@ -544,6 +636,7 @@ pub async fn spawn_chitchat_with(
         endpoint.clone(),
         panic_rx,
         counters.clone(),
+        metrics_labels,
     );
     let task_endpoint = endpoint.clone();
     let task_control = control.clone();

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use chitchat_uring::config::{ChitchatConfig, FailureDetectorConfig};
 use chitchat_uring::message::ProtocolVersion;
-use chitchat_uring::server::{ChitchatHandle, spawn_chitchat};
+use chitchat_uring::server::{ChitchatHandle, SpawnOptions, spawn_chitchat_with};
 use chitchat_uring::transport::{Transport, TransportKind};
 use chitchat_uring::types::ChitchatId;
 
@@ -436,10 +436,12 @@ impl UringCluster {
                     None => free_udp_ports(1)?[0],
                 };
                 let config = node_config(spec, i, port, seed);
-                match runtime.block_on(spawn_chitchat(
+                // Every node of the process carries its own `node` metrics label.
+                match runtime.block_on(spawn_chitchat_with(
                     config,
                     initial_key_values(i, spec.keys),
                     transport,
+                    SpawnOptions::default().with_metrics_label(format!("node-{i}")),
                 )) {
                     Ok(handle) => break handle,
                     // The port was taken since it was found free: take another.

@@ -553,3 +553,68 @@ fn bad_key_files_fail_naming_the_flag_and_line() {
         "{stderr}"
     );
 }
+
+/// One `GET /metrics` over HTTP/1.0; the body of a 200 answer, or "".
+fn scrape(addr: SocketAddr) -> String {
+    use std::io::Read;
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return String::new();
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
+        return String::new();
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    match response.split_once("\r\n\r\n") {
+        Some((head, body)) if head.contains(" 200") => body.to_string(),
+        _ => String::new(),
+    }
+}
+
+#[test]
+fn node_serves_prometheus_metrics_that_follow_the_traffic() {
+    let http_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let metrics_addr = http_addr.to_string();
+    let (port_a, port_b) = (free_port(), free_port());
+    let a = Node::start("node-a", port_a, &["--metrics-addr", &metrics_addr]);
+    let seed = a.addr.to_string();
+    let b = Node::start("node-b", port_b, &["--seed", &seed]);
+    let junk = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut junk_sent = false;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut body = String::new();
+    let ok = |body: &str| {
+        body.lines().any(|l| l == "chitchat_live_nodes 2")
+            && body
+                .lines()
+                .any(|l| l == "chitchat_datagrams_dropped_total{reason=\"malformed_bad_magic\"} 1")
+            && body.lines().any(|l| {
+                l.starts_with("chitchat_messages_received_total{type=\"synack\"}")
+                    && !l.ends_with(" 0")
+            })
+    };
+    while Instant::now() < deadline {
+        body = scrape(http_addr);
+        if ok(&body) {
+            break;
+        }
+        // Once the node is up and gossiping, one junk datagram.
+        if !junk_sent && body.lines().any(|l| l == "chitchat_live_nodes 2") {
+            junk.send_to(b"\xff\xffjunk", a.addr).unwrap();
+            junk_sent = true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(ok(&body), "the scrape never showed the traffic:\n{body}");
+    assert!(body.contains("chitchat_message_handling_seconds"), "{body}");
+    assert!(body.contains("chitchat_transport_info{"), "{body}");
+    a.quit();
+    b.quit();
+}

@@ -39,6 +39,9 @@ pub struct Args {
     /// base64-encoded 32-byte key per line), so the summary shows what keyed gossip costs.
     #[arg(long, value_name = "PATH")]
     key_file: Option<std::path::PathBuf>,
+    /// Serve every node's Prometheus metrics (label `node`) at `GET /metrics` on this address.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn secs(flag: &str, value: f64) -> anyhow::Result<Duration> {
@@ -65,6 +68,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         &spec.cluster_id,
     )?;
     let keyed = args.key_file.is_some();
+    if let Some(addr) = args.metrics_addr {
+        common::serve_metrics(addr)?;
+    }
     let mut display = ProgressDisplay::new();
     display.line(&format!(
         "starting {} nodes on 127.0.0.1 ({} keys each, gossip every {} ms)",

@@ -173,3 +173,14 @@ pub fn keyed_or_plain(
         mode,
     )))
 }
+
+/// Installs the Prometheus recorder and serves `GET /metrics` on `addr` (on the exporter's own
+/// thread: called outside any runtime). Call before starting nodes.
+pub fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|error| anyhow::anyhow!("--metrics-addr {addr}: {error}"))?;
+    tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    Ok(())
+}

@@ -68,6 +68,9 @@ pub struct Args {
     /// A dead node is forgotten after this many seconds.
     #[arg(long, default_value_t = 3_600, value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     dead_grace_secs: u64,
+    /// Serve Prometheus metrics at `GET /metrics` on this address (e.g. 127.0.0.1:9100).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -142,6 +145,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     config.validate().map_err(|e| anyhow!(flag_of(e)))?;
 
+    // Before the node starts: its histogram handles are taken at spawn.
+    if let Some(addr) = args.metrics_addr {
+        common::serve_metrics(addr)?;
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
