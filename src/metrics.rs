@@ -10,8 +10,26 @@ use std::collections::BTreeMap;
 use metrics::{Label, counter, gauge};
 
 use crate::protocol::ProtocolStats;
-use crate::server::ServerStats;
 use crate::transport::{EndpointStats, TransportKind};
+
+/// A snapshot of a node's server counters.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Datagrams decoded and processed.
+    pub datagrams_handled: u64,
+    /// Datagrams that did not decode: counted and dropped.
+    pub malformed: u64,
+    /// Messages whose handling exceeded `MESSAGE_HANDLING_BOUND`: reply dropped.
+    pub abandoned: u64,
+    /// Replies (SynAck, Ack, BadCluster) handed to the transport.
+    pub replies: u64,
+    /// Syns handed to the transport, by rounds and by `ChitchatHandle::gossip`.
+    pub syns_sent: u64,
+    /// Syns the transport refused to send (logged, never fatal).
+    pub gossip_send_errors: u64,
+    /// Gossip rounds started.
+    pub gossip_rounds: u64,
+}
 
 /// Messages received, by `type` (syn, synack, ack, bad_cluster).
 pub const MESSAGES_RECEIVED: &str = "chitchat_messages_received_total";

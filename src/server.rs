@@ -19,6 +19,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::ChitchatConfig;
 use crate::control::ControlThread;
 use crate::dns::{self, DNS_POLLING_DURATION, Seeds};
+pub use crate::metrics::ServerStats;
 use crate::metrics::{self as node_metrics, MALFORMED_OTHER, MetricsSnapshot, Sources};
 use crate::protocol::amplification::AmplificationLimits;
 use crate::protocol::{Chitchat, Limits};
@@ -104,25 +105,6 @@ struct Counters {
     aborted: std::sync::atomic::AtomicBool,
     /// Malformed datagrams by `metrics::MALFORMED_KINDS` index (error path only).
     malformed_by_kind: [AtomicU64; MALFORMED_OTHER + 1],
-}
-
-/// A snapshot of a node's server counters.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct ServerStats {
-    /// Datagrams decoded and processed.
-    pub datagrams_handled: u64,
-    /// Datagrams that did not decode: counted and dropped.
-    pub malformed: u64,
-    /// Messages whose handling exceeded `MESSAGE_HANDLING_BOUND`: reply dropped.
-    pub abandoned: u64,
-    /// Replies (SynAck, Ack, BadCluster) handed to the transport.
-    pub replies: u64,
-    /// Syns handed to the transport, by rounds and by `ChitchatHandle::gossip`.
-    pub syns_sent: u64,
-    /// Syns the transport refused to send (logged, never fatal).
-    pub gossip_send_errors: u64,
-    /// Gossip rounds started.
-    pub gossip_rounds: u64,
 }
 
 impl Counters {
