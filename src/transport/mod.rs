@@ -49,7 +49,6 @@ mod faults;
 mod keyed;
 mod log_limit;
 mod runtime;
-#[allow(missing_docs)] // Documented with the keyed-transport wiring (issue 10).
 pub mod seal;
 mod sys;
 mod udp;

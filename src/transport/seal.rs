@@ -110,6 +110,7 @@ impl fmt::Debug for KeyId {
 pub struct Key([u8; KEY_LEN]);
 
 impl Key {
+    /// A key from its 32 raw bytes.
     pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Key {
         Key(bytes)
     }
@@ -142,6 +143,7 @@ impl Key {
         base64::engine::general_purpose::STANDARD.encode(self.0)
     }
 
+    /// Its key id: the first 4 bytes of a domain-separated SHA-256 of the key.
     pub fn id(&self) -> KeyId {
         let digest = Sha256::new()
             .chain_update(b"chitchat-uring key id v1")
@@ -169,10 +171,13 @@ impl fmt::Debug for Key {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
     #[error("not standard base64: {0}")]
+    /// The text is not standard padded base64 (the decoder's message).
     NotBase64(String),
     #[error("decodes to {0} bytes, a key is exactly 32")]
+    /// Decoded to this many bytes instead of 32.
     WrongLength(usize),
     #[error("the operating system's random source failed: {0}")]
+    /// The operating system's random source failed.
     Random(String),
 }
 
@@ -180,14 +185,19 @@ pub enum KeyError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyringError {
     #[error("a keyring needs at least one key")]
+    /// A ring needs at least one key (the primary).
     Empty,
     #[error("a keyring holds at most {MAX_KEYS} keys")]
+    /// The ring already holds `MAX_KEYS` keys.
     Full,
     #[error("key {0} is not in the keyring")]
+    /// No key with this id is in the ring.
     UnknownKey(KeyId),
     #[error("key {0} is the primary and cannot be removed; switch the primary first")]
+    /// The primary key cannot be removed: switch the primary first.
     RemovePrimary(KeyId),
     #[error("a different key with the same id {0} is already in the keyring; generate another key")]
+    /// Another key of the ring has this id (generate another key).
     IdCollision(KeyId),
 }
 
@@ -195,19 +205,34 @@ pub enum KeyringError {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
     #[error("cannot read key file {path}: {source}")]
+    /// The key file could not be read.
     Io {
+        /// The key file.
         path: PathBuf,
         #[source]
+        /// Why.
         source: std::io::Error,
     },
     #[error("key file {path} is {len} bytes, more than a key file can be ({max})")]
-    TooBig { path: PathBuf, len: u64, max: u64 },
+    /// The key file is larger than `max` bytes: refused before reading.
+    TooBig {
+        /// The key file.
+        path: PathBuf,
+        /// Its size.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
     #[error("line {line}: {problem}")]
+    /// A line of the key file is not a usable key.
     Line {
+        /// 1-based line number.
         line: usize,
+        /// What is wrong with it.
         problem: KeyLineProblem,
     },
     #[error("the key file holds no key (only blank lines and # comments)")]
+    /// The file holds no key (only blank lines and comments).
     NoKeys,
 }
 
@@ -215,14 +240,25 @@ pub enum KeyFileError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyLineProblem {
     #[error("{0}")]
+    /// Not a 32-byte base64 key.
     BadKey(KeyError),
     #[error("the same key as line {first_line}")]
-    Duplicate { first_line: usize },
+    /// The same key as an earlier line.
+    Duplicate {
+        /// The line that has it first.
+        first_line: usize,
+    },
     #[error("a different key with the same id as line {first_line}; generate another key")]
-    IdCollision { first_line: usize },
+    /// A different key with the same id as an earlier line.
+    IdCollision {
+        /// The line whose key has that id.
+        first_line: usize,
+    },
     #[error("more than {MAX_KEYS} keys")]
+    /// More than `MAX_KEYS` keys.
     TooMany,
     #[error("{0}")]
+    /// The ring refused the key.
     Ring(KeyringError),
 }
 
@@ -348,6 +384,7 @@ impl Keyring {
         ring
     }
 
+    /// The id of the key that seals.
     pub fn primary_id(&self) -> KeyId {
         self.keys[0].id
     }
@@ -357,6 +394,7 @@ impl Keyring {
         self.keys.iter().map(|k| k.id)
     }
 
+    /// How many keys open (the primary included).
     pub fn len(&self) -> usize {
         self.keys.len()
     }
@@ -366,6 +404,7 @@ impl Keyring {
         self.keys.is_empty()
     }
 
+    /// Whether a key with this id is in the ring.
     pub fn contains(&self, id: KeyId) -> bool {
         self.find(id).is_some()
     }
@@ -561,7 +600,9 @@ fn parse_header(buf: &[u8]) -> Result<Header, OpenError> {
 pub struct Opened {
     /// Where the decrypted plaintext is in the buffer given to `open_in_place`.
     pub plaintext: Range<usize>,
+    /// The sender's replay stamp (session, sequence, sender time).
     pub stamp: Stamp,
+    /// The ring key that opened it.
     pub key_id: KeyId,
 }
 
@@ -569,31 +610,49 @@ pub struct Opened {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SealError {
     #[error("plaintext of {len} bytes exceeds the sealed budget of {max} bytes")]
-    TooLarge { len: usize, max: usize },
+    /// The plaintext is `len` bytes, more than the `max` that fits one sealed datagram.
+    TooLarge {
+        /// The plaintext's length.
+        len: usize,
+        /// The largest that fits.
+        max: usize,
+    },
     #[error("buffer of {len} bytes has no room reserved for the sealed header")]
-    NoHeaderRoom { len: usize },
+    /// The buffer (`len` bytes) is shorter than the reserved header.
+    NoHeaderRoom {
+        /// The buffer's length.
+        len: usize,
+    },
 }
 
 /// Why a received datagram did not open. `kind()` is a stable counter label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum OpenError {
     #[error("not a sealed datagram (foreign magic)")]
+    /// Does not start with the sealed magic.
     NotSealed,
     #[error("sealed format version {0} is not supported")]
+    /// Sealed with a format version this node does not know.
     BadVersion(u8),
     #[error("shorter than a sealed header and tag")]
+    /// Shorter than a sealed header and tag.
     Truncated,
     #[error("sealed under a key this node does not hold")]
+    /// The key id names no key of the ring.
     UnknownKey,
     #[error("authentication failed (wrong key, other cluster or tampered)")]
+    /// The Poly1305 tag does not verify: wrong key, another cluster, or tampered.
     BadTag,
     #[error("already received (replay)")]
+    /// Its sequence number was already accepted from that session.
     Replayed,
     #[error("older than the replay window of its sender")]
+    /// Older than the replay window behind its session's newest datagram.
     TooOld,
 }
 
 impl OpenError {
+    /// A stable label for counters and logs (`bad_tag`, `replayed`, ...).
     pub fn kind(&self) -> &'static str {
         match self {
             OpenError::NotSealed => "not_sealed",
@@ -615,6 +674,7 @@ pub struct ClusterLabel {
 }
 
 impl ClusterLabel {
+    /// The label of the cluster `cluster_id` (hashed once).
     pub fn new(cluster_id: &str) -> ClusterLabel {
         let digest = Sha256::new()
             .chain_update(b"chitchat-uring cluster label v1\0")
@@ -656,6 +716,7 @@ impl fmt::Debug for KeyringHandle {
 pub type KeyringGuard = arc_swap::Guard<Arc<Keyring>>;
 
 impl KeyringHandle {
+    /// A shared handle on `ring`.
     pub fn new(ring: Keyring) -> Arc<KeyringHandle> {
         Arc::new(KeyringHandle {
             current: ArcSwap::from_pointee(ring),
@@ -691,14 +752,17 @@ impl KeyringHandle {
         Ok(out)
     }
 
+    /// Installs `key` on the running node (it opens at once; sealing is unchanged).
     pub fn install(&self, key: Key) -> Result<KeyId, KeyringError> {
         self.update(|r| r.install(key))
     }
 
+    /// Makes the ring key `id` the one that seals.
     pub fn set_primary(&self, id: KeyId) -> Result<(), KeyringError> {
         self.update(|r| r.set_primary(id))
     }
 
+    /// Removes the ring key `id` (not the primary).
     pub fn remove(&self, id: KeyId) -> Result<(), KeyringError> {
         self.update(|r| r.remove(id))
     }
@@ -713,8 +777,11 @@ impl KeyringHandle {
 /// sender's own monotonic time since the session began (never compared with the receiver's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stamp {
+    /// The sender's random session id.
     pub session: u64,
+    /// Its sequence number within the session.
     pub seq: u64,
+    /// The sender's monotonic time since the session began, in ms.
     pub time_ms: u64,
 }
 
@@ -743,6 +810,7 @@ impl SendSession {
         }
     }
 
+    /// The session's random id.
     pub fn id(&self) -> u64 {
         self.session
     }
@@ -811,6 +879,7 @@ impl Default for ReplayGuard {
 }
 
 impl ReplayGuard {
+    /// A guard with `config`'s capacity and window.
     pub fn new(config: ReplayConfig) -> ReplayGuard {
         let per_shard = config.max_sessions.div_ceil(SHARDS).max(1);
         ReplayGuard {
@@ -840,6 +909,7 @@ impl ReplayGuard {
         self.shards.iter().map(|s| s.lock().len()).sum()
     }
 
+    /// Whether no session is tracked yet.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -1042,14 +1112,18 @@ pub enum Received {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Reject {
     #[error("{0}")]
+    /// It did not open (or was replayed).
     Open(OpenError),
     #[error("plaintext chitchat datagram refused in keyed mode")]
+    /// A plaintext chitchat datagram while plaintext is not accepted.
     PlaintextRefused,
     #[error("neither sealed nor chitchat")]
+    /// Neither sealed nor a chitchat envelope.
     Foreign,
 }
 
 impl Reject {
+    /// A stable counter label: [`OpenError::kind`], `plaintext_refused` or `foreign`.
     pub fn kind(&self) -> &'static str {
         match self {
             Reject::Open(e) => e.kind(),
@@ -1072,6 +1146,7 @@ pub struct SealContext {
 }
 
 impl SealContext {
+    /// The context of one endpoint of a node in `cluster_id`, with a fresh sending session and replay guard.
     pub fn new(keyring: Arc<KeyringHandle>, cluster_id: &str, mode: KeyedMode) -> SealContext {
         SealContext {
             keyring,
@@ -1082,19 +1157,23 @@ impl SealContext {
         }
     }
 
+    /// The same context with another replay table size or window.
     pub fn with_replay_config(mut self, config: ReplayConfig) -> SealContext {
         self.replay = ReplayGuard::new(config);
         self
     }
 
+    /// The shared keyring (rotate through it).
     pub fn keyring(&self) -> &Arc<KeyringHandle> {
         &self.keyring
     }
 
+    /// The cluster label bound into every seal.
     pub fn label(&self) -> &ClusterLabel {
         &self.label
     }
 
+    /// The current migration mode.
     pub fn mode(&self) -> KeyedMode {
         if self.mode.load(Ordering::Relaxed) == KeyedMode::AcceptPlaintext as u8 {
             KeyedMode::AcceptPlaintext
@@ -1108,6 +1187,7 @@ impl SealContext {
         self.mode.store(mode as u8, Ordering::Relaxed);
     }
 
+    /// The endpoint's replay guard.
     pub fn replay_guard(&self) -> &ReplayGuard {
         &self.replay
     }
