@@ -5,6 +5,7 @@
 //! through a handle obtained at spawn (a no-op handle when no recorder is installed). Install
 //! the recorder before `spawn_chitchat`, or the histograms stay no-ops for that node.
 
+use crate::protocol::Refusal;
 use std::collections::BTreeMap;
 
 use metrics::{Label, counter, gauge};
@@ -106,6 +107,37 @@ const DROP_REASONS: &[(&str, DropCount)] = &[
     ("send_error", |s| s.endpoint.send_errors),
     ("recv_error", |s| s.endpoint.recv_errors),
     ("fault", |s| s.endpoint.dropped_by_faults),
+    ("unsolicited_syn_ack", |s| s.protocol.unsolicited_syn_ack),
+    ("amplification_limited", |s| {
+        s.protocol.amplification_limited
+    }),
+    ("non_member_flood", |s| s.protocol.non_member_flood),
+    ("implausible_heartbeat", |s| {
+        s.protocol.refused.get(Refusal::ImplausibleHeartbeat)
+    }),
+    ("implausible_version", |s| {
+        s.protocol.refused.get(Refusal::ImplausibleVersion)
+    }),
+    ("implausible_last_gc_version", |s| {
+        s.protocol.refused.get(Refusal::ImplausibleLastGcVersion)
+    }),
+    ("over_budget_id_too_long", |s| {
+        s.protocol.refused.get(Refusal::IdTooLong)
+    }),
+    ("over_budget_too_many_keys", |s| {
+        s.protocol.refused.get(Refusal::TooManyKeys)
+    }),
+    ("over_budget_node_state_too_large", |s| {
+        s.protocol.refused.get(Refusal::NodeStateTooLarge)
+    }),
+    ("over_budget_remote_state_full", |s| {
+        s.protocol.refused.get(Refusal::RemoteStateFull)
+    }),
+    ("over_budget_unrelayable_key_value", |s| {
+        s.protocol.refused.get(Refusal::UnrelayableKeyValue)
+    }),
+    ("auth_failure", |s| s.endpoint.auth_failures),
+    ("plaintext_refused", |s| s.endpoint.plaintext_refused),
 ];
 
 /// The figures a node publishes, for embedders without a metrics stack
