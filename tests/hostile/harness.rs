@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, UdpSocket};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chitchat_uring::transport::UdpMode;
 use chitchat_uring::{
@@ -86,19 +86,8 @@ pub async fn spawn(
         .expect("spawn_chitchat")
 }
 
-/// Polls `condition` every 20 ms until it holds or `timeout` passes; returns whether it held.
-pub async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if condition() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// The shared bounded wait (test-support), one definition for every test crate.
+pub use test_support::wait_until;
 
 /// Whether `observer`'s failure detector holds `id` live.
 pub fn is_live_at(observer: &ChitchatHandle, id: &ChitchatId) -> bool {
