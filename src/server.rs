@@ -22,7 +22,7 @@ use crate::dns::{self, DNS_POLLING_DURATION, Seeds};
 pub use crate::metrics::ServerStats;
 use crate::metrics::{self as node_metrics, MALFORMED_OTHER, MetricsSnapshot, Sources};
 use crate::protocol::amplification::AmplificationLimits;
-use crate::protocol::{Chitchat, Limits};
+use crate::protocol::{Chitchat, Limits, decode_received};
 use crate::transport::{
     Datagram, DatagramHandler, Endpoint, EndpointStats, ReplySink, Transport, TransportKind,
 };
@@ -159,6 +159,8 @@ fn gather_metrics(
 /// The protocol side of the node's endpoint, called on the I/O worker threads.
 struct NodeHandler {
     chitchat: ChitchatRef,
+    /// The node's cluster (fixed for its life), for decoding outside the lock.
+    cluster_id: String,
     counters: Arc<Counters>,
     panic_tx: watch::Sender<Option<String>>,
     started: Instant,
@@ -198,7 +200,6 @@ impl DatagramHandler for NodeHandler {
         let received_at = Instant::now();
         let deadline = received_at + MESSAGE_HANDLING_BOUND;
         let _runtime = self.runtime.as_ref().map(tokio::runtime::Handle::enter);
-        let mut chitchat = self.chitchat.lock();
         for (i, datagram) in batch.iter().enumerate() {
             if Instant::now() >= deadline {
                 let stale = (batch.len() - i) as u64;
@@ -209,18 +210,31 @@ impl DatagramHandler for NodeHandler {
                 );
                 break;
             }
-            if i > 0 {
-                // Bounded work per lock hold: a waiter (the control thread's gossip round and
-                // failure detector, the application) gets the lock between datagrams.
-                MutexGuard::bump(&mut chitchat);
-            }
+            // Two short lock holds per datagram, the decoding between them outside the lock:
+            // the control thread's gossip round and failure detector, and the application,
+            // wait at most one datagram's matching and reply, never a batch or a decode.
+            let admission = self
+                .chitchat
+                .lock()
+                .admit_datagram(datagram.from, datagram.payload.len());
+            let Some(admission) = admission else {
+                continue;
+            };
             let reply = replies.buffer();
-            match chitchat.handle_datagram_from(
-                datagram.from,
-                datagram.payload,
-                reply,
-                Some(deadline),
-            ) {
+            let handled = decode_received(&self.cluster_id, datagram.payload, |received| {
+                let mut chitchat = self.chitchat.lock();
+                let outcome = chitchat.handle_received(
+                    datagram.from,
+                    admission,
+                    received,
+                    reply,
+                    Some(deadline),
+                );
+                // Fair: a waiter gets the lock before this worker's next datagram.
+                MutexGuard::unlock_fair(chitchat);
+                outcome
+            });
+            match handled {
                 Ok(outcome) => {
                     self.counters
                         .datagrams_handled
@@ -573,6 +587,7 @@ pub async fn spawn_chitchat_with(
     let (seed_tx, seed_rx) = watch::channel::<HashSet<SocketAddr>>(seed_addrs);
 
     let chitchat_id = config.chitchat_id.clone();
+    let cluster_id = config.cluster_id.clone();
     let mut node = Chitchat::with_chitchat_id_and_seeds(config, seed_rx, initial_key_values);
     node.set_limits(options.limits);
     node.set_amplification_limits(options.amplification.clone());
@@ -583,6 +598,7 @@ pub async fn spawn_chitchat_with(
     let (panic_tx, panic_rx) = watch::channel(None);
     let handler = Arc::new(NodeHandler {
         chitchat: chitchat.clone(),
+        cluster_id,
         counters: counters.clone(),
         panic_tx,
         started: Instant::now(),

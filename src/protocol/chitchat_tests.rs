@@ -758,3 +758,66 @@ fn gossip_round_picks_targets_bumps_heartbeat_and_writes_one_syn() {
     let targets = n1.begin_gossip_round(&mut syn);
     assert_eq!(targets.nodes, vec![peer.gossip_advertise_addr]);
 }
+
+/// The server's three steps (admit under the lock, decode without it, handle under it) do
+/// exactly what `handle_datagram_from` does: same replies, same refusals, same state.
+#[test]
+fn admit_decode_handle_equals_handle_datagram_from() {
+    use crate::protocol::{Received, decode_received};
+
+    let clock = ManualClock::new();
+    let twin = || node_with(config(7001), &clock, vec![("a", "1"), ("b", "2")]);
+    let (mut whole, mut split, mut answerer) = (twin(), twin(), twin());
+    let peer = node(7002, &clock);
+    let mut other_cluster = config(7003);
+    other_cluster.cluster_id = "another".to_string();
+    let outsider = node_with(other_cluster, &clock, Vec::new());
+    let stranger = SocketAddr::from(([127, 0, 0, 1], 7999));
+    let peer_addr = peer.self_chitchat_id().gossip_advertise_addr;
+    let encode = |message: ChitchatMessage| {
+        wire::encode_envelope(&ChitchatEnvelope {
+            version: ProtocolVersion::V0,
+            message,
+        })
+        .expect("encodes")
+    };
+    let unsolicited_syn_ack = answerer
+        .process_message(peer.create_syn_message())
+        .expect("a syn-ack");
+    let datagrams = [
+        (peer_addr, encode(peer.create_syn_message()), false),
+        (stranger, encode(outsider.create_syn_message()), true),
+        (stranger, encode(unsolicited_syn_ack), false),
+        (stranger, vec![0xFF, 0x00, 0x13], false),
+        (peer_addr, Vec::new(), false),
+    ];
+    for (from, payload, other_cluster) in &datagrams {
+        let mut reply_whole = Vec::new();
+        let mut reply_split = Vec::new();
+        let expected = whole.handle_datagram_from(*from, payload, &mut reply_whole, None);
+        let admission = split
+            .admit_datagram(*from, payload.len())
+            .expect("within the allowance");
+        let cluster_id = split.config().cluster_id.clone();
+        let got = decode_received(&cluster_id, payload, |received| {
+            assert_eq!(
+                matches!(received, Received::OtherClusterSyn { .. }),
+                *other_cluster
+            );
+            split.handle_received(*from, admission, received, &mut reply_split, None)
+        });
+        match (expected, got) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b, "outcome of {payload:?}"),
+            (Err(a), Err(b)) => assert_eq!(a.kind(), b.kind()),
+            (a, b) => panic!("diverged on {payload:?}: {a:?} vs {b:?}"),
+        }
+        assert_eq!(reply_whole, reply_split);
+    }
+    assert_eq!(whole.stats(), split.stats());
+    assert_eq!(whole.stats().unsolicited_syn_ack, 1);
+    assert_eq!(whole.stats().bad_cluster_sent, 1);
+    assert_eq!(
+        whole.state_snapshot().node_states,
+        split.state_snapshot().node_states
+    );
+}
