@@ -40,7 +40,7 @@ fn remote_id(i: u16) -> ChitchatId {
 }
 
 /// A node with 6 own keys (one deleted), 3 remote nodes (keys, a tombstone, a gc'd version).
-/// Built per input (a few microseconds) so every input runs on the same state.
+/// Built per input so every input runs on the same state.
 fn node(clock: &ManualClock) -> Chitchat {
     let mut config = ChitchatConfig::for_test(7280);
     config.chitchat_id = own_id();
@@ -74,22 +74,43 @@ fn node(clock: &ManualClock) -> Chitchat {
             })
             .collect();
         chitchat.reset_node_state_if_update(&id, kvs.into_iter(), gc + 5, gc);
-        for hb in 1..=3 {
-            // Heartbeats arrive the public way: in a digest.
-            let mut digest = Digest::default();
-            digest.add_node(
-                id.clone(),
-                NodeDigest::new(Heartbeat::from(hb * 10), gc, gc + 5),
-            );
-            chitchat.process_message(ChitchatMessage::Syn {
-                cluster_id: CLUSTER.to_string(),
-                digest,
-            });
-            clock.advance(Duration::from_millis(100));
-        }
+    }
+    // Heartbeats arrive the public way: three rounds of one Syn about all three remotes,
+    // encoded once per process (the set-up is most of an execution's cost).
+    let mut reply = Vec::new();
+    for syn in setup_syns() {
+        let _ = chitchat.handle_datagram(syn, &mut reply, None);
+        clock.advance(Duration::from_millis(100));
     }
     chitchat.end_gossip_round();
     chitchat
+}
+
+/// The Syns that bring the remotes' heartbeats to 10, 20, 30.
+fn setup_syns() -> &'static [Vec<u8>] {
+    static SYNS: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+    SYNS.get_or_init(|| {
+        (1..=3u64)
+            .map(|hb| {
+                let mut digest = Digest::default();
+                for r in 0..3u16 {
+                    let gc = u64::from(r) * 2;
+                    digest.add_node(
+                        remote_id(r),
+                        NodeDigest::new(Heartbeat::from(hb * 10), gc, gc + 5),
+                    );
+                }
+                let envelope = ChitchatEnvelope {
+                    version: ProtocolVersion::V0,
+                    message: ChitchatMessage::Syn {
+                        cluster_id: CLUSTER.to_string(),
+                        digest,
+                    },
+                };
+                encode_envelope(&envelope).expect("the set-up Syn encodes")
+            })
+            .collect()
+    })
 }
 
 /// Reads the structured mode's choices from the input; past its end, everything is 0.

@@ -739,7 +739,7 @@ impl Chitchat {
     /// non-member source past its receive allowance); otherwise how its reply is bounded.
     pub fn admit_datagram(&mut self, from: SocketAddr, len: usize) -> Option<Admission> {
         let now = self.clock.now();
-        let member = self.member_addrs.contains(&from);
+        let member = !self.amplification.limits().enabled || self.member_addrs.contains(&from);
         if !member && !self.amplification.admit(from, len, now) {
             self.stats.non_member_flood += 1;
             return None;

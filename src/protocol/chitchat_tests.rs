@@ -821,3 +821,73 @@ fn admit_decode_handle_equals_handle_datagram_from() {
         split.state_snapshot().node_states
     );
 }
+
+/// `AmplificationLimits::off()`: a flooding non-member is answered in full and an unsolicited
+/// SynAck applied, as chitchat does; the default limits drop both.
+#[test]
+fn amplification_limits_off_treats_every_source_as_a_member() {
+    use crate::protocol::amplification::AmplificationLimits;
+
+    let clock = ManualClock::new();
+    let stranger = SocketAddr::from(([127, 0, 0, 1], 7999));
+    // Incompressible values (deltas are zstd-compressed): a little LCG's letters.
+    let mut seed = 0x2545_f491_u32;
+    let mut letter = move || {
+        seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        char::from(b'a' + (seed >> 16) as u8 % 26)
+    };
+    let state: Vec<(String, String)> = (0..200)
+        .map(|i| (format!("key-{i:03}"), (0..200).map(|_| letter()).collect()))
+        .collect();
+    let run = |limits: AmplificationLimits| {
+        let kvs = state
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let mut node = node_with(config(7001), &clock, kvs);
+        node.set_amplification_limits(limits);
+        let mut answerer = node_with(config(7002), &clock, vec![("x", "1")]);
+        let empty_syn = wire::encode_envelope(&ChitchatEnvelope {
+            version: ProtocolVersion::V0,
+            message: ChitchatMessage::Syn {
+                cluster_id: "test-cluster".to_string(),
+                digest: Digest::default(),
+            },
+        })
+        .expect("encodes");
+        let mut reply = Vec::new();
+        let mut replied_bytes = 0;
+        for _ in 0..1_000 {
+            let outcome = node
+                .handle_datagram_from(stranger, &empty_syn, &mut reply, None)
+                .expect("decodes");
+            if outcome.replied {
+                replied_bytes += reply.len();
+            }
+        }
+        let syn_ack = answerer
+            .process_message(node.create_syn_message())
+            .expect("a syn-ack");
+        let syn_ack = wire::encode_envelope(&ChitchatEnvelope {
+            version: ProtocolVersion::V0,
+            message: syn_ack,
+        })
+        .expect("encodes");
+        node.handle_datagram_from(stranger, &syn_ack, &mut reply, None)
+            .expect("decodes");
+        (replied_bytes, node.stats().unsolicited_syn_ack)
+    };
+    let (limited_bytes, limited_unsolicited) = run(AmplificationLimits::default());
+    let (off_bytes, off_unsolicited) = run(AmplificationLimits::off());
+    assert_eq!(limited_unsolicited, 1);
+    assert_eq!(off_unsolicited, 0);
+    // 1,000 empty 12-byte Syns: the default budget is 3× 12 kB plus the 256 KiB allowance.
+    assert!(
+        limited_bytes <= 3 * 12 * 1_000 + 256 * 1024,
+        "{limited_bytes}"
+    );
+    assert!(
+        off_bytes > 10 * limited_bytes,
+        "{off_bytes} vs {limited_bytes}"
+    );
+}

@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport as CcTransport};
+use chitchat_uring::protocol::amplification::AmplificationLimits;
+use chitchat_uring::server::{SpawnOptions, spawn_chitchat_with};
 use chitchat_uring::transport::UdpMode;
-use chitchat_uring::{ChitchatConfig, ChitchatHandle, ChitchatId, UdpTransport, spawn_chitchat};
+use chitchat_uring::{ChitchatConfig, ChitchatHandle, ChitchatId, UdpTransport};
 use chitchat_uring_tools::bench_support::{
     ClusterSpec, LocalCluster, Traffic, cluster_failure_detector, free_udp_ports,
     initial_key_values, value_32,
@@ -164,10 +166,16 @@ pub fn serve(which: Impl, n: usize, rt: &tokio::runtime::Runtime) -> (ServedNode
         match which {
             Impl::OursUring | Impl::OursEpoll => {
                 let transport = which.transport();
-                let Ok(handle) = rt.block_on(spawn_chitchat(
+                // The load comes from sockets that are no cluster members: without this, the
+                // anti-amplification limits (which chitchat lacks) would be measured instead
+                // of the handling.
+                let options =
+                    SpawnOptions::default().with_amplification_limits(AmplificationLimits::off());
+                let Ok(handle) = rt.block_on(spawn_chitchat_with(
                     ours_config(addr, gossip),
                     vec![],
                     &transport,
+                    options,
                 )) else {
                     continue;
                 };
