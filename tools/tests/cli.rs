@@ -341,7 +341,12 @@ fn node_on_a_port_in_use_fails_clearly() {
 #[test]
 fn load_against_a_running_node_reports_replies() {
     let port = free_port();
-    let node = Node::start("loaded", port, &["--kv", "k=v"]);
+    // The load's senders are no members: without limits every Syn is answered.
+    let node = Node::start(
+        "loaded",
+        port,
+        &["--kv", "k=v", "--no-amplification-limits"],
+    );
     node.wait_status(Duration::from_secs(10), |_| true)
         .expect("node never printed a status");
     let target = node.addr.to_string();
@@ -365,6 +370,15 @@ fn load_against_a_running_node_reports_replies() {
         assert!(output.status.success(), "{digest}: {stderr}");
         let report: Value = serde_json::from_slice(&output.stdout).unwrap();
         assert!(report["replies"].as_u64().unwrap() > 0, "{report}");
+        // A Syn still in flight when the run ends may count as lost: allow 1 % of them.
+        let (sent, lost) = (
+            report["syns_sent"].as_u64().unwrap(),
+            report["lost"].as_u64().unwrap(),
+        );
+        assert!(
+            lost * 100 <= sent,
+            "{digest}: {lost} of {sent} Syns unanswered: {report}"
+        );
         assert!(report["latency"]["p50_us"].as_f64().unwrap() > 0.0);
         assert!(
             report["latency"]["max_us"].as_f64().unwrap()
