@@ -265,6 +265,8 @@ fn transport_labels(kind: &TransportKind) -> (&'static str, String) {
         TransportKind::Uring => ("io_uring", String::new()),
         TransportKind::Epoll { reason } => ("epoll", reason.clone()),
         TransportKind::Channel => ("channel", String::new()),
+        TransportKind::Portable => ("portable", String::new()),
+        TransportKind::Socket => ("socket", String::new()),
     }
 }
 

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use chitchat_uring::transport::{
-    Datagram, DatagramHandler, ReplySink, TRANSPORT_ENV, Transport, TransportKind, UdpTransport,
+    Datagram, DatagramHandler, ReplySink, TRANSPORT_ENV, DatagramTransport, TransportKind, UdpTransport,
 };
 
 struct Nop;
@@ -18,7 +18,7 @@ fn env_forces_epoll() {
     // SAFETY: the only test in this binary, before any thread reads the environment.
     unsafe { std::env::set_var(TRANSPORT_ENV, "epoll") };
     let ep = UdpTransport
-        .open("127.0.0.1:0".parse().unwrap(), Arc::new(Nop))
+        .open_endpoint("127.0.0.1:0".parse().unwrap(), Arc::new(Nop))
         .unwrap();
     match ep.kind() {
         TransportKind::Epoll { reason } => assert!(reason.contains(TRANSPORT_ENV), "{reason}"),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chitchat_uring::transport::{
-    Datagram, DatagramHandler, ReplySink, TRANSPORT_ENV, Transport, TransportKind, UdpMode,
+    Datagram, DatagramHandler, ReplySink, TRANSPORT_ENV, DatagramTransport, TransportKind, UdpMode,
     UdpTransport,
 };
 
@@ -74,7 +74,7 @@ fn seccomp_denied_io_uring_falls_back_to_epoll() {
         mode: UdpMode::Uring,
         ..UdpTransport::DEFAULT
     })
-    .open("127.0.0.1:0".parse().unwrap(), Arc::new(Echo))
+    .open_endpoint("127.0.0.1:0".parse().unwrap(), Arc::new(Echo))
     {
         Ok(_) => panic!("forced io_uring must fail when io_uring_setup is denied"),
         Err(e) => e.to_string(),
@@ -82,7 +82,7 @@ fn seccomp_denied_io_uring_falls_back_to_epoll() {
     assert!(err.contains("io_uring"), "{err}");
 
     let ep = UdpTransport
-        .open("127.0.0.1:0".parse().unwrap(), Arc::new(Echo))
+        .open_endpoint("127.0.0.1:0".parse().unwrap(), Arc::new(Echo))
         .unwrap();
     match ep.kind() {
         TransportKind::Epoll { reason } => {
