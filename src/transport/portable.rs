@@ -78,9 +78,9 @@ pub(crate) fn open(
     let local_addr = socket
         .local_addr()
         .map_err(|e| anyhow!("getsockname for UDP socket bound to {listen_addr}: {e}"))?;
-    let send_socket = socket
-        .try_clone()
-        .map_err(|e| anyhow!("dup of UDP socket bound to {listen_addr}: {e}"))?;
+    let send_socket = Arc::new(Mutex::new(Some(socket.try_clone().map_err(|e| {
+        anyhow!("dup of UDP socket bound to {listen_addr}: {e}")
+    })?)));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
@@ -97,10 +97,12 @@ pub(crate) fn open(
         stats: stats.clone(),
         out_rx,
         max_datagram: max_datagram.clamp(1, MAX_DATAGRAM_LEN),
+        send_socket: send_socket.clone(),
     };
     let thread = thread::Builder::new()
         .name("chitchat-udp".to_string())
         .spawn(move || {
+            let send_socket = worker.send_socket.clone();
             runtime.block_on(async move {
                 match tokio::net::UdpSocket::from_std(socket) {
                     Ok(socket) => worker.run(Arc::new(socket)).await,
@@ -108,6 +110,9 @@ pub(crate) fn open(
                                                   "portable UDP backend: cannot register socket"),
                 }
             });
+            // Closed, or the handler panicked: `send_to` fails from now on and the clone no
+            // longer holds the port.
+            send_socket.lock().take();
             // Dropping the runtime drops the delayed sends still pending, and with them the
             // last reference to the socket: the port is free when the thread ends.
             drop(runtime);
@@ -115,7 +120,7 @@ pub(crate) fn open(
         .map_err(|e| anyhow!("portable UDP backend: cannot start its thread: {e}"))?;
     Ok(Box::new(PortableEndpoint {
         local_addr,
-        send_socket: Mutex::new(Some(send_socket)),
+        send_socket,
         has_faults,
         out_tx: Mutex::new(Some(out_tx)),
         stats,
@@ -133,6 +138,8 @@ struct Worker {
     out_rx: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
     /// Longest datagram handed to the handler.
     max_datagram: usize,
+    /// The handle's clone of the socket, dropped when this thread ends.
+    send_socket: Arc<Mutex<Option<std::net::UdpSocket>>>,
 }
 
 /// Errors a UDP receive reports that say nothing about the socket (ICMP feedback of an earlier
@@ -285,7 +292,7 @@ struct PortableEndpoint {
     local_addr: SocketAddr,
     /// A clone of the thread's socket for `send_to` from any thread (`None` once closed, so the
     /// port is free when the thread ends).
-    send_socket: Mutex<Option<std::net::UdpSocket>>,
+    send_socket: Arc<Mutex<Option<std::net::UdpSocket>>>,
     /// Sends then go through the thread, which applies the faults.
     has_faults: bool,
     /// `None` once closed: dropping the sender ends the thread.

@@ -109,6 +109,13 @@ pub fn udp_transports() -> Vec<(&'static str, UdpTransport)> {
             ..UdpTransport::DEFAULT
         },
     ));
+    transports.push((
+        "portable",
+        UdpTransport {
+            mode: UdpMode::Portable,
+            ..UdpTransport::DEFAULT
+        },
+    ));
     transports
 }
 
