@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chitchat_uring::transport::{
-    Datagram, DatagramHandler, ReplySink, DatagramTransport, UdpMode, UdpTransport,
+    Datagram, DatagramHandler, DatagramTransport, ReplySink, UdpMode, UdpTransport,
 };
 
 const SIZES: [usize; 3] = [64, 1400, 8192];

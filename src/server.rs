@@ -581,7 +581,9 @@ pub async fn spawn_chitchat_with(
     node.set_datagram_budget(
         transport
             .datagram_transport()
-            .map_or(crate::transport::MAX_DATAGRAM_LEN, |fast| fast.max_payload()),
+            .map_or(crate::transport::MAX_DATAGRAM_LEN, |fast| {
+                fast.max_payload()
+            }),
     );
     let chitchat = ChitchatRef::new(node);
     let counters = Arc::new(Counters::default());

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chitchat_uring::transport::{
-    Datagram, DatagramHandler, ReplySink, TRANSPORT_ENV, DatagramTransport, TransportKind, UdpMode,
+    Datagram, DatagramHandler, DatagramTransport, ReplySink, TRANSPORT_ENV, TransportKind, UdpMode,
     UdpTransport,
 };
 

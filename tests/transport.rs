@@ -10,8 +10,8 @@ use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use chitchat_uring::transport::{
-    ChannelTransport, Datagram, DatagramHandler, Endpoint, Faults, MAX_DATAGRAM_LEN, ReplySink,
-    DatagramTransport, TransportKind, UdpMode, UdpTransport,
+    ChannelTransport, Datagram, DatagramHandler, DatagramTransport, Endpoint, Faults,
+    MAX_DATAGRAM_LEN, ReplySink, TransportKind, UdpMode, UdpTransport,
 };
 use common::{uring_or_skip, wait_until_blocking as wait_until};
 use parking_lot::Mutex;
@@ -108,7 +108,9 @@ fn check_kind(ep: &dyn Endpoint, mode: UdpMode) {
 
 fn echo_round_trip(mode: UdpMode) {
     let handler = Arc::new(Recorder::default());
-    let ep = udp(mode).open_endpoint(localhost(), handler.clone()).unwrap();
+    let ep = udp(mode)
+        .open_endpoint(localhost(), handler.clone())
+        .unwrap();
     check_kind(ep.as_ref(), mode);
     let c = client();
     c.send_to(b"hello", ep.local_addr()).unwrap();
@@ -133,7 +135,9 @@ fn spread_over_workers(mode: UdpMode) {
         workers: Some(2),
         ..udp(mode)
     };
-    let ep = transport.open_endpoint(localhost(), handler.clone()).unwrap();
+    let ep = transport
+        .open_endpoint(localhost(), handler.clone())
+        .unwrap();
     let clients: Vec<UdpSocket> = (0..64).map(|_| client()).collect();
     for (i, c) in clients.iter().enumerate() {
         c.send_to(format!("from {i}").as_bytes(), ep.local_addr())
@@ -158,7 +162,9 @@ fn ring_exhaustion(mode: UdpMode) {
         recv_buffers: 4,
         ..udp(mode)
     };
-    let ep = transport.open_endpoint(localhost(), handler.clone()).unwrap();
+    let ep = transport
+        .open_endpoint(localhost(), handler.clone())
+        .unwrap();
     let c = client();
     const N: usize = 500;
     for i in 0..N {
@@ -350,7 +356,9 @@ impl DatagramHandler for SelfCloser {
 
 fn close_from_handler(mode: UdpMode) {
     let handler = Arc::new(SelfCloser::default());
-    let ep = udp(mode).open_endpoint(localhost(), handler.clone()).unwrap();
+    let ep = udp(mode)
+        .open_endpoint(localhost(), handler.clone())
+        .unwrap();
     let addr = ep.local_addr();
     assert!(handler.ep.set(ep).is_ok());
     client().send_to(b"close yourself", addr).unwrap();
@@ -438,7 +446,8 @@ fn forced_modes_report_their_kind() {
 #[test]
 fn unit_const_is_usable_like_chitchat() {
     fn takes_transport(t: &dyn DatagramTransport) -> Box<dyn Endpoint> {
-        t.open_endpoint(localhost(), Arc::new(Recorder::default())).unwrap()
+        t.open_endpoint(localhost(), Arc::new(Recorder::default()))
+            .unwrap()
     }
     let ep = takes_transport(&UdpTransport);
     assert_ne!(ep.local_addr().port(), 0);
@@ -455,7 +464,9 @@ fn addr(port: u16) -> SocketAddr {
 #[test]
 fn channel_echo_and_stats() {
     let t = ChannelTransport::new();
-    let server = t.open_endpoint(addr(1000), Arc::new(Recorder::default())).unwrap();
+    let server = t
+        .open_endpoint(addr(1000), Arc::new(Recorder::default()))
+        .unwrap();
     let rec = Recorder::silent();
     let client = t.open_endpoint(addr(1001), rec.clone()).unwrap();
     assert_eq!(server.kind(), TransportKind::Channel);
@@ -475,9 +486,13 @@ fn channel_echo_and_stats() {
 #[test]
 fn channel_addresses() {
     let t = ChannelTransport::new();
-    let a = t.open_endpoint(addr(0), Arc::new(Recorder::default())).unwrap();
+    let a = t
+        .open_endpoint(addr(0), Arc::new(Recorder::default()))
+        .unwrap();
     assert_eq!(a.local_addr(), addr(1));
-    let b = t.open_endpoint(addr(0), Arc::new(Recorder::default())).unwrap();
+    let b = t
+        .open_endpoint(addr(0), Arc::new(Recorder::default()))
+        .unwrap();
     assert_eq!(b.local_addr(), addr(2));
     let err = t
         .open_endpoint(addr(1), Arc::new(Recorder::default()))
@@ -485,7 +500,10 @@ fn channel_addresses() {
         .unwrap();
     assert!(err.to_string().contains("Address not available"), "{err}");
     drop(a);
-    assert!(t.open_endpoint(addr(1), Arc::new(Recorder::default())).is_ok());
+    assert!(
+        t.open_endpoint(addr(1), Arc::new(Recorder::default()))
+            .is_ok()
+    );
     // A different network does not share addresses.
     assert!(
         ChannelTransport::new()
@@ -606,7 +624,9 @@ fn channel_panic_isolation() {
     let t = ChannelTransport::new();
     let bad = Arc::new(Recorder::default());
     let bad_ep = t.open_endpoint(addr(1), bad.clone()).unwrap();
-    let _good_ep = t.open_endpoint(addr(2), Arc::new(Recorder::default())).unwrap();
+    let _good_ep = t
+        .open_endpoint(addr(2), Arc::new(Recorder::default()))
+        .unwrap();
     let rec = Recorder::silent();
     let client = t.open_endpoint(addr(3), rec.clone()).unwrap();
     client.send_to(addr(1), b"panic").unwrap();

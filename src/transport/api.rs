@@ -186,8 +186,11 @@ pub trait Socket: Send + Sync + 'static {
 
     /// Sends `envelope` to `to`. An error means the socket is broken (a lost datagram is not an
     /// error).
-    async fn send(&mut self, to: SocketAddr, envelope: ChitchatEnvelope)
-    -> anyhow::Result<SendOutcome>;
+    async fn send(
+        &mut self,
+        to: SocketAddr,
+        envelope: ChitchatEnvelope,
+    ) -> anyhow::Result<SendOutcome>;
 
     /// The next valid message (undecodable datagrams are skipped). Must be cancellable: the
     /// driver drops a pending `recv` to send. An error means the socket is broken.

@@ -23,8 +23,8 @@ use tokio::sync::mpsc;
 
 use crate::message::ChitchatEnvelope;
 use crate::transport::api::{
-    Datagram, DatagramHandler, DatagramTransport, Endpoint, EndpointStats, RecvOutcome,
-    ReplySink, SendOutcome, Socket, Transport, TransportKind,
+    Datagram, DatagramHandler, DatagramTransport, Endpoint, EndpointStats, RecvOutcome, ReplySink,
+    SendOutcome, Socket, Transport, TransportKind,
 };
 use crate::wire::{DecodeError, Decoder, EncodeError, Encoder};
 
@@ -264,9 +264,9 @@ impl Driver {
                     }];
                     sink.clear();
                     let handler = &self.handler;
-                    if let Err(panic) = catch_unwind(AssertUnwindSafe(|| {
-                        handler.handle_batch(&batch, &mut sink)
-                    })) {
+                    if let Err(panic) =
+                        catch_unwind(AssertUnwindSafe(|| handler.handle_batch(&batch, &mut sink)))
+                    {
                         self.fail(panic_message(panic.as_ref()));
                         break;
                     }

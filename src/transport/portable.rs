@@ -20,14 +20,12 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use crate::transport::api::{
-    Datagram, DatagramHandler, Endpoint, EndpointStats, MAX_DATAGRAM_LEN, ReplySink,
-    TransportKind,
+    Datagram, DatagramHandler, Endpoint, EndpointStats, MAX_DATAGRAM_LEN, ReplySink, TransportKind,
 };
 use crate::transport::faults::{FaultInjector, Faults};
 
 /// Datagrams `send_to` may queue for the endpoint's thread before it reports `WouldBlock`.
 const OUTBOX_CAPACITY: usize = 4096;
-
 
 /// Counters of a portable endpoint.
 #[derive(Debug, Default)]
@@ -78,9 +76,10 @@ pub(crate) fn open(
     let local_addr = socket
         .local_addr()
         .map_err(|e| anyhow!("getsockname for UDP socket bound to {listen_addr}: {e}"))?;
-    let send_socket = Arc::new(Mutex::new(Some(socket.try_clone().map_err(|e| {
-        anyhow!("dup of UDP socket bound to {listen_addr}: {e}")
-    })?)));
+    let send_socket =
+        Arc::new(Mutex::new(Some(socket.try_clone().map_err(|e| {
+            anyhow!("dup of UDP socket bound to {listen_addr}: {e}")
+        })?)));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
@@ -214,7 +213,12 @@ impl Worker {
     }
 
     /// Sends one datagram with the faults applied (a delayed one from a task of this runtime).
-    async fn send(&self, socket: &Arc<tokio::net::UdpSocket>, to: SocketAddr, mut payload: Vec<u8>) {
+    async fn send(
+        &self,
+        socket: &Arc<tokio::net::UdpSocket>,
+        to: SocketAddr,
+        mut payload: Vec<u8>,
+    ) {
         let Some(faults) = &self.faults else {
             send_one(socket, &self.stats, to, &payload).await;
             return;
