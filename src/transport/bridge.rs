@@ -147,6 +147,9 @@ impl Drop for EndpointSocket {
 // An endpoint over a user's Socket
 // ---------------------------------------------------------------------------------------------
 
+/// A message queued for a driven socket's task.
+type Outgoing = (SocketAddr, ChitchatEnvelope);
+
 /// Counters of a driven socket.
 #[derive(Debug, Default)]
 struct DriverStats {
@@ -219,7 +222,7 @@ pub(crate) async fn drive_socket(
 struct Driver {
     socket: Box<dyn Socket>,
     handler: Arc<dyn DatagramHandler>,
-    out_rx: mpsc::Receiver<(SocketAddr, ChitchatEnvelope)>,
+    out_rx: mpsc::Receiver<Outgoing>,
     stats: Arc<DriverStats>,
     /// Dropped with the task (ended, or dropped with its runtime): tells `close()` the socket is
     /// gone.
@@ -228,7 +231,7 @@ struct Driver {
 
 /// What one wake-up of the driver brought.
 enum Event {
-    Outgoing(Option<(SocketAddr, ChitchatEnvelope)>),
+    Outgoing(Option<Outgoing>),
     Received(anyhow::Result<RecvOutcome>),
 }
 
@@ -359,7 +362,7 @@ impl ReplySink for VecSink {
 struct SocketEndpoint {
     local_addr: SocketAddr,
     /// `None` once closed: dropping the sender ends the driver.
-    out_tx: Mutex<Option<mpsc::Sender<(SocketAddr, ChitchatEnvelope)>>>,
+    out_tx: Mutex<Option<mpsc::Sender<Outgoing>>>,
     stats: Arc<DriverStats>,
     closed: AtomicBool,
     done: Mutex<Option<std::sync::mpsc::Receiver<()>>>,

@@ -27,6 +27,9 @@ use crate::transport::faults::{FaultInjector, Faults};
 /// Datagrams `send_to` may queue for the endpoint's thread before it reports `WouldBlock`.
 const OUTBOX_CAPACITY: usize = 4096;
 
+/// A datagram queued for the endpoint's thread.
+type Outgoing = (SocketAddr, Vec<u8>);
+
 /// Counters of a portable endpoint.
 #[derive(Debug, Default)]
 struct Stats {
@@ -134,7 +137,7 @@ struct Worker {
     handler: Arc<dyn DatagramHandler>,
     faults: Option<Arc<FaultInjector>>,
     stats: Arc<Stats>,
-    out_rx: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
+    out_rx: mpsc::Receiver<Outgoing>,
     /// Longest datagram handed to the handler.
     max_datagram: usize,
     /// The handle's clone of the socket, dropped when this thread ends.
@@ -156,7 +159,7 @@ fn is_transient(error: &io::Error) -> bool {
 
 /// What one wake-up brought.
 enum Event {
-    Outgoing(Option<(SocketAddr, Vec<u8>)>),
+    Outgoing(Option<Outgoing>),
     Received(io::Result<(usize, SocketAddr)>),
 }
 
@@ -300,7 +303,7 @@ struct PortableEndpoint {
     /// Sends then go through the thread, which applies the faults.
     has_faults: bool,
     /// `None` once closed: dropping the sender ends the thread.
-    out_tx: Mutex<Option<mpsc::Sender<(SocketAddr, Vec<u8>)>>>,
+    out_tx: Mutex<Option<mpsc::Sender<Outgoing>>>,
     stats: Arc<Stats>,
     closed: AtomicBool,
     thread: Mutex<Option<thread::JoinHandle<()>>>,
