@@ -12,8 +12,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chitchat_uring::message::{ChitchatMessage, Digest};
 use chitchat_uring::transport::{
-    ChannelTransport, RecvOutcome, SendOutcome, Socket, Transport, TransportKind, UdpMode,
-    UdpSocket, UdpTransport,
+    ChannelTransport, RecvOutcome, SendOutcome, Socket, Transport, TransportExt, TransportKind,
+    UdpMode, UdpSocket, UdpTransport,
 };
 use chitchat_uring::{
     ChitchatEnvelope, ChitchatHandle, ChitchatId, ProtocolVersion, spawn_chitchat,
@@ -391,6 +391,32 @@ async fn our_transports_open_working_sockets() {
     }
     socket_round_trip("channel", &ChannelTransport::new()).await;
     socket_round_trip("user counting", &CountingTransport::default()).await;
+    // `drop_message` wraps a user's sockets too (our transports keep their fast path under it).
+    let lossless = CountingTransport::default().drop_message(0.0);
+    assert!(lossless.datagram_transport().is_none());
+    socket_round_trip("user counting, drop 0", lossless.as_ref()).await;
+    let fast = UdpTransport::DEFAULT.drop_message(0.0);
+    assert!(fast.datagram_transport().is_some());
+    socket_round_trip("udp, drop 0", fast.as_ref()).await;
+}
+
+#[tokio::test]
+async fn drop_message_one_loses_everything_on_a_user_socket() {
+    let lossy = CountingTransport::default().drop_message(1.0);
+    let mut a = lossy.open(([127, 0, 0, 1], 0).into()).await.unwrap();
+    let mut b = lossy.open(([127, 0, 0, 1], 0).into()).await.unwrap();
+    let addr_b = b.local_addr().unwrap();
+    for _ in 0..10 {
+        a.send(addr_b, sample_syn(ProtocolVersion::V0))
+            .await
+            .unwrap();
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), b.recv())
+            .await
+            .is_err(),
+        "every received message is lost"
+    );
 }
 
 #[tokio::test]
