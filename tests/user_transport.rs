@@ -372,6 +372,12 @@ async fn socket_round_trip(name: &str, transport: &dyn Transport) {
         assert_eq!(received.envelope, sample_syn(version), "{name}");
         assert_eq!(received.num_bytes_received, sent.num_bytes_sent, "{name}");
     }
+    // Sending where nobody listens is not an error (a lost datagram).
+    let mut unbound = addr_b;
+    unbound.set_ip([127, 0, 0, 2].into());
+    a.send(unbound, sample_syn(ProtocolVersion::V0))
+        .await
+        .unwrap_or_else(|error| panic!("{name}: {error:#}"));
     // And back.
     b.send(addr_a, sample_syn(ProtocolVersion::V0))
         .await
