@@ -1,5 +1,7 @@
 //! With io_uring_setup denied by seccomp (EPERM, as container runtimes do), Auto mode falls back
 //! to epoll and says why, and forced io_uring is an error. Own process: the filter is permanent.
+//! Linux only (seccomp, io_uring and epoll are).
+#![cfg(target_os = "linux")]
 
 use std::net::UdpSocket;
 use std::sync::Arc;

@@ -1,4 +1,6 @@
-//! Behaviour of the datagram layer over io_uring, epoll and the in-memory channel transport.
+//! Behaviour of the datagram layer over io_uring, epoll, the portable backend and the in-memory
+//! channel transport. Off Linux only the portable and channel tests run.
+#![cfg_attr(not(target_os = "linux"), allow(dead_code, unused_imports))]
 
 mod common;
 
@@ -77,12 +79,16 @@ fn client() -> UdpSocket {
     let s = UdpSocket::bind(localhost()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let size: i32 = 8 << 20;
+    #[cfg(target_os = "linux")]
+    let option = libc::SO_RCVBUFFORCE;
+    #[cfg(not(target_os = "linux"))]
+    let option = libc::SO_RCVBUF;
     // SAFETY: valid int option on a valid socket (root may exceed rmem_max with FORCE).
     unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
+            option,
             (&size as *const i32).cast(),
             4,
         );
@@ -374,6 +380,7 @@ fn close_from_handler(mode: UdpMode) {
 
 macro_rules! udp_tests {
     ($($name:ident),* $(,)?) => {
+        #[cfg(target_os = "linux")]
         mod uring {
             use super::*;
             $( #[test] fn $name() {
@@ -382,6 +389,7 @@ macro_rules! udp_tests {
                 }
             } )*
         }
+        #[cfg(target_os = "linux")]
         mod epoll {
             use super::*;
             $( #[test] fn $name() { super::$name(UdpMode::Epoll) } )*
@@ -425,6 +433,7 @@ mod portable {
     );
 }
 
+#[cfg(target_os = "linux")]
 #[test]
 fn forced_modes_report_their_kind() {
     let ep = udp(UdpMode::Epoll)

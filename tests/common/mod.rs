@@ -102,6 +102,8 @@ pub fn udp_transports() -> Vec<(&'static str, UdpTransport)> {
             },
         ));
     }
+    // epoll and io_uring exist only on Linux.
+    #[cfg(target_os = "linux")]
     transports.push((
         "epoll",
         UdpTransport {
