@@ -476,3 +476,44 @@ async fn channel_socket_reaches_a_node_on_the_same_network() {
     );
     node.shutdown().await.unwrap();
 }
+
+/// `open` of a keyed transport seals: two of its sockets talk, a plaintext socket is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_transport_sockets_seal_and_refuse_plaintext() {
+    use chitchat_uring::transport::KeyedTransport;
+    use chitchat_uring::transport::seal::{Key, KeyedMode, Keyring, KeyringHandle};
+    let keyring = KeyringHandle::new(Keyring::new(Key::generate().unwrap()));
+    let keyed = KeyedTransport::new(
+        UdpTransport::DEFAULT,
+        keyring,
+        "cluster",
+        KeyedMode::Required,
+    );
+    socket_round_trip("keyed", &keyed).await;
+    let mut sealed = keyed.open(([127, 0, 0, 1], 0).into()).await.unwrap();
+    let mut plain = UdpTransport.open(([127, 0, 0, 1], 0).into()).await.unwrap();
+    plain
+        .send(
+            sealed.local_addr().unwrap(),
+            sample_syn(ProtocolVersion::V0),
+        )
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sealed.recv())
+            .await
+            .is_err(),
+        "a plaintext message reached a keyed socket"
+    );
+    // And a sealed message is junk to a plaintext socket.
+    sealed
+        .send(plain.local_addr().unwrap(), sample_syn(ProtocolVersion::V0))
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), plain.recv())
+            .await
+            .is_err(),
+        "a sealed message decoded as plaintext"
+    );
+}
