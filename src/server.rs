@@ -553,7 +553,9 @@ pub async fn spawn_chitchat_with(
     options: SpawnOptions,
 ) -> anyhow::Result<ChitchatHandle> {
     config.validate()?;
-    if let Some(label) = transport.cluster_label()
+    if let Some(label) = transport
+        .datagram_transport()
+        .and_then(|fast| fast.cluster_label())
         && label != config.cluster_id
     {
         return Err(crate::config::ConfigError::new(
@@ -591,7 +593,13 @@ pub async fn spawn_chitchat_with(
     let mut node = Chitchat::with_chitchat_id_and_seeds(config, seed_rx, initial_key_values);
     node.set_limits(options.limits);
     node.set_amplification_limits(options.amplification.clone());
-    node.set_datagram_budget(transport.max_payload());
+    node.set_datagram_budget(
+        transport
+            .datagram_transport()
+            .map_or(crate::transport::MAX_DATAGRAM_LEN, |fast| {
+                fast.max_payload()
+            }),
+    );
     let chitchat = ChitchatRef::new(node);
     let counters = Arc::new(Counters::default());
     let metrics_labels = node_metrics::base_labels(options.metrics_label.as_deref());
@@ -609,8 +617,8 @@ pub async fn spawn_chitchat_with(
         ),
     });
     let endpoint: Arc<dyn Endpoint> = Arc::from(
-        transport
-            .open(listen_addr, handler)
+        open_node_endpoint(transport, listen_addr, handler)
+            .await
             .with_context(|| format!("failed to open the gossip socket on {listen_addr}"))?,
     );
     info!(node = ?chitchat_id, local_addr = %endpoint.local_addr(), transport = ?endpoint.kind(),
@@ -665,4 +673,17 @@ pub async fn spawn_chitchat_with(
         counters,
         _control: control,
     })
+}
+
+/// The node's endpoint: our transports' byte-level fast path, or — for a user's transport — its
+/// chitchat `Socket` driven by a tokio task on the caller's runtime, behind the same handler.
+async fn open_node_endpoint(
+    transport: &dyn Transport,
+    listen_addr: SocketAddr,
+    handler: Arc<dyn DatagramHandler>,
+) -> anyhow::Result<Box<dyn Endpoint>> {
+    match transport.datagram_transport() {
+        Some(fast) => fast.open_endpoint(listen_addr, handler),
+        None => crate::transport::drive_socket(transport, listen_addr, handler).await,
+    }
 }

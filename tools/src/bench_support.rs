@@ -398,6 +398,8 @@ pub fn describe_transport(kind: &TransportKind) -> String {
         TransportKind::Uring => "io_uring".to_string(),
         TransportKind::Epoll { reason } => format!("epoll ({reason})"),
         TransportKind::Channel => "in-memory channel".to_string(),
+        TransportKind::Portable => "portable (tokio UdpSocket)".to_string(),
+        TransportKind::Socket => "a user transport's socket".to_string(),
     }
 }
 

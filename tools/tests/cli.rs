@@ -196,6 +196,26 @@ fn cluster_table_names_the_transport() {
 }
 
 #[test]
+fn cluster_runs_on_the_portable_backend() {
+    let output = run(
+        &[
+            "cluster",
+            "--nodes",
+            "3",
+            "--for-secs",
+            "0.5",
+            "--transport",
+            "portable",
+        ],
+        Duration::from_secs(90),
+    );
+    assert!(output.status.success());
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(stdout.contains("portable"), "{stdout}");
+    assert!(stdout.contains("full convergence"), "{stdout}");
+}
+
+#[test]
 fn two_nodes_converge_and_a_set_reaches_the_other() {
     let (port_a, port_b) = (free_port(), free_port());
     let mut a = Node::start("node-a", port_a, &["--kv", "role=seed"]);
