@@ -302,6 +302,17 @@ impl SimulatedCluster {
         })
     }
 
+    /// Points the peers at another node under test (e.g. one started after the peers were
+    /// bound, with a peer as its seed).
+    pub fn set_target(&mut self, target: SocketAddr) -> anyhow::Result<()> {
+        ensure!(
+            target.is_ipv4() && target.ip().is_loopback(),
+            "the node under test must listen on a 127.0.0.0/8 address"
+        );
+        self.config.target = target;
+        Ok(())
+    }
+
     pub fn config(&self) -> &SimConfig {
         &self.config
     }
