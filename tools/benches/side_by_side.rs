@@ -968,12 +968,14 @@ fn render_markdown(results: &Results) -> String {
         "Machine: {} vCPU, Linux {}. Run took {:.0} s.\n",
         results.cpus, results.kernel, results.runtime_secs
     );
-    let _ = writeln!(
-        md,
-        "### One node under Syn load (16 source ports, one Syn in flight each)\n\n\
-         | implementation | state (nodes × 10 keys) | digest | Syn/s answered | node CPU per Syn | node CPU (cores) | p50 | p99 | lost (no reply in 1 s) | reply size |\n\
-         |---|---:|---|---:|---:|---:|---:|---:|---:|---:|"
-    );
+    if !results.load.is_empty() {
+        let _ = writeln!(
+            md,
+            "### One node under Syn load (16 source ports, one Syn in flight each)\n\n\
+             | implementation | state (nodes × 10 keys) | digest | Syn/s answered | node CPU per Syn | node CPU (cores) | p50 | p99 | lost (no reply in 1 s) | reply size |\n\
+             |---|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+        );
+    }
     for row in &results.load {
         let _ = writeln!(
             md,
@@ -1022,7 +1024,7 @@ fn render_markdown(results: &Results) -> String {
             mib(r.peak_rss_bytes),
             match (r.shutdown_secs, r.shutdown_limit_secs) {
                 (_, Some(limit)) => format!("not done in {limit:.0} s"),
-                (Some(secs), None) => format!("{secs:.1} s"),
+                (Some(secs), None) => format!("{secs:.2} s"),
                 (None, None) => "-".to_string(),
             },
             r.outcome
