@@ -232,10 +232,14 @@ fn parse_large(s: &str) -> Result<Vec<(usize, u64)>, String> {
                 .trim()
                 .split_once('@')
                 .ok_or_else(|| format!("bad cluster {x:?}: expected NODES@INTERVAL_MS"))?;
-            let nodes = nodes.parse().map_err(|_| format!("bad node count {nodes:?}"))?;
+            let nodes = nodes
+                .parse()
+                .map_err(|_| format!("bad node count {nodes:?}"))?;
             let ms: u64 = ms.parse().map_err(|_| format!("bad interval {ms:?}"))?;
             if nodes == 0 || ms == 0 {
-                return Err(format!("bad cluster {x:?}: nodes and interval must be positive"));
+                return Err(format!(
+                    "bad cluster {x:?}: nodes and interval must be positive"
+                ));
             }
             Ok((nodes, ms))
         })
@@ -369,9 +373,15 @@ fn child_cluster(args: &[String]) -> i32 {
         );
         return 2;
     };
-    let interval_ms = args.get(4).and_then(|s| s.parse::<u64>().ok()).unwrap_or(100);
+    let interval_ms = args
+        .get(4)
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(100);
     let steady_anyway = args.get(5).is_some_and(|s| s == "1");
-    let shutdown_limit = args.get(6).and_then(|s| s.parse::<f64>().ok()).unwrap_or(60.0);
+    let shutdown_limit = args
+        .get(6)
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap_or(60.0);
     let spec = ClusterSpec {
         nodes,
         keys: KEYS,
@@ -943,7 +953,9 @@ fn opt(value: Option<f64>, digits: usize) -> String {
 }
 
 fn mib(bytes: Option<u64>) -> String {
-    bytes.map_or("-".to_string(), |b| format!("{:.1} MiB", b as f64 / 1_048_576.0))
+    bytes.map_or("-".to_string(), |b| {
+        format!("{:.1} MiB", b as f64 / 1_048_576.0)
+    })
 }
 
 /// "12.34 s", or "did not converge in 120 s (37/500)".
@@ -1210,12 +1222,14 @@ fn plot(results: &Results, path: &Path) -> Result<(), Box<dyn std::error::Error>
         ("CPU per node (ms of CPU per second)", "ms/s", |r| {
             r.cpu_ms_per_node_per_sec.map(|c| (c, r.steady_unconverged))
         }),
-        ("Time to full convergence (s)", "s", |r| match r.convergence_secs {
-            Some(secs) => Some((secs, false)),
-            None if r.outcome == Outcome::ConvergenceTimeout => {
-                r.convergence_timeout_secs.map(|t| (t, true))
+        ("Time to full convergence (s)", "s", |r| {
+            match r.convergence_secs {
+                Some(secs) => Some((secs, false)),
+                None if r.outcome == Outcome::ConvergenceTimeout => {
+                    r.convergence_timeout_secs.map(|t| (t, true))
+                }
+                None => None,
             }
-            None => None,
         }),
     ];
     let colors = [
@@ -1361,7 +1375,11 @@ fn plot_one_host(
                     PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(width))
                 });
             if protocol == "V0" {
-                chart.draw_series(points.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
+                chart.draw_series(
+                    points
+                        .into_iter()
+                        .map(|p| Circle::new(p, 4, color.filled())),
+                )?;
             } else {
                 chart.draw_series(
                     points

@@ -69,7 +69,10 @@ impl TaskCpu {
         let mut by_thread = std::collections::HashMap::new();
         for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
             let Ok(entry) = entry else { continue };
-            let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse::<u32>().ok())
+            let Some(tid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse::<u32>().ok())
             else {
                 continue;
             };

@@ -191,7 +191,10 @@ pub const MAX_PEERS: usize = 62_500 * 200;
 impl SimulatedCluster {
     /// Binds one socket per peer on its own loopback address, all on one port.
     pub fn bind(config: SimConfig) -> anyhow::Result<SimulatedCluster> {
-        ensure!(config.peers > 0, "a simulated cluster needs at least one peer");
+        ensure!(
+            config.peers > 0,
+            "a simulated cluster needs at least one peer"
+        );
         ensure!(
             config.peers <= MAX_PEERS,
             "at most {MAX_PEERS} simulated peers"
@@ -676,8 +679,7 @@ impl SimulatedCluster {
             kvs.extend(peer.kvs.iter().filter(|kv| kv.version > from));
             kvs.sort_unstable_by_key(|kv| kv.version);
             for kv in &kvs {
-                if !writer.try_add_kv(&kv.key, &kv.value, kv.version, DeletionStatusMutation::Set)
-                {
+                if !writer.try_add_kv(&kv.key, &kv.value, kv.version, DeletionStatusMutation::Set) {
                     break 'nodes;
                 }
             }
