@@ -35,7 +35,9 @@ use chitchat_uring_tools::bench_support::{
     UringCluster, describe_transport, measure_cluster, measure_steady, pid_cpu_time,
     pid_peak_rss_bytes,
 };
-use chitchat_uring_tools::loadgen::simulated::{SimConfig, SimTraffic, SimulatedCluster};
+use chitchat_uring_tools::loadgen::simulated::{
+    SimConfig, SimTraffic, SimulatedCluster, raise_open_file_limit,
+};
 use chitchat_uring_tools::loadgen::{self, DigestMode, LoadConfig, LoadReport};
 use common::{CLUSTER_ID, ChitchatCluster, Impl, KEYS, serve, serve_host};
 use plotters::prelude::*;
@@ -382,6 +384,10 @@ fn child_cluster(args: &[String]) -> i32 {
         .get(6)
         .and_then(|s| s.parse::<f64>().ok())
         .unwrap_or(60.0);
+    // Hundreds of nodes hold thousands of descriptors (sockets, rings, timers).
+    if let Err(error) = raise_open_file_limit(nodes * 8 + 256) {
+        eprintln!("    {error:#}; starting anyway");
+    }
     let spec = ClusterSpec {
         nodes,
         keys: KEYS,

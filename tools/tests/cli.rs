@@ -421,12 +421,18 @@ fn load_simulates_the_rest_of_a_cluster() {
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["knowledge"]["peers_known"], 99, "{report}");
     let traffic = &report["traffic"];
-    assert!(traffic["syn_acks_received"].as_u64().unwrap() > 0, "{report}");
+    assert!(
+        traffic["syn_acks_received"].as_u64().unwrap() > 0,
+        "{report}"
+    );
     assert!(
         traffic["syns_received"].as_u64().unwrap() > 0,
         "the node gossips to the simulated peers: {report}"
     );
-    assert!(report["node_cpu_ms_per_sec"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(
+        report["node_cpu_ms_per_sec"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
     node.quit();
 }
 

@@ -734,3 +734,123 @@ fn next_rand(state: &mut u64) -> u64 {
     *state = x;
     x.wrapping_mul(0x2545_f491_4f6c_dd1d)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_addresses_are_distinct_and_off_127_0() {
+        let mut seen = std::collections::HashSet::new();
+        for i in (0..200_000).chain(MAX_PEERS - 1_000..MAX_PEERS) {
+            let ip = peer_ip(i);
+            assert!(ip.is_loopback());
+            assert!(ip.octets()[1] >= 10, "{ip}");
+            assert_ne!(ip.octets()[3], 0, "{ip}");
+            assert!(seen.insert(ip), "{i}: {ip} twice");
+        }
+    }
+
+    fn decode_syn(sim: &mut SimulatedCluster) -> Digest {
+        sim.encode_syn();
+        match Decoder::new().decode_envelope(&sim.out).unwrap().message {
+            ChitchatMessage::Syn { cluster_id, digest } => {
+                assert_eq!(cluster_id, "c");
+                digest
+            }
+            other => panic!("not a Syn: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn digest_lists_every_peer_and_the_node_with_rising_heartbeats() {
+        let target = SocketAddr::from(([127, 0, 0, 1], 9));
+        let mut config = SimConfig::new(target, 5, "c");
+        config.gossip_interval = Duration::from_millis(10);
+        let mut sim = SimulatedCluster::bind(config).unwrap();
+        // The node under test, as its own digest describes it.
+        let node = ChitchatId::new("host", 1, target);
+        let mut from_node = Digest::default();
+        from_node.add_node(node.clone(), NodeDigest::new(7.into(), 0, 3));
+        sim.learn(&from_node);
+        assert_eq!(sim.knowledge(), NodeKnowledge::default());
+
+        let first = decode_syn(&mut sim);
+        assert_eq!(first.len(), 6);
+        assert_eq!(first.node_digests[&node], NodeDigest::new(7.into(), 0, 3));
+        for (id, max) in sim.peer_versions() {
+            assert_eq!(first.node_digests[id].max_version, max);
+        }
+        // Two intervals later every peer's heartbeat has risen.
+        std::thread::sleep(Duration::from_millis(25));
+        let later = decode_syn(&mut sim);
+        for id in sim.peer_ids() {
+            assert!(
+                u64::from(later.node_digests[id].heartbeat)
+                    > u64::from(first.node_digests[id].heartbeat),
+                "{id:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn delta_brings_a_node_from_what_it_holds_to_the_peers_versions() {
+        let target = SocketAddr::from(([127, 0, 0, 1], 9));
+        let mut config = SimConfig::new(target, 3, "c");
+        config.update_share = 1.0;
+        let mut sim = SimulatedCluster::bind(config).unwrap();
+        sim.update_keys();
+        assert_eq!(sim.traffic().key_updates, 3, "a share of 1: every peer's worth");
+        let total: u64 = sim.peer_versions().map(|(_, max)| max).sum();
+        assert_eq!(total, 33, "each change is a new version of its peer");
+        // From here on, only peer 0 changed a key since the node last heard of it.
+        for (i, peer) in sim.peers.iter_mut().enumerate() {
+            peer.max_version = 10 + u64::from(i == 0);
+            for (k, kv) in peer.kvs.iter_mut().enumerate() {
+                kv.version = k as u64 + 1;
+            }
+            if i == 0 {
+                peer.kvs[3].version = 11;
+            }
+        }
+        // The node holds peer 0 up to version 10, nothing of the others.
+        let ids: Vec<ChitchatId> = sim.peer_ids().cloned().collect();
+        let mut from_node = Digest::default();
+        from_node.add_node(ids[0].clone(), NodeDigest::new(1.into(), 0, 10));
+        sim.learn(&from_node);
+        assert_eq!(sim.knowledge().peers_known, 1);
+        assert_eq!(sim.knowledge().peers_up_to_date, 0);
+        sim.out.clear();
+        sim.put_delta(delta_mtu(0));
+        let mut ack = Vec::new();
+        Encoder::write_header(&mut ack, ProtocolVersion::V0, MessageType::Ack);
+        ack.extend_from_slice(&sim.out);
+        let ChitchatMessage::Ack { delta } = Decoder::new().decode_envelope(&ack).unwrap().message
+        else {
+            panic!("not an Ack");
+        };
+        assert_eq!(delta.node_deltas.len(), 3);
+        // Unknown nodes first, with every key; the known one from its version on.
+        for node_delta in &delta.node_deltas {
+            let i = ids
+                .iter()
+                .position(|id| *id == node_delta.chitchat_id)
+                .unwrap();
+            if i == 0 {
+                assert_eq!(node_delta.from_version_excluded, 10);
+                assert_eq!(node_delta.key_values.len(), 1);
+                assert_eq!(node_delta.key_values[0].version, 11);
+            } else {
+                assert_eq!(node_delta.from_version_excluded, 0);
+                assert_eq!(node_delta.key_values.len(), 10);
+                assert!(
+                    node_delta
+                        .key_values
+                        .windows(2)
+                        .all(|w| w[0].version < w[1].version)
+                );
+            }
+        }
+        assert_eq!(delta.node_deltas[2].chitchat_id, ids[0]);
+    }
+}
