@@ -958,6 +958,20 @@ fn opt(value: Option<f64>, digits: usize) -> String {
     value.map_or("-".to_string(), |v| format!("{v:.digits$}"))
 }
 
+/// "4999 / 4812 of 4999": the fewest peers one of the node's Syn and SynAck digests listed.
+fn digest_peers_cell(r: &HostRow) -> String {
+    let Some(t) = &r.traffic else {
+        return "-".to_string();
+    };
+    let show = |n: Option<usize>| n.map_or("-".to_string(), |n| n.to_string());
+    format!(
+        "{} / {} of {}",
+        show(t.fewest_peers_in_node_syn),
+        show(t.fewest_peers_in_node_syn_ack),
+        r.cluster_nodes.saturating_sub(1)
+    )
+}
+
 fn mib(bytes: Option<u64>) -> String {
     bytes.map_or("-".to_string(), |b| {
         format!("{:.1} MiB", b as f64 / 1_048_576.0)
@@ -1063,14 +1077,14 @@ fn render_markdown(results: &Results) -> String {
              answer its own 3 rounds per interval; digests list every node with rising heartbeats, \
              1 % of the peers change a key per interval. CPU is the node's process (`/proc`), bytes are \
              UDP payload.\n\n\
-             | implementation | cluster | protocol | node CPU | bytes/s in | bytes/s out | datagrams/s in / out | Syns answered | node's Syns/s | Syn size | seeding | peak memory | outcome |\n\
-             |---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+             | implementation | cluster | protocol | node CPU | bytes/s in | bytes/s out | datagrams/s in / out | Syns answered | node's Syns/s | Syn size | peers in its digests (Syn / SynAck, fewest) | seeding | peak memory | outcome |\n\
+             |---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
         );
     }
     for r in &results.one_host {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} |",
             r.implementation,
             r.cluster_nodes,
             r.protocol,
@@ -1084,6 +1098,7 @@ fn render_markdown(results: &Results) -> String {
                 .map_or("-".to_string(), |p| format!("{p:.0} %")),
             opt(r.node_syns_per_sec, 1),
             r.syn_bytes.map_or("-".to_string(), |b| format!("{b} B")),
+            digest_peers_cell(r),
             r.seed_secs.map_or("-".to_string(), |s| format!("{s:.1} s")),
             mib(r.peak_rss_bytes),
             r.outcome.replace('|', "/")

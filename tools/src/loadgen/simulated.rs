@@ -98,6 +98,12 @@ pub struct SimTraffic {
     pub oversized: u64,
     /// Key changes made by the peers during the phase.
     pub key_updates: u64,
+    /// Fewest peers listed by one of the node's Syn digests, and SynAck digests, during the
+    /// phase: below `peers`, the node leaves nodes out of its digests (e.g. to fit a datagram).
+    #[serde(default)]
+    pub fewest_peers_in_node_syn: Option<usize>,
+    #[serde(default)]
+    pub fewest_peers_in_node_syn_ack: Option<usize>,
 }
 
 impl SimTraffic {
@@ -118,6 +124,9 @@ impl SimTraffic {
             send_errors: self.send_errors - before.send_errors,
             oversized: self.oversized - before.oversized,
             key_updates: self.key_updates - before.key_updates,
+            // Minimums do not subtract: `run` tracks them per phase.
+            fewest_peers_in_node_syn: None,
+            fewest_peers_in_node_syn_ack: None,
         }
     }
 }
@@ -407,6 +416,8 @@ impl SimulatedCluster {
     /// interval; answers the node. Returns what was exchanged during this call.
     pub fn run(&mut self, duration: Duration, stop: &AtomicBool) -> anyhow::Result<SimTraffic> {
         let before = self.traffic();
+        self.traffic.fewest_peers_in_node_syn = None;
+        self.traffic.fewest_peers_in_node_syn_ack = None;
         let started = Instant::now();
         let deadline = started + duration;
         let syn_period = self.config.gossip_interval / GOSSIP_FANOUT as u32;
@@ -430,7 +441,11 @@ impl SimulatedCluster {
             }
             self.poll_until(next_syn.min(next_tick).min(deadline))?;
         }
-        Ok(self.traffic().minus(&before))
+        let now = self.traffic();
+        let mut phase = now.minus(&before);
+        phase.fewest_peers_in_node_syn = now.fewest_peers_in_node_syn;
+        phase.fewest_peers_in_node_syn_ack = now.fewest_peers_in_node_syn_ack;
+        Ok(phase)
     }
 
     /// Changes one key of `update_share` of the peers (fractions carry to the next tick).
@@ -584,6 +599,9 @@ impl SimulatedCluster {
                         Encoder::write_header(&mut self.out, version, MessageType::BadCluster);
                     } else {
                         self.learn(&digest);
+                        let known = self.knowledge.peers_known;
+                        let fewest = &mut self.traffic.fewest_peers_in_node_syn;
+                        *fewest = Some(fewest.map_or(known, |f| f.min(known)));
                         Encoder::write_header(&mut self.out, version, MessageType::SynAck);
                         let digest_len = self.put_digest(version);
                         self.put_delta(delta_mtu(digest_len));
@@ -595,6 +613,9 @@ impl SimulatedCluster {
                 ChitchatMessage::SynAck { digest, .. } => {
                     self.traffic.syn_acks_received += 1;
                     self.learn(&digest);
+                    let known = self.knowledge.peers_known;
+                    let fewest = &mut self.traffic.fewest_peers_in_node_syn_ack;
+                    *fewest = Some(fewest.map_or(known, |f| f.min(known)));
                     self.out.clear();
                     Encoder::write_header(&mut self.out, version, MessageType::Ack);
                     self.put_delta(delta_mtu(0));
@@ -800,7 +821,11 @@ mod tests {
         config.update_share = 1.0;
         let mut sim = SimulatedCluster::bind(config).unwrap();
         sim.update_keys();
-        assert_eq!(sim.traffic().key_updates, 3, "a share of 1: every peer's worth");
+        assert_eq!(
+            sim.traffic().key_updates,
+            3,
+            "a share of 1: every peer's worth"
+        );
         let total: u64 = sim.peer_versions().map(|(_, max)| max).sum();
         assert_eq!(total, 33, "each change is a new version of its peer");
         // From here on, only peer 0 changed a key since the node last heard of it.
