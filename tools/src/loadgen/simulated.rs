@@ -156,7 +156,7 @@ struct Peer {
     kvs: Vec<Kv>,
 }
 
-/// The 32-byte value of a key after `updates` changes.
+/// The 32-byte value of key `key` of peer `peer` at `version`.
 fn value_of(peer: usize, key: usize, version: u64) -> String {
     format!("{:0>32}", format!("p{peer}-k{key}-v{version}"))
 }
@@ -268,8 +268,8 @@ impl SimulatedCluster {
             .iter()
             .enumerate()
             .map(|(i, socket)| {
-                let addr = socket.local_addr().expect("bound socket has an address");
-                Peer {
+                let addr = socket.local_addr()?;
+                Ok(Peer {
                     // Generation ids are start times in real clusters: spread them.
                     id: ChitchatId::new(
                         format!("node-{i:05}"),
@@ -286,9 +286,10 @@ impl SimulatedCluster {
                             version: k as u64 + 1,
                         })
                         .collect(),
-                }
+                })
             })
-            .collect();
+            .collect::<io::Result<_>>()
+            .context("reading the peer sockets' addresses")?;
         let index = peers
             .iter()
             .enumerate()
