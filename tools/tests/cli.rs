@@ -426,6 +426,51 @@ fn load_against_a_running_node_reports_replies() {
 }
 
 #[test]
+fn load_simulates_the_rest_of_a_cluster() {
+    let port = free_port();
+    let node = Node::start("one-host", port, &[]);
+    node.wait_status(Duration::from_secs(10), |_| true)
+        .expect("node never printed a status");
+    let target = node.addr.to_string();
+    let pid = node.child.id().to_string();
+    let output = run(
+        &[
+            "load",
+            "--target",
+            &target,
+            "--cluster-size",
+            "100",
+            "--gossip-interval-ms",
+            "50",
+            "--for-secs",
+            "1",
+            "--node-pid",
+            &pid,
+            "--json",
+        ],
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["knowledge"]["peers_known"], 99, "{report}");
+    let traffic = &report["traffic"];
+    assert!(
+        traffic["syn_acks_received"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert!(
+        traffic["syns_received"].as_u64().unwrap() > 0,
+        "the node gossips to the simulated peers: {report}"
+    );
+    assert!(
+        report["node_cpu_ms_per_sec"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    node.quit();
+}
+
+#[test]
 fn every_subcommand_has_help() {
     for args in [
         vec!["--help"],
