@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport as CcTransport};
 use chitchat_uring::protocol::amplification::AmplificationLimits;
-use chitchat_uring::server::{SpawnOptions, spawn_chitchat_with};
+use chitchat_uring::server::{SpawnOptions, spawn_chitchat, spawn_chitchat_with};
 use chitchat_uring::transport::UdpMode;
 use chitchat_uring::{ChitchatConfig, ChitchatHandle, ChitchatId, UdpTransport};
 use chitchat_uring_tools::bench_support::{
