@@ -100,14 +100,15 @@ async fn handle_dropped_while_the_application_holds_the_state() {
         "the watcher still upgrades while a strong reference exists"
     );
     assert!(!watcher.is_finished());
-    let mut state = app_ref.lock();
-    assert_eq!(state.self_node_state().get("key"), Some("value"));
-    assert_eq!(
-        state.self_node_state().heartbeat(),
-        heartbeat,
-        "no gossip round after the handle was dropped"
-    );
-    drop(state);
+    {
+        let mut state = app_ref.lock();
+        assert_eq!(state.self_node_state().get("key"), Some("value"));
+        assert_eq!(
+            state.self_node_state().heartbeat(),
+            heartbeat,
+            "no gossip round after the handle was dropped"
+        );
+    }
 
     drop(app_ref);
     tokio::time::timeout(BOUND, watcher)
