@@ -158,6 +158,7 @@ fn gather_metrics(
 
 /// The protocol side of the node's endpoint, called on the I/O worker threads.
 struct NodeHandler {
+    /// Strong, but only as long as the endpoint, which the server task closes when it ends.
     chitchat: ChitchatRef,
     /// The node's cluster (fixed for its life), for decoding outside the lock.
     cluster_id: String,
@@ -267,7 +268,9 @@ impl DatagramHandler for NodeHandler {
 
 /// The gossip loop of one node: rounds every `gossip_interval`, commands from the handle.
 struct Server {
+    /// Closed when the handle is dropped: the loop ends then, as chitchat's does.
     command_rx: mpsc::UnboundedReceiver<Command>,
+    /// Strong, but only until the loop ends (the handle's lifetime at most).
     chitchat: ChitchatRef,
     endpoint: Arc<dyn Endpoint>,
     panic_rx: watch::Receiver<Option<String>>,
@@ -392,7 +395,14 @@ impl Server {
 /// How the server task ended: Ok, or the error message.
 type Termination = Option<Result<(), String>>;
 
-/// A running node. Dropping it shuts the node down.
+/// A running node.
+///
+/// Dropping it stops the node as chitchat 0.13 does (the gossip loop sees the command channel
+/// close): the gossip loop and the DNS refresh end and the sockets close within a bounded time,
+/// even while the application still holds [`ChitchatRef`]s. Those keep the stopped node's state
+/// readable; the node's own tasks hold strong references only while the server runs, so once
+/// the application's last one is dropped the state is freed and every [`WeakChitchatRef`]
+/// fails to upgrade. `shutdown().await` is the stop that waits until the port is free.
 pub struct ChitchatHandle {
     chitchat_id: ChitchatId,
     command_tx: mpsc::UnboundedSender<Command>,
@@ -490,6 +500,31 @@ impl ChitchatHandle {
     pub fn metrics(&self) -> MetricsSnapshot {
         gather_metrics(&self.chitchat, &self.counters, self.endpoint.as_ref())
     }
+}
+
+/// Re-resolves hostname seeds on the control thread until the node stops (its termination is
+/// published) or its state is gone, whichever comes first.
+fn spawn_dns_refresh(
+    control: &ControlThread,
+    resolver: hickory_resolver::TokioResolver,
+    seeds: Seeds,
+    listen_addr: SocketAddr,
+    seed_tx: watch::Sender<HashSet<SocketAddr>>,
+    termination_rx: &watch::Receiver<Termination>,
+) {
+    let mut termination_rx = termination_rx.clone();
+    let node_stopped = async move {
+        // An error means the sender is gone: stopped as well.
+        let _ = termination_rx.wait_for(Option::is_some).await;
+    };
+    control.handle().spawn(dns::dns_refresh_loop(
+        resolver,
+        seeds,
+        listen_addr,
+        seed_tx,
+        DNS_POLLING_DURATION,
+        node_stopped,
+    ));
 }
 
 /// Validates the config, resolves the seeds, binds the transport and starts gossiping.
@@ -624,18 +659,18 @@ pub async fn spawn_chitchat_with(
     info!(node = ?chitchat_id, local_addr = %endpoint.local_addr(), transport = ?endpoint.kind(),
           "chitchat node started");
 
+    let (command_tx, command_rx) = mpsc::unbounded_channel();
+    let (termination_tx, termination_rx) = watch::channel::<Termination>(None);
     if let Some(resolver) = resolver {
-        control.handle().spawn(dns::dns_refresh_loop(
+        spawn_dns_refresh(
+            &control,
             resolver,
             seeds,
             listen_addr,
             seed_tx,
-            DNS_POLLING_DURATION,
-        ));
+            &termination_rx,
+        );
     }
-
-    let (command_tx, command_rx) = mpsc::unbounded_channel();
-    let (termination_tx, termination_rx) = watch::channel::<Termination>(None);
     let mut server = Server::new(
         command_rx,
         chitchat.clone(),
@@ -685,5 +720,42 @@ async fn open_node_endpoint(
     match transport.datagram_transport() {
         Some(fast) => fast.open_endpoint(listen_addr, handler),
         None => crate::transport::drive_socket(transport, listen_addr, handler).await,
+    }
+}
+
+#[cfg(test)]
+mod lifetime_tests {
+    use super::*;
+
+    /// The DNS refresh of a node ends when the node's termination is published, although its
+    /// state (the seed watcher) is still alive, as when the application holds a `ChitchatRef`
+    /// after dropping the handle.
+    #[tokio::test]
+    async fn dns_refresh_ends_when_the_node_stops() {
+        let control = ControlThread::shared().unwrap();
+        let seeds = Seeds::parse(&["localhost:7002".to_string()]);
+        let (seed_tx, seed_rx) = watch::channel(HashSet::new());
+        let (termination_tx, termination_rx) = watch::channel::<Termination>(None);
+        let listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        let (resolver_tx, resolver_rx) = oneshot::channel();
+        control.handle().spawn(async move {
+            let _ = resolver_tx.send(dns::system_resolver());
+        });
+        let resolver = resolver_rx.await.unwrap();
+        spawn_dns_refresh(
+            &control,
+            resolver,
+            seeds,
+            listen_addr,
+            seed_tx,
+            &termination_rx,
+        );
+        // Running: its sender is alive (the first refresh is a minute away).
+        assert!(seed_rx.has_changed().is_ok());
+        termination_tx.send_replace(Some(Ok(())));
+        let ended =
+            test_support::wait_until(Duration::from_secs(10), || seed_rx.has_changed().is_err())
+                .await;
+        assert!(ended, "the DNS refresh outlived its node");
     }
 }

@@ -61,7 +61,7 @@ fn node(clock: &ManualClock) -> Chitchat {
         let kvs: Vec<(String, VersionedValue)> = (1..=5u64)
             .map(|v| {
                 let status = if v == 4 {
-                    DeletionStatus::Deleted(now)
+                    DeletionStatus::Deleted(now.into())
                 } else {
                     DeletionStatus::Set
                 };
