@@ -219,6 +219,10 @@ impl DatagramHandler for NodeHandler {
                 .lock()
                 .admit_datagram(datagram.from, datagram.payload.len());
             let Some(admission) = admission else {
+                // Handled: dropped undecoded (counted as `non_member_flood`).
+                self.counters
+                    .datagrams_handled
+                    .fetch_add(1, Ordering::Relaxed);
                 continue;
             };
             let reply = replies.buffer();
