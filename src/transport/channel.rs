@@ -6,21 +6,23 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::bail;
 use parking_lot::Mutex;
 
 use crate::transport::api::{
-    Datagram, DatagramHandler, Endpoint, EndpointStats, Transport, TransportKind,
+    Closing, Datagram, DatagramHandler, Endpoint, EndpointStats, Preparation, Transport,
+    TransportKind,
 };
 use crate::transport::delay_queue::{DelayQueue, Delayed, deadline_after};
 use crate::transport::dispatch::{BatchScratch, EndpointCore, Outbox, bump};
 use crate::transport::faults::{FaultInjector, Faults};
 use crate::transport::runtime::{
-    Backend, Command, Ready, Runtime, WorkerCtx, WorkerShared, default_workers, get_runtime,
+    Backend, Command, Latch, Ready, Runtime, WorkerCtx, WorkerShared, default_workers, get_runtime,
+    is_running,
 };
 use crate::transport::sys;
 
@@ -131,11 +133,25 @@ impl ChannelTransport {
     }
 }
 
+/// The backend every channel network's endpoints share.
+const CHANNEL_BACKEND: ChannelBackend = ChannelBackend { send_slots: 64 };
+
 fn channel_runtime() -> Result<Arc<Runtime<ChannelCommand>>, String> {
-    get_runtime(&ChannelBackend { send_slots: 64 }, default_workers())
+    get_runtime(&CHANNEL_BACKEND, default_workers())
 }
 
 impl Transport for ChannelTransport {
+    /// Starts the channel workers unless they run already.
+    fn prepare(&self) -> Option<Preparation> {
+        if is_running(&CHANNEL_BACKEND, default_workers()) {
+            return None;
+        }
+        Some(Box::new(|| {
+            let runtime = channel_runtime().map_err(anyhow::Error::msg)?;
+            Ok(Box::new(runtime) as Box<dyn std::any::Any + Send>)
+        }))
+    }
+
     fn open(
         &self,
         listen_addr: SocketAddr,
@@ -182,7 +198,7 @@ impl Transport for ChannelTransport {
             ep,
             runtime,
             worker: worker_index,
-            closed: AtomicBool::new(false),
+            closing: OnceLock::new(),
         }))
     }
 }
@@ -303,7 +319,21 @@ struct ChannelEndpoint {
     ep: Arc<ChannelCore>,
     runtime: Arc<Runtime<ChannelCommand>>,
     worker: usize,
-    closed: AtomicBool,
+    /// Set by the first close: the acknowledgement of the worker's close.
+    closing: OnceLock<Arc<Latch>>,
+}
+
+impl ChannelEndpoint {
+    /// Marks the endpoint closed, frees its address and asks its worker to let go of it, once;
+    /// later calls get the same latch.
+    fn begin_close(&self) -> &Arc<Latch> {
+        self.closing.get_or_init(|| {
+            let core = &self.ep.core;
+            core.mark_closed();
+            self.ep.network.unregister(core.local_addr, core.id);
+            self.runtime.push_close(core.id, Some(self.worker))
+        })
+    }
 }
 
 impl Endpoint for ChannelEndpoint {
@@ -326,13 +356,12 @@ impl Endpoint for ChannelEndpoint {
     }
 
     fn close(&self) {
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let core = &self.ep.core;
-        core.mark_closed();
-        self.ep.network.unregister(core.local_addr, core.id);
-        self.runtime.close_endpoint(core.id, Some(self.worker));
+        let latch = self.begin_close();
+        self.runtime.wait_close(self.ep.core.id, latch);
+    }
+
+    fn close_nonblocking(&self) -> Closing {
+        Closing::of(self.begin_close().clone())
     }
 
     fn stats(&self) -> EndpointStats {

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use super::api::{Datagram, DatagramHandler, Endpoint, ReplySink, Transport};
+use super::api::{Datagram, DatagramHandler, Endpoint, Preparation, ReplySink, Transport};
 
 /// Adapters available on every [`Transport`] (chitchat 0.13's `TransportExt`).
 pub trait TransportExt {
@@ -43,6 +43,10 @@ impl Transport for DropTransport {
             drop_probability: self.drop_probability,
         });
         self.inner.open(listen_addr, handler)
+    }
+
+    fn prepare(&self) -> Option<Preparation> {
+        self.inner.prepare()
     }
 }
 

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::transport::api::{
-    Datagram, DatagramHandler, Endpoint, EndpointStats, MAX_DATAGRAM_LEN, ReplySink, Transport,
-    TransportKind,
+    Closing, Datagram, DatagramHandler, Endpoint, EndpointStats, MAX_DATAGRAM_LEN, Preparation,
+    ReplySink, Transport, TransportKind,
 };
 use crate::transport::seal::{
     KeyedMode, KeyringHandle, Received, Reject, SealContext, plaintext_budget, reserve_header,
@@ -95,6 +95,10 @@ impl<T: Transport> Transport for KeyedTransport<T> {
 
     fn max_payload(&self) -> usize {
         plaintext_budget(self.inner.max_payload().min(MAX_DATAGRAM_LEN))
+    }
+
+    fn prepare(&self) -> Option<Preparation> {
+        self.inner.prepare()
     }
 }
 
@@ -266,6 +270,10 @@ impl Endpoint for SealingEndpoint {
 
     fn close(&self) {
         self.inner.close();
+    }
+
+    fn close_nonblocking(&self) -> Closing {
+        self.inner.close_nonblocking()
     }
 
     fn stats(&self) -> EndpointStats {

@@ -37,10 +37,12 @@
 //! - `uring/`, `epoll`: the UDP worker loops; `udp_shared`: what both share;
 //! - `runtime/`: worker threads, their queues and lifecycle, knowing no backend;
 //! - `dispatch`: endpoint state, send slots, handler calls (panics isolated), reply faults;
+//! - `closing`: the latch a close waits on, blocking or as the awaitable [`Closing`];
 //! - `delay_queue`, `faults`, `log_limit`, `sys` (every libc call of the transport).
 
 mod api;
 mod channel;
+mod closing;
 mod delay_queue;
 mod dispatch;
 mod epoll;
@@ -56,7 +58,8 @@ mod udp_shared;
 mod uring;
 
 pub use api::{
-    Datagram, DatagramHandler, Endpoint, EndpointStats, MAX_DATAGRAM_LEN, ReplySink, Transport,
+    Closing, Datagram, DatagramHandler, Endpoint, EndpointStats, MAX_DATAGRAM_LEN, Preparation, ReplySink,
+    Transport,
     TransportKind,
 };
 pub use channel::{ChannelTransport, Statistics};

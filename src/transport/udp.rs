@@ -4,20 +4,21 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::anyhow;
 
 use crate::transport::api::{
-    DatagramHandler, Endpoint, EndpointStats, MAX_DATAGRAM_LEN, Transport, TransportKind,
+    Closing, DatagramHandler, Endpoint, EndpointStats, MAX_DATAGRAM_LEN, Preparation, Transport,
+    TransportKind,
 };
 use crate::transport::delay_queue::{Delayed, deadline_after};
 use crate::transport::dispatch::{EndpointCore, bump};
 use crate::transport::epoll::EpollBackend;
 use crate::transport::faults::{FaultInjector, Faults};
-use crate::transport::runtime::{Runtime, default_workers, get_runtime};
+use crate::transport::runtime::{Latch, Runtime, default_workers, get_runtime, is_running};
 use crate::transport::sys;
 use crate::transport::udp_shared::{RECV_HEADER_LEN, UdpCommand, UdpCore};
 use crate::transport::uring::UringBackend;
@@ -141,9 +142,29 @@ impl UdpTransport {
         }
     }
 
+    /// The worker count this configuration asks for.
+    fn worker_count(&self) -> usize {
+        self.workers.unwrap_or_else(default_workers).clamp(1, 1024)
+    }
+
+    /// Whether the workers `open` would use run already (then opening is quick).
+    fn runtime_running(&self) -> bool {
+        let workers = self.worker_count();
+        let env = std::env::var(TRANSPORT_ENV).ok();
+        match resolve_mode(self.mode, env.as_deref()) {
+            Choice::Uring => is_running(&self.uring_backend(), workers),
+            // Epoll workers in auto mode: io_uring failed here before (its probe is cached).
+            Choice::Auto => {
+                is_running(&self.uring_backend(), workers)
+                    || is_running(&self.epoll_backend(), workers)
+            }
+            Choice::Epoll(_) => is_running(&self.epoll_backend(), workers),
+        }
+    }
+
     /// The runtime for this configuration and what kind it is.
     fn runtime(&self) -> anyhow::Result<(UdpRuntime, TransportKind)> {
-        let workers = self.workers.unwrap_or_else(default_workers).clamp(1, 1024);
+        let workers = self.worker_count();
         let env = std::env::var(TRANSPORT_ENV).ok();
         let epoll = |reason: String| -> anyhow::Result<(UdpRuntime, TransportKind)> {
             let rt = get_runtime(&self.epoll_backend(), workers)
@@ -171,6 +192,18 @@ impl UdpTransport {
 }
 
 impl Transport for UdpTransport {
+    /// Starts the workers (and probes io_uring, once per process) unless they run already.
+    fn prepare(&self) -> Option<Preparation> {
+        if self.runtime_running() {
+            return None;
+        }
+        let transport = self.clone();
+        Some(Box::new(move || {
+            let (runtime, _kind) = transport.runtime()?;
+            Ok(Box::new(runtime) as Box<dyn std::any::Any + Send>)
+        }))
+    }
+
     fn open(
         &self,
         listen_addr: SocketAddr,
@@ -200,7 +233,7 @@ impl Transport for UdpTransport {
             ep,
             runtime,
             kind,
-            closed: AtomicBool::new(false),
+            closing: OnceLock::new(),
         }))
     }
 }
@@ -246,7 +279,8 @@ struct UdpEndpoint {
     ep: Arc<UdpCore>,
     runtime: UdpRuntime,
     kind: TransportKind,
-    closed: AtomicBool,
+    /// Set by the first close: the acknowledgements of the workers' closes.
+    closing: OnceLock<Arc<Latch>>,
 }
 
 impl UdpEndpoint {
@@ -263,6 +297,17 @@ impl UdpEndpoint {
                 Err(e)
             }
         }
+    }
+}
+
+impl UdpEndpoint {
+    /// Marks the endpoint closed and asks every worker to close its socket, once; the latch
+    /// counts their acknowledgements (later calls get the same latch).
+    fn begin_close(&self) -> &Arc<Latch> {
+        self.closing.get_or_init(|| {
+            self.ep.close();
+            self.runtime.push_close(self.ep.core.id, None)
+        })
     }
 }
 
@@ -315,11 +360,12 @@ impl Endpoint for UdpEndpoint {
     }
 
     fn close(&self) {
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        self.ep.close();
-        self.runtime.close_endpoint(self.ep.core.id, None);
+        let latch = self.begin_close();
+        self.runtime.wait_close(self.ep.core.id, latch);
+    }
+
+    fn close_nonblocking(&self) -> Closing {
+        Closing::of(self.begin_close().clone())
     }
 
     fn stats(&self) -> EndpointStats {
