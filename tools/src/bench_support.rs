@@ -222,6 +222,9 @@ pub struct ClusterReport {
     pub cpu_ms_per_node_per_sec: Option<f64>,
     /// Peak resident memory of the whole process (VmHWM).
     pub peak_rss_bytes: Option<u64>,
+    /// Time to stop every node gracefully, sockets closed (absent where not measured).
+    #[serde(default)]
+    pub shutdown_secs: Option<f64>,
 }
 
 impl ClusterReport {
@@ -251,6 +254,7 @@ impl ClusterReport {
             datagrams_lost_percent: None,
             cpu_ms_per_node_per_sec: None,
             peak_rss_bytes: None,
+            shutdown_secs: None,
         }
     }
 }

@@ -171,6 +171,7 @@ fn cluster_prints_a_json_summary_showing_convergence() {
     assert!(summary["bytes_per_sec_per_node"].as_f64().unwrap() > 0.0);
     assert!(summary["cpu_ms_per_node_per_sec"].as_f64().is_some());
     assert!(summary["peak_rss_bytes"].as_u64().unwrap() > 0);
+    assert!(summary["shutdown_secs"].as_f64().unwrap() >= 0.0);
     assert!(summary["transport"].as_str().is_some());
 }
 
