@@ -2,7 +2,8 @@
 //! datagram handler that the I/O workers call.
 //!
 //! Datagrams are handled on the transport's worker threads (one lock of the state per batch);
-//! the gossip interval, commands and DNS refresh run on the shared control thread.
+//! the gossip interval, commands and DNS refresh run on the shared control runtime, a task per
+//! node.
 
 use std::collections::HashSet;
 use std::future::Future;
