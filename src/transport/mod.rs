@@ -58,9 +58,8 @@ mod udp_shared;
 mod uring;
 
 pub use api::{
-    Closing, Datagram, DatagramHandler, Endpoint, EndpointStats, MAX_DATAGRAM_LEN, Preparation, ReplySink,
-    Transport,
-    TransportKind,
+    Closing, Datagram, DatagramHandler, Endpoint, EndpointStats, MAX_DATAGRAM_LEN, Preparation,
+    ReplySink, Transport, TransportKind,
 };
 pub use channel::{ChannelTransport, Statistics};
 pub use ext::TransportExt;
