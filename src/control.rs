@@ -52,7 +52,15 @@ impl ControlThread {
             .worker_threads(threads)
             .max_blocking_threads(MAX_BLOCKING_THREADS)
             .thread_name("chitchat-control")
-            .on_thread_start(|| ON_CONTROL_THREAD.with(|c| c.set(true)))
+            .on_thread_start(|| {
+                ON_CONTROL_THREAD.with(|c| c.set(true));
+                // All on one core (the design: gossip and DNS pinned to one core, the other
+                // cores left to the I/O workers); several threads so that one node's busy
+                // lock or slow job never holds up the others' rounds.
+                if let Err(error) = pin_to_first_allowed_cpu() {
+                    tracing::debug!(%error, "control thread not pinned");
+                }
+            })
             .enable_all()
             .build()?;
         let handle = runtime.handle().clone();
@@ -92,6 +100,34 @@ impl Drop for ControlThread {
             let _ = thread.join();
         }
     }
+}
+
+/// Off Linux the control threads are not pinned.
+#[cfg(not(target_os = "linux"))]
+fn pin_to_first_allowed_cpu() -> std::io::Result<()> {
+    Ok(())
+}
+
+/// Pins the calling thread to the first CPU it may run on.
+#[cfg(target_os = "linux")]
+fn pin_to_first_allowed_cpu() -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity/sched_setaffinity only read/write it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let Some(cpu) = (0..libc::CPU_SETSIZE as usize).find(|&cpu| libc::CPU_ISSET(cpu, &set))
+        else {
+            return Ok(());
+        };
+        let mut pinned: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut pinned);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &pinned) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -11,12 +11,14 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use anyhow::bail;
+use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use crate::transport::api::{
-    Closing, Datagram, DatagramHandler, Endpoint, EndpointStats, Preparation, Transport,
-    TransportKind,
+    Closing, Datagram, DatagramHandler, DatagramTransport, Endpoint, EndpointStats, Preparation,
+    Socket, Transport, TransportKind,
 };
+use crate::transport::bridge;
 use crate::transport::delay_queue::{DelayQueue, Delayed, deadline_after};
 use crate::transport::dispatch::{BatchScratch, EndpointCore, Outbox, bump};
 use crate::transport::faults::{FaultInjector, Faults};
@@ -140,7 +142,20 @@ fn channel_runtime() -> Result<Arc<Runtime<ChannelCommand>>, String> {
     get_runtime(&CHANNEL_BACKEND, default_workers())
 }
 
+/// chitchat 0.13's transport: `open` returns a message-level socket on this network (it talks
+/// to the nodes on it); `spawn_chitchat` takes the fast path.
+#[async_trait]
 impl Transport for ChannelTransport {
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        bridge::open_socket(self, listen_addr)
+    }
+
+    fn datagram_transport(&self) -> Option<&dyn DatagramTransport> {
+        Some(self)
+    }
+}
+
+impl DatagramTransport for ChannelTransport {
     /// Starts the channel workers unless they run already.
     fn prepare(&self) -> Option<Preparation> {
         if is_running(&CHANNEL_BACKEND, default_workers()) {
@@ -152,7 +167,7 @@ impl Transport for ChannelTransport {
         }))
     }
 
-    fn open(
+    fn open_endpoint(
         &self,
         listen_addr: SocketAddr,
         handler: Arc<dyn DatagramHandler>,

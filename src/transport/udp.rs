@@ -1,29 +1,57 @@
-//! The real-UDP transport: picks io_uring or epoll, binds one `SO_REUSEPORT` socket per worker
-//! on the caller's thread (so bind errors come back synchronously) and hands them to the workers.
+//! The real-UDP transport: picks io_uring, epoll or the portable backend; for the first two,
+//! binds one `SO_REUSEPORT` socket per worker on the caller's thread (so bind errors come back
+//! synchronously) and hands them to the workers. Off Linux only the portable backend exists.
 
+#[cfg(target_os = "linux")]
 use std::io;
 use std::net::SocketAddr;
+#[cfg(target_os = "linux")]
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
+#[cfg(target_os = "linux")]
+use std::sync::OnceLock;
+#[cfg(target_os = "linux")]
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+#[cfg(target_os = "linux")]
 use std::time::Instant;
 
 use anyhow::anyhow;
+use async_trait::async_trait;
 
+#[cfg(target_os = "linux")]
+use crate::transport::api::{Closing, EndpointStats, TransportKind};
 use crate::transport::api::{
-    Closing, DatagramHandler, Endpoint, EndpointStats, MAX_DATAGRAM_LEN, Preparation, Transport,
-    TransportKind,
+    DatagramHandler, DatagramTransport, Endpoint, MAX_DATAGRAM_LEN, Preparation, Socket, Transport,
 };
+use crate::transport::bridge;
+#[cfg(target_os = "linux")]
 use crate::transport::delay_queue::{Delayed, deadline_after};
+#[cfg(target_os = "linux")]
 use crate::transport::dispatch::{EndpointCore, bump};
+#[cfg(target_os = "linux")]
 use crate::transport::epoll::EpollBackend;
-use crate::transport::faults::{FaultInjector, Faults};
+#[cfg(target_os = "linux")]
+use crate::transport::faults::FaultInjector;
+use crate::transport::faults::Faults;
+use crate::transport::portable;
+#[cfg(target_os = "linux")]
 use crate::transport::runtime::{Latch, Runtime, default_workers, get_runtime, is_running};
+#[cfg(target_os = "linux")]
 use crate::transport::sys;
-use crate::transport::udp_shared::{RECV_HEADER_LEN, UdpCommand, UdpCore};
+#[cfg(target_os = "linux")]
+use crate::transport::udp_shared::{UdpCommand, UdpCore};
+#[cfg(target_os = "linux")]
 use crate::transport::uring::UringBackend;
 
-/// Environment variable that overrides [`UdpMode::Auto`]: `auto`, `uring` or `epoll`.
+#[cfg(target_os = "linux")]
+use crate::transport::udp_shared::RECV_HEADER_LEN;
+/// What `udp_shared` defines on Linux (the multishot receive header): the receive buffer sizes
+/// of `UdpTransport`'s fields keep the same defaults everywhere.
+#[cfg(not(target_os = "linux"))]
+const RECV_HEADER_LEN: usize = 44;
+
+/// Environment variable that overrides [`UdpMode::Auto`]: `auto`, `uring`, `epoll` or
+/// `portable`.
 pub const TRANSPORT_ENV: &str = "CHITCHAT_URING_TRANSPORT";
 
 /// Socket buffer size asked for (best effort): bursts must not overflow while a worker is busy.
@@ -40,6 +68,9 @@ pub enum UdpMode {
     Uring,
     /// epoll.
     Epoll,
+    /// tokio's `UdpSocket` (see [`TransportKind::Portable`](crate::transport::TransportKind)):
+    /// no io_uring, no epoll, one thread per endpoint. What `Auto` means off Linux.
+    Portable,
 }
 
 /// Real UDP. `UdpTransport` is also a constant equal to [`UdpTransport::DEFAULT`], so code
@@ -99,25 +130,91 @@ enum Choice {
     Auto,
     Uring,
     Epoll(String),
+    Portable,
 }
 
 fn resolve_mode(mode: UdpMode, env: Option<&str>) -> Choice {
     match mode {
         UdpMode::Uring => Choice::Uring,
         UdpMode::Epoll => Choice::Epoll("forced by UdpMode::Epoll".to_string()),
+        UdpMode::Portable => Choice::Portable,
         UdpMode::Auto => match env.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
             Some("uring") | Some("io_uring") => Choice::Uring,
             Some("epoll") => Choice::Epoll(format!("forced by {TRANSPORT_ENV}=epoll")),
+            Some("portable") => Choice::Portable,
             _ => Choice::Auto,
         },
     }
 }
 
+impl DatagramTransport for UdpTransport {
+    /// Starts the workers (and probes io_uring, once per process) unless they run already.
+    fn prepare(&self) -> Option<Preparation> {
+        let env = std::env::var(TRANSPORT_ENV).ok();
+        match resolve_mode(self.mode, env.as_deref()) {
+            Choice::Portable => None,
+            #[cfg(target_os = "linux")]
+            choice => self.prepare_linux(choice),
+            #[cfg(not(target_os = "linux"))]
+            _ => None,
+        }
+    }
+
+    fn open_endpoint(
+        &self,
+        listen_addr: SocketAddr,
+        handler: Arc<dyn DatagramHandler>,
+    ) -> anyhow::Result<Box<dyn Endpoint>> {
+        let env = std::env::var(TRANSPORT_ENV).ok();
+        match resolve_mode(self.mode, env.as_deref()) {
+            Choice::Portable => self.open_portable(listen_addr, handler),
+            #[cfg(target_os = "linux")]
+            choice => self.open_linux(choice, listen_addr, handler),
+            #[cfg(not(target_os = "linux"))]
+            Choice::Auto => self.open_portable(listen_addr, handler),
+            #[cfg(not(target_os = "linux"))]
+            Choice::Uring | Choice::Epoll(_) => Err(anyhow!(
+                "UdpMode::{:?}: io_uring and epoll exist only on Linux (use UdpMode::Portable)",
+                self.mode
+            )),
+        }
+    }
+}
+
+impl UdpTransport {
+    /// A portable endpoint, with the largest datagram `recv_buffer_len` allows, as the other
+    /// backends.
+    fn open_portable(
+        &self,
+        listen_addr: SocketAddr,
+        handler: Arc<dyn DatagramHandler>,
+    ) -> anyhow::Result<Box<dyn Endpoint>> {
+        let max_datagram = self.recv_buffer_len.saturating_sub(RECV_HEADER_LEN);
+        portable::open(listen_addr, handler, &self.faults, max_datagram)
+    }
+}
+
+/// chitchat 0.13's transport: `open` returns a message-level socket over one of this
+/// transport's endpoints (same backend, same faults); `spawn_chitchat` takes the fast path.
+#[async_trait]
+impl Transport for UdpTransport {
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        bridge::open_socket(self, listen_addr)
+    }
+
+    fn datagram_transport(&self) -> Option<&dyn DatagramTransport> {
+        Some(self)
+    }
+}
+
+#[cfg(target_os = "linux")]
 static FALLBACK_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// The workers serving UDP endpoints, whichever backend they run.
+#[cfg(target_os = "linux")]
 type UdpRuntime = Arc<Runtime<UdpCommand>>;
 
+#[cfg(target_os = "linux")]
 impl UdpTransport {
     fn recv_buffer_len(&self) -> usize {
         self.recv_buffer_len
@@ -148,10 +245,9 @@ impl UdpTransport {
     }
 
     /// Whether the workers `open` would use run already (then opening is quick).
-    fn runtime_running(&self) -> bool {
+    fn runtime_running(&self, choice: &Choice) -> bool {
         let workers = self.worker_count();
-        let env = std::env::var(TRANSPORT_ENV).ok();
-        match resolve_mode(self.mode, env.as_deref()) {
+        match choice {
             Choice::Uring => is_running(&self.uring_backend(), workers),
             // Epoll workers in auto mode: io_uring failed here before (its probe is cached).
             Choice::Auto => {
@@ -159,19 +255,19 @@ impl UdpTransport {
                     || is_running(&self.epoll_backend(), workers)
             }
             Choice::Epoll(_) => is_running(&self.epoll_backend(), workers),
+            Choice::Portable => true,
         }
     }
 
     /// The runtime for this configuration and what kind it is.
-    fn runtime(&self) -> anyhow::Result<(UdpRuntime, TransportKind)> {
+    fn runtime(&self, choice: Choice) -> anyhow::Result<(UdpRuntime, TransportKind)> {
         let workers = self.worker_count();
-        let env = std::env::var(TRANSPORT_ENV).ok();
         let epoll = |reason: String| -> anyhow::Result<(UdpRuntime, TransportKind)> {
             let rt = get_runtime(&self.epoll_backend(), workers)
                 .map_err(|e| anyhow!("starting epoll workers: {e}"))?;
             Ok((rt, TransportKind::Epoll { reason }))
         };
-        match resolve_mode(self.mode, env.as_deref()) {
+        match choice {
             Choice::Uring => {
                 let rt = get_runtime(&self.uring_backend(), workers)
                     .map_err(|e| anyhow!("io_uring transport unavailable: {e}"))?;
@@ -187,29 +283,30 @@ impl UdpTransport {
                     epoll(reason)
                 }
             },
+            Choice::Portable => Err(anyhow!("the portable backend has no worker runtime")),
         }
     }
-}
 
-impl Transport for UdpTransport {
     /// Starts the workers (and probes io_uring, once per process) unless they run already.
-    fn prepare(&self) -> Option<Preparation> {
-        if self.runtime_running() {
+    fn prepare_linux(&self, choice: Choice) -> Option<Preparation> {
+        if self.runtime_running(&choice) {
             return None;
         }
         let transport = self.clone();
         Some(Box::new(move || {
-            let (runtime, _kind) = transport.runtime()?;
+            let (runtime, _kind) = transport.runtime(choice)?;
             Ok(Box::new(runtime) as Box<dyn std::any::Any + Send>)
         }))
     }
 
-    fn open(
+    /// An io_uring or epoll endpoint.
+    fn open_linux(
         &self,
+        choice: Choice,
         listen_addr: SocketAddr,
         handler: Arc<dyn DatagramHandler>,
     ) -> anyhow::Result<Box<dyn Endpoint>> {
-        let (runtime, kind) = self.runtime()?;
+        let (runtime, kind) = self.runtime(choice)?;
         let nonblocking = matches!(kind, TransportKind::Epoll { .. });
         let sockets = bind_sockets(listen_addr, runtime.workers(), nonblocking)?;
         let local_addr = sys::local_addr(&sockets[0])
@@ -243,6 +340,7 @@ impl Transport for UdpTransport {
 /// node's, anyone's) holds the port. The probe is closed at once. Race left: a process of the
 /// same user binding the port with SO_REUSEPORT between the probe and our first bind would still
 /// join the group. Port 0 needs no probe (the kernel picks a free port).
+#[cfg(target_os = "linux")]
 fn ensure_port_free(listen_addr: SocketAddr) -> anyhow::Result<()> {
     if listen_addr.port() == 0 {
         return Ok(());
@@ -253,6 +351,7 @@ fn ensure_port_free(listen_addr: SocketAddr) -> anyhow::Result<()> {
 }
 
 /// `n` sockets on one address; port 0 is resolved by the first bind.
+#[cfg(target_os = "linux")]
 fn bind_sockets(
     listen_addr: SocketAddr,
     n: usize,
@@ -275,6 +374,7 @@ fn bind_sockets(
 }
 
 /// A UDP endpoint handle.
+#[cfg(target_os = "linux")]
 struct UdpEndpoint {
     ep: Arc<UdpCore>,
     runtime: UdpRuntime,
@@ -283,6 +383,7 @@ struct UdpEndpoint {
     closing: OnceLock<Arc<Latch>>,
 }
 
+#[cfg(target_os = "linux")]
 impl UdpEndpoint {
     fn raw_send(&self, fd: &OwnedFd, to: SocketAddr, payload: &[u8]) -> io::Result<()> {
         let stats = &self.ep.core.stats;
@@ -300,6 +401,7 @@ impl UdpEndpoint {
     }
 }
 
+#[cfg(target_os = "linux")]
 impl UdpEndpoint {
     /// Marks the endpoint closed and asks every worker to close its socket, once; the latch
     /// counts their acknowledgements (later calls get the same latch).
@@ -311,6 +413,7 @@ impl UdpEndpoint {
     }
 }
 
+#[cfg(target_os = "linux")]
 impl Endpoint for UdpEndpoint {
     fn local_addr(&self) -> SocketAddr {
         self.ep.core.local_addr
@@ -373,6 +476,7 @@ impl Endpoint for UdpEndpoint {
     }
 }
 
+#[cfg(target_os = "linux")]
 impl Drop for UdpEndpoint {
     fn drop(&mut self) {
         self.close();
@@ -393,6 +497,14 @@ mod tests {
             Choice::Epoll(r) if r.contains(TRANSPORT_ENV)
         ));
         assert_eq!(resolve_mode(UdpMode::Uring, Some("epoll")), Choice::Uring);
+        assert_eq!(
+            resolve_mode(UdpMode::Auto, Some(" Portable ")),
+            Choice::Portable
+        );
+        assert_eq!(
+            resolve_mode(UdpMode::Portable, Some("uring")),
+            Choice::Portable
+        );
         assert!(matches!(
             resolve_mode(UdpMode::Epoll, Some("uring")),
             Choice::Epoll(_)
@@ -417,6 +529,7 @@ mod tests {
     }
 
     /// Workers exit when the last endpoint of their runtime is gone (no leaked threads).
+    #[cfg(target_os = "linux")]
     #[test]
     fn runtime_stops_with_last_endpoint() {
         for mode in [UdpMode::Uring, UdpMode::Epoll] {
@@ -438,10 +551,10 @@ mod tests {
                 _ => crate::transport::runtime::runtime_alive(&t.epoll_backend(), 2),
             };
             let a = t
-                .open("127.0.0.1:0".parse().unwrap(), Arc::new(Nop))
+                .open_endpoint("127.0.0.1:0".parse().unwrap(), Arc::new(Nop))
                 .unwrap();
             let b = t
-                .open("127.0.0.1:0".parse().unwrap(), Arc::new(Nop))
+                .open_endpoint("127.0.0.1:0".parse().unwrap(), Arc::new(Nop))
                 .unwrap();
             assert!(alive());
             drop(a);
