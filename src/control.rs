@@ -1,26 +1,39 @@
-//! The control thread: one current-thread tokio runtime, pinned to one core, that hosts every
-//! node's gossip interval, command loop and DNS refresh. Datagrams never pass through it (the
-//! I/O workers handle them), so one thread serves hundreds of nodes.
+//! The control runtime: a small multi-threaded tokio runtime shared by every node of the process,
+//! hosting each node's gossip interval, command loop and DNS refresh as its own task. Datagrams
+//! never pass through it (the I/O workers handle them). With several threads, the rounds and
+//! failure detectors of hundreds of nodes run in parallel, and a node whose state is busy does
+//! not hold up the others' rounds.
 
+use std::cell::Cell;
 use std::sync::{Arc, Weak};
 use std::thread;
 
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
-use tracing::warn;
 
-/// Shared by every running node of the process; the thread ends when the last node lets go.
+/// Most threads the control runtime runs (one per allowed CPU up to this).
+const MAX_CONTROL_THREADS: usize = 8;
+/// Most threads of its blocking pool (the slow parts of starting a node's transport).
+const MAX_BLOCKING_THREADS: usize = 16;
+
+thread_local! {
+    /// Set on the control runtime's threads, which must never wait for the runtime to stop.
+    static ON_CONTROL_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Shared by every running node of the process; the runtime stops when the last node lets go.
 pub(crate) struct ControlThread {
     handle: Handle,
     stop_tx: Mutex<Option<oneshot::Sender<()>>>,
+    /// The thread that owns the runtime: it drops it (waiting for its threads) once stopped.
     thread: Mutex<Option<thread::JoinHandle<()>>>,
 }
 
 static SHARED: Mutex<Weak<ControlThread>> = Mutex::new(Weak::new());
 
 impl ControlThread {
-    /// The process's control thread, started on first use.
+    /// The process's control runtime, started on first use.
     pub(crate) fn shared() -> std::io::Result<Arc<ControlThread>> {
         let mut shared = SHARED.lock();
         if let Some(control) = shared.upgrade() {
@@ -32,7 +45,22 @@ impl ControlThread {
     }
 
     fn start() -> std::io::Result<ControlThread> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
+        let threads = thread::available_parallelism()
+            .map_or(1, std::num::NonZero::get)
+            .clamp(1, MAX_CONTROL_THREADS);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .max_blocking_threads(MAX_BLOCKING_THREADS)
+            .thread_name("chitchat-control")
+            .on_thread_start(|| {
+                ON_CONTROL_THREAD.with(|c| c.set(true));
+                // All on one core (the design: gossip and DNS pinned to one core, the other
+                // cores left to the I/O workers); several threads so that one node's busy
+                // lock or slow job never holds up the others' rounds.
+                if let Err(error) = pin_to_first_allowed_cpu() {
+                    tracing::debug!(%error, "control thread not pinned");
+                }
+            })
             .enable_all()
             .build()?;
         let handle = runtime.handle().clone();
@@ -40,12 +68,12 @@ impl ControlThread {
         let thread = thread::Builder::new()
             .name("chitchat-control".to_string())
             .spawn(move || {
-                if let Err(error) = pin_to_first_allowed_cpu() {
-                    warn!(%error, "could not pin the control thread");
-                }
+                ON_CONTROL_THREAD.with(|c| c.set(true));
                 runtime.block_on(async {
                     let _ = stop_rx.await;
                 });
+                // Outside any async context: dropping waits for the runtime's threads.
+                drop(runtime);
             })?;
         Ok(ControlThread {
             handle,
@@ -57,13 +85,6 @@ impl ControlThread {
     pub(crate) fn handle(&self) -> &Handle {
         &self.handle
     }
-
-    fn on_control_thread(&self) -> bool {
-        self.thread
-            .lock()
-            .as_ref()
-            .is_some_and(|t| t.thread().id() == thread::current().id())
-    }
 }
 
 impl Drop for ControlThread {
@@ -71,9 +92,9 @@ impl Drop for ControlThread {
         if let Some(stop_tx) = self.stop_tx.lock().take() {
             let _ = stop_tx.send(());
         }
-        // The last reference may be dropped by a task on the control thread itself: it cannot
-        // join itself, and it exits on its own once the stop signal is seen.
-        if !self.on_control_thread()
+        // The last reference may be dropped by a task of the runtime itself: it cannot wait for
+        // its own runtime to stop, and the owning thread finishes on its own.
+        if !ON_CONTROL_THREAD.with(Cell::get)
             && let Some(thread) = self.thread.lock().take()
         {
             let _ = thread.join();
@@ -81,7 +102,7 @@ impl Drop for ControlThread {
     }
 }
 
-/// Off Linux the control thread is not pinned.
+/// Off Linux the control threads are not pinned.
 #[cfg(not(target_os = "linux"))]
 fn pin_to_first_allowed_cpu() -> std::io::Result<()> {
     Ok(())

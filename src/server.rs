@@ -2,7 +2,8 @@
 //! datagram handler that the I/O workers call.
 //!
 //! Datagrams are handled on the transport's worker threads (one lock of the state per batch);
-//! the gossip interval, commands and DNS refresh run on the shared control thread.
+//! the gossip interval, commands and DNS refresh run on the shared control runtime, a task per
+//! node.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -22,7 +23,7 @@ use crate::dns::{self, DNS_POLLING_DURATION, Seeds};
 pub use crate::metrics::ServerStats;
 use crate::metrics::{self as node_metrics, MALFORMED_OTHER, MetricsSnapshot, Sources};
 use crate::protocol::amplification::AmplificationLimits;
-use crate::protocol::{Chitchat, Limits, decode_received};
+use crate::protocol::{Chitchat, Limits, ProtocolStats, decode_received};
 use crate::transport::{
     Datagram, DatagramHandler, Endpoint, EndpointStats, ReplySink, Transport, TransportKind,
 };
@@ -135,18 +136,34 @@ fn gather_metrics(
     counters: &Counters,
     endpoint: &dyn Endpoint,
 ) -> MetricsSnapshot {
+    let state = state_figures(&chitchat.lock());
+    metrics_from(state, counters, endpoint)
+}
+
+/// What the metrics take from the locked state: the protocol's counters and the live, dead and
+/// known node counts.
+type StateFigures = (ProtocolStats, (u64, u64, u64));
+
+/// Reads the [`StateFigures`] of the locked state.
+fn state_figures(chitchat: &Chitchat) -> StateFigures {
+    let nodes = (
+        chitchat.live_nodes().count() as u64,
+        chitchat.dead_nodes().count() as u64,
+        chitchat.node_states().len() as u64,
+    );
+    (chitchat.stats().clone(), nodes)
+}
+
+/// The snapshot of a node from its state's figures, counters and endpoint.
+fn metrics_from(
+    state: StateFigures,
+    counters: &Counters,
+    endpoint: &dyn Endpoint,
+) -> MetricsSnapshot {
+    let (protocol, nodes) = state;
     let server = counters.snapshot();
     let malformed = counters.malformed_by_kind();
     let endpoint_stats = endpoint.stats();
-    let (protocol, nodes) = {
-        let chitchat = chitchat.lock();
-        let nodes = (
-            chitchat.live_nodes().count() as u64,
-            chitchat.dead_nodes().count() as u64,
-            chitchat.node_states().len() as u64,
-        );
-        (chitchat.stats().clone(), nodes)
-    };
     let sources = Sources {
         server: &server,
         malformed: &malformed,
@@ -270,6 +287,28 @@ impl DatagramHandler for NodeHandler {
     }
 }
 
+/// Tries of the lock between which a round only yields to the other tasks; after them it also
+/// waits a millisecond between tries.
+const LOCK_YIELDS: u32 = 16;
+
+/// Locks a node's state from the control runtime without parking a runtime thread while an I/O
+/// worker or the application holds it: between tries the task yields, so the other nodes'
+/// rounds go on (a parked thread would hold up every task queued behind it).
+async fn lock_yielding(chitchat: &ChitchatRef) -> MutexGuard<'_, Chitchat> {
+    let mut tries = 0u32;
+    loop {
+        if let Some(guard) = chitchat.inner.try_lock() {
+            return guard;
+        }
+        tries = tries.saturating_add(1);
+        if tries < LOCK_YIELDS {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
 /// The gossip loop of one node: rounds every `gossip_interval`, commands from the handle.
 struct Server {
     /// Closed when the handle is dropped: the loop ends then, as chitchat's does.
@@ -312,15 +351,15 @@ impl Server {
     /// Gossips every interval (the first round at once) until shutdown, the handle's drop, or a
     /// panic in the datagram handler.
     async fn run(&mut self) -> anyhow::Result<()> {
-        let gossip_interval = self.chitchat.lock().config().gossip_interval;
+        let gossip_interval = lock_yielding(&self.chitchat).await.config().gossip_interval;
         let mut interval = tokio::time::interval(gossip_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = interval.tick() => self.gossip_multiple(),
+                _ = interval.tick() => self.gossip_multiple().await,
                 command = self.command_rx.recv() => match command {
                     Some(Command::Gossip(addr)) => {
-                        if let Err(error) = self.gossip(addr) {
+                        if let Err(error) = self.gossip(addr).await {
                             warn!(%addr, %error, "failed to gossip");
                         }
                     }
@@ -344,10 +383,12 @@ impl Server {
 
     /// One round (SPEC §4.2), the protocol core's: targets, heartbeat, tombstones and the Syn
     /// under the lock; the sends outside it; then liveness under the lock again.
-    fn gossip_multiple(&mut self) {
+    async fn gossip_multiple(&mut self) {
         let started = Instant::now();
         self.counters.gossip_rounds.fetch_add(1, Ordering::Relaxed);
-        let targets = self.chitchat.lock().begin_gossip_round(&mut self.syn_buf);
+        let targets = lock_yielding(&self.chitchat)
+            .await
+            .begin_gossip_round(&mut self.syn_buf);
         for addr in targets.all() {
             if let Err(error) = self.send_syn(addr) {
                 if Some(addr) == targets.dead_node {
@@ -357,21 +398,21 @@ impl Server {
                 }
             }
         }
-        self.chitchat.lock().end_gossip_round();
+        lock_yielding(&self.chitchat).await.end_gossip_round();
         self.round_seconds.record(started.elapsed().as_secs_f64());
-        self.publish_metrics();
+        self.publish_metrics().await;
     }
 
-    /// Publishes the node's figures to the metrics facade (once per round, control thread).
-    fn publish_metrics(&self) {
-        gather_metrics(&self.chitchat, &self.counters, self.endpoint.as_ref())
-            .publish(&self.metrics_labels);
+    /// Publishes the node's figures to the metrics facade (once per round, control runtime).
+    async fn publish_metrics(&self) {
+        let state = state_figures(&*lock_yielding(&self.chitchat).await);
+        metrics_from(state, &self.counters, self.endpoint.as_ref()).publish(&self.metrics_labels);
     }
 
     /// Sends one Syn, built under the lock with a fresh digest.
-    fn gossip(&mut self, addr: SocketAddr) -> std::io::Result<()> {
+    async fn gossip(&mut self, addr: SocketAddr) -> std::io::Result<()> {
         {
-            let mut chitchat = self.chitchat.lock();
+            let mut chitchat = lock_yielding(&self.chitchat).await;
             let version = chitchat.config().protocol_version;
             chitchat.write_syn(version, &mut self.syn_buf);
             chitchat.note_syn_sent(addr);
@@ -394,6 +435,21 @@ impl Server {
             }
         }
     }
+}
+
+/// Longest the server task waits for the I/O workers to release a node's sockets before it
+/// reports the node stopped anyway, loudly (only reached if a worker is stuck).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Closes the node's sockets and waits, without blocking the control thread, until the I/O
+/// workers released them: the port is free after. Many nodes stopping at once close together.
+async fn close_endpoint(endpoint: Arc<dyn Endpoint>) {
+    let local_addr = endpoint.local_addr();
+    let closing = endpoint.close_nonblocking();
+    if tokio::time::timeout(CLOSE_TIMEOUT, closing).await.is_err() {
+        error!(%local_addr, "the I/O workers did not release the socket within {CLOSE_TIMEOUT:?}");
+    }
+    drop(endpoint);
 }
 
 /// How the server task ended: Ok, or the error message.
@@ -582,6 +638,28 @@ impl SpawnOptions {
     }
 }
 
+/// Runs the transport's slow start-up ([`Transport::prepare`]: worker threads, the io_uring
+/// probe) on the control runtime's blocking pool, so that the caller's thread keeps running its
+/// other tasks meanwhile. A failure is only logged: `open` then meets it again and reports it
+/// with its own context.
+async fn prepare_transport(
+    transport: &dyn Transport,
+    control: &ControlThread,
+) -> Option<Box<dyn std::any::Any + Send>> {
+    let job = transport.datagram_transport()?.prepare()?;
+    match control.handle().spawn_blocking(job).await {
+        Ok(Ok(kept)) => Some(kept),
+        Ok(Err(error)) => {
+            debug!(%error, "preparing the transport failed");
+            None
+        }
+        Err(error) => {
+            debug!(%error, "preparing the transport did not complete");
+            None
+        }
+    }
+}
+
 /// `spawn_chitchat` with what chitchat has no field for ([`SpawnOptions`]).
 ///
 /// Install a `metrics` recorder before calling it: the histograms' handles are taken here.
@@ -655,6 +733,8 @@ pub async fn spawn_chitchat_with(
             metrics_labels.clone()
         ),
     });
+    // Held until the endpoint is open: what the off-thread preparation started.
+    let _prepared = prepare_transport(transport, &control).await;
     let endpoint: Arc<dyn Endpoint> = Arc::from(
         open_node_endpoint(transport, listen_addr, handler)
             .await
@@ -693,9 +773,7 @@ pub async fn spawn_chitchat_with(
             Err(join_error) if join_error.is_panic() => Err("Chitchat server panicked".to_string()),
             Err(join_error) => Err(format!("chitchat server task failed: {join_error}")),
         };
-        // Closing waits for the I/O workers to release the sockets: the port is free after.
-        task_endpoint.close();
-        drop(task_endpoint);
+        close_endpoint(task_endpoint).await;
         if let Err(message) = &result {
             error!(%message, "chitchat server stopped with an error");
         }

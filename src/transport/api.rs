@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+pub use crate::transport::closing::Closing;
 use async_trait::async_trait;
 
 use crate::message::ChitchatEnvelope;
@@ -115,6 +116,13 @@ pub trait Endpoint: Send + Sync {
     /// Called from a handler running on the same runtime it cannot wait for its own worker: it
     /// then returns at once and the sockets close right after the current batch.
     fn close(&self);
+    /// Starts what [`close`](Self::close) does and returns at once; the result resolves when
+    /// `close` would have returned. Awaited by many endpoints together, they close in parallel
+    /// rather than one after the other. Default: `close`, then an already resolved [`Closing`].
+    fn close_nonblocking(&self) -> Closing {
+        self.close();
+        Closing::done()
+    }
     /// The endpoint's counters, summed over its workers.
     fn stats(&self) -> EndpointStats;
 }
@@ -142,8 +150,19 @@ pub trait DatagramTransport: Send + Sync {
     fn max_payload(&self) -> usize {
         MAX_DATAGRAM_LEN
     }
+
+    /// The slow part of [`open`](Self::open) as a job to run off the caller's thread first
+    /// (starting the shared I/O worker threads, probing io_uring): `spawn_chitchat` runs it on
+    /// a blocking thread so that an async caller's thread is never held up by it. What the job
+    /// returns keeps what it started alive until `open` has run. `None` (the default, and once
+    /// the workers run): `open` has nothing slow to do.
+    fn prepare(&self) -> Option<Preparation> {
+        None
+    }
 }
 
+/// A job returned by [`Transport::prepare`]; its result is held until `open` returns.
+pub type Preparation = Box<dyn FnOnce() -> anyhow::Result<Box<dyn std::any::Any + Send>> + Send>;
 /// What [`Socket::send`] did (chitchat 0.13's shape).
 #[derive(Debug, Clone, Copy, Eq, PartialEq)]
 pub struct SendOutcome {

@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use anyhow::bail;
@@ -15,15 +15,16 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use crate::transport::api::{
-    Datagram, DatagramHandler, DatagramTransport, Endpoint, EndpointStats, Socket, Transport,
-    TransportKind,
+    Closing, Datagram, DatagramHandler, DatagramTransport, Endpoint, EndpointStats, Preparation,
+    Socket, Transport, TransportKind,
 };
 use crate::transport::bridge;
 use crate::transport::delay_queue::{DelayQueue, Delayed, deadline_after};
 use crate::transport::dispatch::{BatchScratch, EndpointCore, Outbox, bump};
 use crate::transport::faults::{FaultInjector, Faults};
 use crate::transport::runtime::{
-    Backend, Command, Ready, Runtime, WorkerCtx, WorkerShared, default_workers, get_runtime,
+    Backend, Command, Latch, Ready, Runtime, WorkerCtx, WorkerShared, default_workers, get_runtime,
+    is_running,
 };
 use crate::transport::sys;
 
@@ -134,8 +135,11 @@ impl ChannelTransport {
     }
 }
 
+/// The backend every channel network's endpoints share.
+const CHANNEL_BACKEND: ChannelBackend = ChannelBackend { send_slots: 64 };
+
 fn channel_runtime() -> Result<Arc<Runtime<ChannelCommand>>, String> {
-    get_runtime(&ChannelBackend { send_slots: 64 }, default_workers())
+    get_runtime(&CHANNEL_BACKEND, default_workers())
 }
 
 /// chitchat 0.13's transport: `open` returns a message-level socket on this network (it talks
@@ -152,6 +156,17 @@ impl Transport for ChannelTransport {
 }
 
 impl DatagramTransport for ChannelTransport {
+    /// Starts the channel workers unless they run already.
+    fn prepare(&self) -> Option<Preparation> {
+        if is_running(&CHANNEL_BACKEND, default_workers()) {
+            return None;
+        }
+        Some(Box::new(|| {
+            let runtime = channel_runtime().map_err(anyhow::Error::msg)?;
+            Ok(Box::new(runtime) as Box<dyn std::any::Any + Send>)
+        }))
+    }
+
     fn open_endpoint(
         &self,
         listen_addr: SocketAddr,
@@ -198,7 +213,7 @@ impl DatagramTransport for ChannelTransport {
             ep,
             runtime,
             worker: worker_index,
-            closed: AtomicBool::new(false),
+            closing: OnceLock::new(),
         }))
     }
 }
@@ -319,7 +334,21 @@ struct ChannelEndpoint {
     ep: Arc<ChannelCore>,
     runtime: Arc<Runtime<ChannelCommand>>,
     worker: usize,
-    closed: AtomicBool,
+    /// Set by the first close: the acknowledgement of the worker's close.
+    closing: OnceLock<Arc<Latch>>,
+}
+
+impl ChannelEndpoint {
+    /// Marks the endpoint closed, frees its address and asks its worker to let go of it, once;
+    /// later calls get the same latch.
+    fn begin_close(&self) -> &Arc<Latch> {
+        self.closing.get_or_init(|| {
+            let core = &self.ep.core;
+            core.mark_closed();
+            self.ep.network.unregister(core.local_addr, core.id);
+            self.runtime.push_close(core.id, Some(self.worker))
+        })
+    }
 }
 
 impl Endpoint for ChannelEndpoint {
@@ -342,13 +371,12 @@ impl Endpoint for ChannelEndpoint {
     }
 
     fn close(&self) {
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let core = &self.ep.core;
-        core.mark_closed();
-        self.ep.network.unregister(core.local_addr, core.id);
-        self.runtime.close_endpoint(core.id, Some(self.worker));
+        let latch = self.begin_close();
+        self.runtime.wait_close(self.ep.core.id, latch);
+    }
+
+    fn close_nonblocking(&self) -> Closing {
+        Closing::of(self.begin_close().clone())
     }
 
     fn stats(&self) -> EndpointStats {

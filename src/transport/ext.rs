@@ -6,8 +6,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::api::{
-    Datagram, DatagramHandler, DatagramTransport, Endpoint, RecvOutcome, ReplySink, SendOutcome,
-    Socket, Transport,
+    Datagram, DatagramHandler, DatagramTransport, Endpoint, Preparation, RecvOutcome, ReplySink,
+    SendOutcome, Socket, Transport,
 };
 use crate::message::ChitchatEnvelope;
 
@@ -86,6 +86,12 @@ impl DatagramTransport for DropTransport {
             .map_or(crate::transport::MAX_DATAGRAM_LEN, |inner| {
                 inner.max_payload()
             })
+    }
+
+    fn prepare(&self) -> Option<Preparation> {
+        self.inner
+            .datagram_transport()
+            .and_then(|inner| inner.prepare())
     }
 }
 

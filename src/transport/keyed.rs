@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 
 use crate::transport::api::{
-    Datagram, DatagramHandler, DatagramTransport, Endpoint, EndpointStats, MAX_DATAGRAM_LEN,
-    ReplySink, Socket, Transport, TransportKind,
+    Closing, Datagram, DatagramHandler, DatagramTransport, Endpoint, EndpointStats,
+    MAX_DATAGRAM_LEN, Preparation, ReplySink, Socket, Transport, TransportKind,
 };
 use crate::transport::bridge;
 use crate::transport::seal::{
@@ -111,6 +111,10 @@ impl<T: DatagramTransport> DatagramTransport for KeyedTransport<T> {
 
     fn max_payload(&self) -> usize {
         plaintext_budget(self.inner.max_payload().min(MAX_DATAGRAM_LEN))
+    }
+
+    fn prepare(&self) -> Option<Preparation> {
+        self.inner.prepare()
     }
 }
 
@@ -282,6 +286,10 @@ impl Endpoint for SealingEndpoint {
 
     fn close(&self) {
         self.inner.close();
+    }
+
+    fn close_nonblocking(&self) -> Closing {
+        self.inner.close_nonblocking()
     }
 
     fn stats(&self) -> EndpointStats {

@@ -48,6 +48,7 @@
 //! - `uring/`, `epoll`: the UDP worker loops (Linux); `udp_shared`: what both share;
 //! - `runtime/`: worker threads, their queues and lifecycle, knowing no backend;
 //! - `dispatch`: endpoint state, send slots, handler calls (panics isolated), reply faults;
+//! - `closing`: the latch a close waits on, blocking or as the awaitable [`Closing`];
 //! - `delay_queue`, `faults`, `log_limit`, `sys` (every libc call of the transport).
 
 // Off Linux the io_uring/epoll paths are compiled out, leaving parts of the shared worker
@@ -57,6 +58,7 @@
 mod api;
 mod bridge;
 mod channel;
+mod closing;
 mod delay_queue;
 mod dispatch;
 #[cfg(target_os = "linux")]
@@ -77,8 +79,9 @@ mod udp_socket;
 mod uring;
 
 pub use api::{
-    Datagram, DatagramHandler, DatagramTransport, Endpoint, EndpointStats, MAX_DATAGRAM_LEN,
-    RecvOutcome, ReplySink, SendOutcome, Socket, Transport, TransportKind,
+    Closing, Datagram, DatagramHandler, DatagramTransport, Endpoint, EndpointStats,
+    MAX_DATAGRAM_LEN, Preparation, RecvOutcome, ReplySink, SendOutcome, Socket, Transport,
+    TransportKind,
 };
 pub use channel::{ChannelTransport, Statistics};
 pub use ext::TransportExt;

@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 #[cfg(target_os = "linux")]
+use std::sync::OnceLock;
+#[cfg(target_os = "linux")]
 use std::sync::atomic::{AtomicBool, Ordering};
 #[cfg(target_os = "linux")]
 use std::time::Instant;
@@ -16,11 +18,11 @@ use std::time::Instant;
 use anyhow::anyhow;
 use async_trait::async_trait;
 
-use crate::transport::api::{
-    DatagramHandler, DatagramTransport, Endpoint, MAX_DATAGRAM_LEN, Socket, Transport,
-};
 #[cfg(target_os = "linux")]
-use crate::transport::api::{EndpointStats, TransportKind};
+use crate::transport::api::{Closing, EndpointStats, TransportKind};
+use crate::transport::api::{
+    DatagramHandler, DatagramTransport, Endpoint, MAX_DATAGRAM_LEN, Preparation, Socket, Transport,
+};
 use crate::transport::bridge;
 #[cfg(target_os = "linux")]
 use crate::transport::delay_queue::{Delayed, deadline_after};
@@ -33,7 +35,7 @@ use crate::transport::faults::FaultInjector;
 use crate::transport::faults::Faults;
 use crate::transport::portable;
 #[cfg(target_os = "linux")]
-use crate::transport::runtime::{Runtime, default_workers, get_runtime};
+use crate::transport::runtime::{Latch, Runtime, default_workers, get_runtime, is_running};
 #[cfg(target_os = "linux")]
 use crate::transport::sys;
 #[cfg(target_os = "linux")]
@@ -146,6 +148,18 @@ fn resolve_mode(mode: UdpMode, env: Option<&str>) -> Choice {
 }
 
 impl DatagramTransport for UdpTransport {
+    /// Starts the workers (and probes io_uring, once per process) unless they run already.
+    fn prepare(&self) -> Option<Preparation> {
+        let env = std::env::var(TRANSPORT_ENV).ok();
+        match resolve_mode(self.mode, env.as_deref()) {
+            Choice::Portable => None,
+            #[cfg(target_os = "linux")]
+            choice => self.prepare_linux(choice),
+            #[cfg(not(target_os = "linux"))]
+            _ => None,
+        }
+    }
+
     fn open_endpoint(
         &self,
         listen_addr: SocketAddr,
@@ -225,9 +239,29 @@ impl UdpTransport {
         }
     }
 
+    /// The worker count this configuration asks for.
+    fn worker_count(&self) -> usize {
+        self.workers.unwrap_or_else(default_workers).clamp(1, 1024)
+    }
+
+    /// Whether the workers `open` would use run already (then opening is quick).
+    fn runtime_running(&self, choice: &Choice) -> bool {
+        let workers = self.worker_count();
+        match choice {
+            Choice::Uring => is_running(&self.uring_backend(), workers),
+            // Epoll workers in auto mode: io_uring failed here before (its probe is cached).
+            Choice::Auto => {
+                is_running(&self.uring_backend(), workers)
+                    || is_running(&self.epoll_backend(), workers)
+            }
+            Choice::Epoll(_) => is_running(&self.epoll_backend(), workers),
+            Choice::Portable => true,
+        }
+    }
+
     /// The runtime for this configuration and what kind it is.
     fn runtime(&self, choice: Choice) -> anyhow::Result<(UdpRuntime, TransportKind)> {
-        let workers = self.workers.unwrap_or_else(default_workers).clamp(1, 1024);
+        let workers = self.worker_count();
         let epoll = |reason: String| -> anyhow::Result<(UdpRuntime, TransportKind)> {
             let rt = get_runtime(&self.epoll_backend(), workers)
                 .map_err(|e| anyhow!("starting epoll workers: {e}"))?;
@@ -251,6 +285,18 @@ impl UdpTransport {
             },
             Choice::Portable => Err(anyhow!("the portable backend has no worker runtime")),
         }
+    }
+
+    /// Starts the workers (and probes io_uring, once per process) unless they run already.
+    fn prepare_linux(&self, choice: Choice) -> Option<Preparation> {
+        if self.runtime_running(&choice) {
+            return None;
+        }
+        let transport = self.clone();
+        Some(Box::new(move || {
+            let (runtime, _kind) = transport.runtime(choice)?;
+            Ok(Box::new(runtime) as Box<dyn std::any::Any + Send>)
+        }))
     }
 
     /// An io_uring or epoll endpoint.
@@ -284,7 +330,7 @@ impl UdpTransport {
             ep,
             runtime,
             kind,
-            closed: AtomicBool::new(false),
+            closing: OnceLock::new(),
         }))
     }
 }
@@ -333,7 +379,8 @@ struct UdpEndpoint {
     ep: Arc<UdpCore>,
     runtime: UdpRuntime,
     kind: TransportKind,
-    closed: AtomicBool,
+    /// Set by the first close: the acknowledgements of the workers' closes.
+    closing: OnceLock<Arc<Latch>>,
 }
 
 #[cfg(target_os = "linux")]
@@ -351,6 +398,18 @@ impl UdpEndpoint {
                 Err(e)
             }
         }
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl UdpEndpoint {
+    /// Marks the endpoint closed and asks every worker to close its socket, once; the latch
+    /// counts their acknowledgements (later calls get the same latch).
+    fn begin_close(&self) -> &Arc<Latch> {
+        self.closing.get_or_init(|| {
+            self.ep.close();
+            self.runtime.push_close(self.ep.core.id, None)
+        })
     }
 }
 
@@ -404,11 +463,12 @@ impl Endpoint for UdpEndpoint {
     }
 
     fn close(&self) {
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        self.ep.close();
-        self.runtime.close_endpoint(self.ep.core.id, None);
+        let latch = self.begin_close();
+        self.runtime.wait_close(self.ep.core.id, latch);
+    }
+
+    fn close_nonblocking(&self) -> Closing {
+        Closing::of(self.begin_close().clone())
     }
 
     fn stats(&self) -> EndpointStats {

@@ -14,7 +14,13 @@ const BIN: &str = env!("CARGO_BIN_EXE_chitchat-uring");
 
 /// Runs the binary to completion, killing it after `timeout`.
 fn run(args: &[&str], timeout: Duration) -> Output {
-    let mut child = Command::new(BIN)
+    run_command(Command::new(BIN), args, timeout)
+}
+
+/// Runs `command` (the binary, set up by the caller) with `args` to completion, killing it
+/// after `timeout`.
+fn run_command(mut command: Command, args: &[&str], timeout: Duration) -> Output {
+    let mut child = command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -171,6 +177,7 @@ fn cluster_prints_a_json_summary_showing_convergence() {
     assert!(summary["bytes_per_sec_per_node"].as_f64().unwrap() > 0.0);
     assert!(summary["cpu_ms_per_node_per_sec"].as_f64().is_some());
     assert!(summary["peak_rss_bytes"].as_u64().unwrap() > 0);
+    assert!(summary["shutdown_secs"].as_f64().unwrap() >= 0.0);
     assert!(summary["transport"].as_str().is_some());
 }
 
@@ -696,4 +703,37 @@ fn node_serves_prometheus_metrics_that_follow_the_traffic() {
     assert!(body.contains("chitchat_transport_info{"), "{body}");
     a.quit();
     b.quit();
+}
+
+/// A cluster larger than the hard open-files limit allows is refused up front, saying what to
+/// raise, rather than failing on the first socket past the limit.
+#[test]
+fn cluster_beyond_the_open_files_limit_is_a_clear_error() {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(BIN);
+    // SAFETY: between fork and exec the closure only calls setrlimit, which is
+    // async-signal-safe, on a struct it owns.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 256,
+                rlim_max: 256,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let output = run_command(
+        command,
+        &["cluster", "--nodes", "1000", "--for-secs", "0"],
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("--nodes 1000 needs about") && stderr.contains("hard limit is 256"),
+        "stderr:\n{stderr}"
+    );
 }

@@ -103,6 +103,18 @@ pub(crate) fn get_runtime<B: Backend>(
     Ok(runtime)
 }
 
+/// Whether a runtime of `workers` workers for `backend` runs already, answered without waiting:
+/// false too while another thread holds the registry (it may be starting one).
+pub(crate) fn is_running<B: Backend>(backend: &B, workers: usize) -> bool {
+    REGISTRY.try_lock().is_some_and(|registry| {
+        registry.iter().any(|e| {
+            e.workers == workers
+                && e.backend.downcast_ref::<B>() == Some(backend)
+                && e.runtime.strong_count() > 0
+        })
+    })
+}
+
 /// Whether a runtime of `workers` workers for `backend` is alive (tests check that workers go
 /// away).
 #[cfg(test)]
@@ -240,9 +252,18 @@ impl<M> Runtime<M> {
         CURRENT_RUNTIME.with(|c| c.get()) == self.id
     }
 
-    /// Asks `only` (all workers when `None`) to close endpoint `id` and waits for their
-    /// acknowledgements, unless called from one of our own workers.
+    /// [`push_close`](Self::push_close) then [`wait_close`](Self::wait_close).
+    #[cfg(test)]
     pub(crate) fn close_endpoint(&self, id: u64, only: Option<usize>) {
+        let latch = self.push_close(id, only);
+        self.wait_close(id, &latch);
+    }
+
+    /// Queues the close of endpoint `id` on `only` (all workers when `None`) without waiting:
+    /// the latch counts their acknowledgements. Awaited as a
+    /// [`Closing`](crate::transport::closing::Closing), many endpoints close
+    /// in the same few worker wake-ups instead of one after the other.
+    pub(crate) fn push_close(&self, id: u64, only: Option<usize>) -> Arc<Latch> {
         let targets: Vec<usize> = match only {
             Some(i) => vec![i % self.workers.len()],
             None => (0..self.workers.len()).collect(),
@@ -254,6 +275,13 @@ impl<M> Runtime<M> {
                 ack: Some(latch.clone()),
             });
         }
+        latch
+    }
+
+    /// Blocks until the close of endpoint `id` queued by [`push_close`](Self::push_close) is
+    /// acknowledged (at most [`CLOSE_TIMEOUT`], then loudly), unless called from one of our own
+    /// workers, which must never wait for themselves.
+    pub(crate) fn wait_close(&self, id: u64, latch: &Latch) {
         if self.on_worker_thread() {
             return;
         }

@@ -1,14 +1,14 @@
-//! The part of a worker other threads talk to: its command queue, the eventfd that wakes it, and
-//! the latch a closing endpoint waits on. Generic over the backend's own commands, which the
+//! The part of a worker other threads talk to: its command queue and the eventfd that wakes it
+//! (the latch a closing endpoint waits on is `closing`'s). Generic over the backend's own commands, which the
 //! runtime carries without looking at them.
 
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 
+pub(crate) use crate::transport::closing::Latch;
 use crate::transport::sys::EventFd;
 
 /// Commands a worker executes between batches.
@@ -81,57 +81,9 @@ impl<M> WorkerShared<M> {
     }
 }
 
-/// Counts down worker acknowledgements of a close.
-pub(crate) struct Latch {
-    left: Mutex<usize>,
-    cv: Condvar,
-}
-
-impl Latch {
-    pub(super) fn new(n: usize) -> Latch {
-        Latch {
-            left: Mutex::new(n),
-            cv: Condvar::new(),
-        }
-    }
-
-    /// One worker is done.
-    pub(crate) fn ack(&self) {
-        let mut left = self.left.lock();
-        *left = left.saturating_sub(1);
-        if *left == 0 {
-            self.cv.notify_all();
-        }
-    }
-
-    /// Waits until every worker acknowledged or `timeout` passed; true if all did.
-    pub(super) fn wait(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut left = self.left.lock();
-        while *left > 0 {
-            if self.cv.wait_until(&mut left, deadline).timed_out() {
-                return *left == 0;
-            }
-        }
-        true
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
-
-    #[test]
-    fn latch_releases_after_all_acks_and_times_out_otherwise() {
-        let latch = Arc::new(Latch::new(2));
-        latch.ack();
-        assert!(!latch.wait(Duration::from_millis(1)));
-        let l = latch.clone();
-        let t = std::thread::spawn(move || l.ack());
-        assert!(latch.wait(Duration::from_secs(10)));
-        t.join().unwrap();
-    }
 
     #[test]
     fn commands_keep_their_order_and_one_wake_up_is_written() {

@@ -372,7 +372,9 @@ impl Worker {
             let Some(Some(ep)) = self.eps.get(s as usize) else {
                 continue;
             };
-            if ep.closing {
+            // Closed by its handle, the close command not taken yet: its datagrams are dropped
+            // (a busy worker would otherwise handle a whole batch for nodes already stopping).
+            if ep.closing || ep.udp.core.is_closed() {
                 continue;
             }
             let udp = ep.udp.clone();

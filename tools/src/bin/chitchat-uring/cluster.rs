@@ -60,7 +60,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         gossip_interval: Duration::from_millis(args.gossip_ms),
         cluster_id: "chitchat-uring-local".to_string(),
     };
-    common::raise_open_files_limit();
+    common::prepare_for_nodes(spec.nodes)?;
     let transport = common::keyed_or_plain(
         args.transport.transport(),
         args.key_file.as_deref(),
@@ -103,7 +103,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         poll: Duration::from_millis(20),
     };
     let mut cluster: Box<dyn LocalCluster> = Box::new(cluster);
-    let report = measure_cluster(
+    let mut report = measure_cluster(
         cluster.as_mut(),
         base,
         &options,
@@ -127,10 +127,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let stopping = Instant::now();
     let shutdown = cluster.shutdown();
-    display.line(&format!(
-        "all nodes stopped in {:.2} s",
-        stopping.elapsed().as_secs_f64()
-    ));
+    let shutdown_secs = stopping.elapsed().as_secs_f64();
+    display.line(&format!("all nodes stopped in {shutdown_secs:.2} s"));
+    report.shutdown_secs = Some(shutdown_secs);
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -210,6 +209,10 @@ fn print_summary(report: &ClusterReport) {
                     human_mib(b / report.nodes.max(1) as u64)
                 )
             })),
+        ),
+        (
+            "shutdown".to_string(),
+            or_dash(report.shutdown_secs.map(|s| format!("{s:.3} s"))),
         ),
         (
             "outcome".to_string(),

@@ -135,17 +135,66 @@ pub fn print_table(rows: &[(String, String)]) {
 }
 
 /// Raises the soft limit on open files to the hard limit: every node holds a socket per I/O
-/// worker, so large local clusters need more than the usual 1024.
-pub fn raise_open_files_limit() {
+/// worker, so large local clusters need more than the usual 1024. Returns the soft limit in
+/// force afterwards (`None` if it cannot be read).
+pub fn raise_open_files_limit() -> Option<u64> {
     // SAFETY: getrlimit/setrlimit on a valid struct.
     unsafe {
         let mut limit: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+        Some(limit.rlim_cur as u64)
+    }
+}
+
+/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`), where free ports for the
+/// local nodes are found.
+fn ephemeral_port_range() -> Option<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut fields = text.split_whitespace().map(str::parse::<u16>);
+    match (fields.next(), fields.next()) {
+        (Some(Ok(low)), Some(Ok(high))) if low <= high => Some((low, high)),
+        _ => None,
+    }
+}
+
+/// Makes room for `nodes` nodes in this process, or says clearly why there is none: raises the
+/// open-files limit to the hard limit and checks it covers every node's sockets (one per I/O
+/// worker, one for sending, and the probe while binding), and that the ephemeral port range
+/// holds a port for every node.
+pub fn prepare_for_nodes(nodes: usize) -> anyhow::Result<()> {
+    let workers = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    // Per node: the worker sockets and the send socket; plus the ports found free (all held at
+    // once while they are chosen), and some for the runtime, eventfds and metrics.
+    let needed = (nodes * (workers + 2) + 256) as u64;
+    if let Some(limit) = raise_open_files_limit()
+        && limit < needed
+    {
+        return Err(anyhow!(
+            "--nodes {nodes} needs about {needed} open files ({workers} I/O workers: a socket              each per node), but the hard limit is {limit}: raise it (`ulimit -Hn`, or              LimitNOFILE= for a service) or start fewer nodes"
+        ));
+    }
+    if let Some((low, high)) = ephemeral_port_range() {
+        let ports = usize::from(high - low) + 1;
+        // Other sockets of the host use the range too: keep a margin.
+        let needed = nodes + 512;
+        if ports < needed {
+            return Err(anyhow!(
+                "--nodes {nodes} needs a free port per node, but the ephemeral port range                  {low}-{high} has only {ports} ports (about {needed} wanted): widen                  net.ipv4.ip_local_port_range or start fewer nodes"
+            ));
         }
     }
+    Ok(())
 }
 
 /// `--key-file` (and `--accept-plaintext`): the UDP transport, sealed under the file's keys for
