@@ -10,11 +10,12 @@ use tracing::warn;
 
 use crate::message::{ChitchatEnvelope, NodeDigest, ProtocolVersion};
 use crate::protocol::cluster_state::{ClusterState, node_digest};
+use crate::protocol::digest_match::{NODE_DIGEST_LEN, PeerDigest};
 use crate::protocol::delta_plan::{DeltaSink, DeltaSummary, write_delta};
 use crate::protocol::node_state::ScheduledForDeletion;
 use crate::types::{ChitchatId, DeletionStatusMutation, Version, VersionedValue};
 use crate::wire::{
-    self, DecodeError, Decoder, DeltaWriter, DigestView, Encoder, EnvelopeView, MessageType,
+    self, DecodeError, Decoder, DeltaWriter, Encoder, EnvelopeView, MessageType,
 };
 
 /// Room a SynAck keeps for its delta when the digest alone would fill the datagram: the digest
@@ -108,6 +109,11 @@ fn write_digest<R: Rng>(
     rng: &mut R,
     out: &mut Vec<u8>,
 ) -> (usize, bool) {
+    if version == ProtocolVersion::V0
+        && let Some(written) = write_digest_v0_cached(cluster_state, scheduled, budget, out)
+    {
+        return written;
+    }
     let entries = || {
         cluster_state
             .node_states
@@ -142,6 +148,65 @@ fn write_digest<R: Rng>(
     (encoding.len, encoding.skipped > 0)
 }
 
+/// The V0 digest of every node state not scheduled for deletion, in id order, written from
+/// the cluster state's cached encoding (`IdTable::skeleton`): the common case of
+/// `write_digest`, byte for byte what `Encoder::encode_digest` writes. The whole body is
+/// copied and each node digest filled in; from the first state left out on, entries are
+/// appended one by one instead. `None` (and nothing written) when the full digest may not fit
+/// in `budget` bytes or holds an id the wire cannot carry: the general path handles those.
+fn write_digest_v0_cached(
+    cluster_state: &ClusterState,
+    scheduled: &impl ScheduledForDeletion,
+    budget: usize,
+    out: &mut Vec<u8>,
+) -> Option<(usize, bool)> {
+    let table = cluster_state.id_table();
+    let skeleton = table.skeleton();
+    if !table.all_encodable()
+        || wire::V0_DIGEST_COUNT_LEN.saturating_add(skeleton.len()) > budget
+        || cluster_state.node_states.len() > usize::from(u16::MAX)
+    {
+        return None;
+    }
+    let start = out.len();
+    out.extend_from_slice(&[0, 0]);
+    let body = out.len();
+    out.extend_from_slice(skeleton);
+    let mut count: u16 = 0;
+    let mut appending = false;
+    for (k, (id, state)) in cluster_state.node_states.iter().enumerate() {
+        if scheduled.contains(id, state) {
+            if !appending {
+                out.truncate(body + table.entry_start(k));
+                appending = true;
+            }
+            continue;
+        }
+        let mut node_digest = [0u8; NODE_DIGEST_LEN];
+        node_digest[..8].copy_from_slice(&u64::from(state.heartbeat()).to_le_bytes());
+        node_digest[8..16].copy_from_slice(&state.last_gc_version().to_le_bytes());
+        node_digest[16..].copy_from_slice(&state.max_version().to_le_bytes());
+        if appending {
+            out.extend_from_slice(table.id_bytes(k));
+            out.extend_from_slice(&node_digest);
+        } else {
+            let slot = body + table.slot_start(k);
+            match out.get_mut(slot..slot + NODE_DIGEST_LEN) {
+                Some(dst) => dst.copy_from_slice(&node_digest),
+                None => {
+                    // Unreachable: the skeleton has a slot per state.
+                    out.truncate(start);
+                    return None;
+                }
+            }
+        }
+        // At most u16::MAX states, checked above.
+        count = count.saturating_add(1);
+    }
+    out[start..body].copy_from_slice(&count.to_le_bytes());
+    Some((out.len() - start, false))
+}
+
 /// Syn = digest then cluster id. Returns whether the digest was partial.
 pub(crate) fn write_syn<R: Rng>(
     cluster_state: &ClusterState,
@@ -167,7 +232,7 @@ pub(crate) fn write_syn_ack<R: Rng>(
     self_id: &ChitchatId,
     scheduled: &impl ScheduledForDeletion,
     version: ProtocolVersion,
-    peer_digest: &DigestView<'_>,
+    peer_digest: &PeerDigest,
     rng: &mut R,
     out: &mut Vec<u8>,
     deadline: Option<Instant>,
@@ -208,7 +273,7 @@ pub(crate) fn write_ack<R: Rng>(
     cluster_state: &ClusterState,
     scheduled: &impl ScheduledForDeletion,
     version: ProtocolVersion,
-    peer_digest: &DigestView<'_>,
+    peer_digest: &PeerDigest,
     rng: &mut R,
     out: &mut Vec<u8>,
     deadline: Option<Instant>,
@@ -231,7 +296,7 @@ pub(crate) fn write_ack<R: Rng>(
 /// Appends the delta a peer with `peer_digest` needs, bounded by `mtu` bytes.
 fn append_delta<R: Rng>(
     cluster_state: &ClusterState,
-    peer_digest: &DigestView<'_>,
+    peer_digest: &PeerDigest,
     scheduled: &impl ScheduledForDeletion,
     rng: &mut R,
     mtu: usize,
