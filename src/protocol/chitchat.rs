@@ -516,6 +516,9 @@ impl Chitchat {
         let self_position = self.cluster_state.id_table().self_position();
         let mut implausible = 0u64;
         let end = self.peer_digest.end();
+        // Whether the peer is behind on no state: its delta is then empty (write_delta skips
+        // its pass over the states).
+        let mut up_to_date = end == self.cluster_state.node_states.len();
         let mut own = None;
         for (k, state) in self
             .cluster_state
@@ -525,8 +528,10 @@ impl Chitchat {
             .enumerate()
         {
             let Some(node_digest) = self.peer_digest.get(k) else {
+                up_to_date = false;
                 continue;
             };
+            up_to_date &= state.max_version() <= node_digest.max_version;
             if Some(k) == self_position {
                 own = Some(node_digest);
                 continue;
@@ -546,6 +551,7 @@ impl Chitchat {
             format_args!("{implausible} heartbeats of known nodes in one digest"),
         );
         if own.is_none() && self.peer_digest.unknown().is_empty() {
+            self.peer_digest.set_up_to_date(up_to_date);
             return;
         }
         // Unknown ids and our own, in id order, the last received of each id.
@@ -568,8 +574,17 @@ impl Chitchat {
             self.report_heartbeat_at(&id, entry, now);
         }
         if created {
-            // Node states may have been added: match again against the new positions.
+            // Node states may have been added: match again against the new positions (which
+            // clears `up_to_date`).
             self.cluster_state.match_digest(digest, &mut self.peer_digest);
+        } else if let Some(own) = own {
+            // The claim may have made us outgrow it.
+            let own_max = self
+                .cluster_state
+                .node_state(&self.config.chitchat_id)
+                .map_or(u64::MAX, |state| state.max_version());
+            self.peer_digest
+                .set_up_to_date(up_to_date && own_max <= own.max_version);
         }
     }
 
@@ -890,6 +905,9 @@ impl Chitchat {
                 self.stats.syn_ack_received += 1;
                 self.report_heartbeats(&digest, now);
                 self.process_delta(&delta);
+                // The delta changed versions: whether the peer is behind is for write_delta
+                // to find out.
+                self.peer_digest.set_up_to_date(false);
                 if !self.cluster_state.is_matched(&self.peer_digest) {
                     self.cluster_state.match_digest(&digest, &mut self.peer_digest);
                 }

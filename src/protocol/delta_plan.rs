@@ -64,8 +64,12 @@ pub(crate) fn write_delta<S: DeltaSink, R: Rng>(
     sink: &mut S,
     deadline: Option<Instant>,
 ) -> DeltaSummary {
-    let mut candidates: Vec<Candidate> = Vec::new();
     debug_assert!(cluster_state.is_matched(peer_digest));
+    if peer_digest.is_up_to_date() {
+        // Behind on no state: no candidate, nothing to write.
+        return DeltaSummary::default();
+    }
+    let mut candidates: Vec<Candidate> = Vec::new();
     for (k, (id, state)) in cluster_state.node_states.iter().enumerate() {
         let (peer_gc, peer_max) = peer_digest
             .get(k)

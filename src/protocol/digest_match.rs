@@ -24,23 +24,20 @@ pub(crate) const NODE_DIGEST_LEN: usize = 24;
 /// The wire encoding of every known id, in id order (the order of the node-state map), so
 /// that position `k` here is the `k`-th node state. Rebuilt when the set of node states
 /// changes, which is rare next to the messages matched against it.
-///
-/// The encodings are kept as the body of a V0 digest, each id followed by a 24-byte slot for
-/// its node digest: the own digest is then written as one copy of that body with the slots
-/// filled in.
+/// The encodings are kept as the body of a V0 digest, each id followed by a zeroed 24-byte
+/// slot for its node digest, so that the own digest is written as a copy of that body with
+/// the slots filled in.
 #[derive(Debug)]
 pub(crate) struct IdTable {
-    /// Every id's encoding followed by a node-digest slot, back to back (an id the wire cannot
-    /// carry takes no bytes).
-    skeleton: Vec<u8>,
-    /// Start of the `k`-th entry in `skeleton`.
-    starts: Vec<u32>,
-    /// End of the `k`-th id in `skeleton` (its node-digest slot follows).
-    id_ends: Vec<u32>,
+    /// Every id's encoding followed by its node-digest slot, back to back (an id the wire
+    /// cannot carry takes no bytes).
+    bytes: Vec<u8>,
+    /// Start and end of the `k`-th id in `bytes` (its slot follows).
+    spans: Vec<(u32, u32)>,
     /// Ids whose wire bytes do not identify them (an IPv6 flow info or scope id, which the wire
     /// does not carry): never matched by bytes, they take the general path.
     unmatchable: Vec<bool>,
-    /// Every id fits the wire (has an entry in `skeleton`).
+    /// Every id fits the wire (has its encoding in `bytes`).
     all_encodable: bool,
     /// Position of the own id.
     self_position: Option<usize>,
@@ -85,35 +82,36 @@ impl IdTable {
         self_id: Option<&ChitchatId>,
     ) -> Self {
         let mut table = IdTable {
-            skeleton: Vec::with_capacity(ids.len() * 56),
-            starts: Vec::with_capacity(ids.len()),
-            id_ends: Vec::with_capacity(ids.len()),
+            bytes: Vec::with_capacity(ids.len() * 56),
+            spans: Vec::with_capacity(ids.len()),
             unmatchable: Vec::with_capacity(ids.len()),
             all_encodable: true,
             self_position: None,
             index: OnceCell::new(),
         };
         for (position, id) in ids.enumerate() {
-            let start = table.skeleton.len();
-            let id_end = if put_chitchat_id(&mut table.skeleton, id).is_ok() {
-                let id_end = table.skeleton.len();
-                table.skeleton.extend_from_slice(&[0; NODE_DIGEST_LEN]);
-                id_end
+            let start = table.bytes.len();
+            let end = if put_chitchat_id(&mut table.bytes, id).is_ok() {
+                let end = table.bytes.len();
+                table.bytes.extend_from_slice(&[0; NODE_DIGEST_LEN]);
+                end
             } else {
-                table.skeleton.truncate(start);
+                table.bytes.truncate(start);
                 table.all_encodable = false;
                 start
             };
-            // Node states are capped (MAX_NODE_STATES ids of at most 65 562 bytes, plus
-            // slots) below 4 GiB of skeleton.
-            table.starts.push(u32::try_from(start).unwrap_or(u32::MAX));
-            table.id_ends.push(u32::try_from(id_end).unwrap_or(u32::MAX));
+            // Node states are capped (MAX_NODE_STATES ids of at most 65 562 bytes, and their
+            // slots) below 4 GiB.
+            table.spans.push((
+                u32::try_from(start).unwrap_or(u32::MAX),
+                u32::try_from(end).unwrap_or(u32::MAX),
+            ));
             table.unmatchable.push(!wire_bytes_identify(id));
             if Some(id) == self_id {
                 table.self_position = Some(position);
             }
         }
-        if u32::try_from(table.skeleton.len()).is_err() {
+        if u32::try_from(table.bytes.len()).is_err() {
             table.all_encodable = false;
         }
         table
@@ -121,7 +119,7 @@ impl IdTable {
 
     /// Number of ids (node states).
     pub(crate) fn len(&self) -> usize {
-        self.starts.len()
+        self.spans.len()
     }
 
     /// Position of the own node state.
@@ -131,34 +129,37 @@ impl IdTable {
 
     /// The body of a V0 digest of every node state (no count), node-digest slots zeroed.
     pub(crate) fn skeleton(&self) -> &[u8] {
-        &self.skeleton
-    }
-
-    /// Whether every id has its entry in the skeleton.
-    pub(crate) fn all_encodable(&self) -> bool {
-        self.all_encodable
+        &self.bytes
     }
 
     /// Where the `position`-th entry starts in the skeleton.
     pub(crate) fn entry_start(&self, position: usize) -> usize {
-        self.starts.get(position).copied().unwrap_or(0) as usize
+        self.spans.get(position).map_or(0, |span| span.0 as usize)
     }
 
     /// Where the `position`-th node-digest slot starts in the skeleton.
     pub(crate) fn slot_start(&self, position: usize) -> usize {
-        self.id_ends.get(position).copied().unwrap_or(0) as usize
+        self.spans.get(position).map_or(0, |span| span.1 as usize)
+    }
+
+    /// Whether every id fits the wire.
+    pub(crate) fn all_encodable(&self) -> bool {
+        self.all_encodable
     }
 
     /// The wire encoding of the `position`-th id (empty if the wire cannot carry it).
+    #[inline]
     pub(crate) fn id_bytes(&self, position: usize) -> &[u8] {
-        let start = self.entry_start(position);
-        let end = self.slot_start(position);
-        self.skeleton.get(start..end).unwrap_or_default()
+        let (start, end) = self.spans.get(position).copied().unwrap_or((0, 0));
+        self.bytes
+            .get(start as usize..end as usize)
+            .unwrap_or_default()
     }
 
     /// Whether the `position`-th id matches received bytes equal to its encoding.
+    #[inline]
     fn matches(&self, position: usize, id_bytes: &[u8]) -> bool {
-        self.id_bytes(position) == id_bytes
+        same_bytes(self.id_bytes(position), id_bytes)
             && !self.unmatchable.get(position).copied().unwrap_or(true)
     }
 
@@ -201,6 +202,34 @@ impl IdTable {
     }
 }
 
+/// `a == b`, eight bytes at a time: ids are a few dozen bytes, too short for a call to
+/// `memcmp` to pay.
+#[inline]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    if n < 8 {
+        return a == b;
+    }
+    let word = |bytes: &[u8], at: usize| {
+        bytes
+            .get(at..at + 8)
+            .and_then(|chunk| <[u8; 8]>::try_from(chunk).ok())
+            .map(u64::from_ne_bytes)
+    };
+    let mut at = 0;
+    while at + 8 < n {
+        if word(a, at) != word(b, at) {
+            return false;
+        }
+        at += 8;
+    }
+    // The last eight bytes (overlapping the previous word when n is not a multiple of 8).
+    word(a, n - 8) == word(b, n - 8)
+}
+
 /// Whether equal wire bytes mean equal ids: not for IPv6 addresses with a flow info or scope
 /// id, which the wire drops (a received id never has them).
 fn wire_bytes_identify(id: &ChitchatId) -> bool {
@@ -222,6 +251,10 @@ pub(crate) struct PeerDigest {
     end: usize,
     /// The cluster state's membership epoch the positions are valid for.
     epoch: u64,
+    /// Set by whoever checked, right after the match, that the peer is behind on no node
+    /// state (each max_version at most the peer's): its delta is then empty. Cleared by every
+    /// match.
+    up_to_date: bool,
 }
 
 impl PeerDigest {
@@ -233,6 +266,7 @@ impl PeerDigest {
     /// Matches `digest` against `table`, of membership `epoch`, reusing this value's buffers.
     pub(crate) fn match_table(&mut self, table: &IdTable, epoch: u64, digest: &DigestView<'_>) {
         self.epoch = epoch;
+        self.up_to_date = false;
         self.by_state.clear();
         self.by_state.resize(table.len(), None);
         self.unknown.clear();
@@ -262,6 +296,16 @@ impl PeerDigest {
         let mut peer = PeerDigest::default();
         peer.match_table(table, 0, digest);
         peer
+    }
+
+    /// Records that the peer is behind on no node state (or that it may be, `false`).
+    pub(crate) fn set_up_to_date(&mut self, up_to_date: bool) {
+        self.up_to_date = up_to_date;
+    }
+
+    /// Whether the peer was found behind on no node state since the match.
+    pub(crate) fn is_up_to_date(&self) -> bool {
+        self.up_to_date
     }
 
     /// The peer's entry about the `k`-th node state.
@@ -394,6 +438,17 @@ mod tests {
             for k in 0..states.len() {
                 prop_assert_eq!(owned_peer.get(k), peer.get(k));
             }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn same_bytes_is_slice_equality(
+            a in proptest::collection::vec(0u8..3, 0..40),
+            b in proptest::collection::vec(0u8..3, 0..40),
+        ) {
+            prop_assert_eq!(same_bytes(&a, &b), a == b);
+            prop_assert!(same_bytes(&a, &a.clone()));
         }
     }
 

@@ -150,10 +150,10 @@ fn write_digest<R: Rng>(
 
 /// The V0 digest of every node state not scheduled for deletion, in id order, written from
 /// the cluster state's cached encoding (`IdTable::skeleton`): the common case of
-/// `write_digest`, byte for byte what `Encoder::encode_digest` writes. The whole body is
-/// copied and each node digest filled in; from the first state left out on, entries are
-/// appended one by one instead. `None` (and nothing written) when the full digest may not fit
-/// in `budget` bytes or holds an id the wire cannot carry: the general path handles those.
+/// `write_digest`, byte for byte what `Encoder::encode_digest` writes. The body is copied and
+/// each node digest filled in; from the first state left out on, entries are appended one by
+/// one instead. `None` (and nothing written) when the full digest may not fit in `budget`
+/// bytes or holds an id the wire cannot carry: the general path handles those.
 fn write_digest_v0_cached(
     cluster_state: &ClusterState,
     scheduled: &impl ScheduledForDeletion,
@@ -169,9 +169,13 @@ fn write_digest_v0_cached(
         return None;
     }
     let start = out.len();
+    out.reserve(wire::V0_DIGEST_COUNT_LEN + skeleton.len());
     out.extend_from_slice(&[0, 0]);
     let body = out.len();
-    out.extend_from_slice(skeleton);
+    // In moderate pieces: a plain vector copy each, for the copy of tens of kilobytes.
+    for piece in skeleton.chunks(1024) {
+        out.extend_from_slice(piece);
+    }
     let mut count: u16 = 0;
     let mut appending = false;
     for (k, (id, state)) in cluster_state.node_states.iter().enumerate() {
@@ -191,14 +195,12 @@ fn write_digest_v0_cached(
             out.extend_from_slice(&node_digest);
         } else {
             let slot = body + table.slot_start(k);
-            match out.get_mut(slot..slot + NODE_DIGEST_LEN) {
-                Some(dst) => dst.copy_from_slice(&node_digest),
-                None => {
-                    // Unreachable: the skeleton has a slot per state.
-                    out.truncate(start);
-                    return None;
-                }
-            }
+            let Some(dst) = out.get_mut(slot..slot + NODE_DIGEST_LEN) else {
+                // Unreachable: the skeleton has a slot per state.
+                out.truncate(start);
+                return None;
+            };
+            dst.copy_from_slice(&node_digest);
         }
         // At most u16::MAX states, checked above.
         count = count.saturating_add(1);

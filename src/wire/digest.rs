@@ -229,21 +229,13 @@ impl<'a> DigestView<'a> {
 
     /// Entries in the order received, duplicates included.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = DigestEntry<'_>> + '_ {
-        self.entries.iter().map(|span| self.entry(span))
-    }
-
-    fn entry(&self, span: &EntrySpan) -> DigestEntry<'_> {
-        let start = span.start as usize;
-        let end = start + span.id_len as usize;
-        DigestEntry {
-            id_bytes: self.bytes.get(start..end).unwrap_or_default(),
-            digest: span.digest,
-        }
+        let bytes: &[u8] = &self.bytes;
+        self.entries.iter().map(move |span| entry(bytes, span))
     }
 
     /// The entry at `position` in received order.
     pub fn entry_at(&self, position: usize) -> Option<DigestEntry<'_>> {
-        self.entries.get(position).map(|span| self.entry(span))
+        self.entries.get(position).map(|span| entry(&self.bytes, span))
     }
 
     /// Entries received, duplicates included.
@@ -288,6 +280,16 @@ impl<'a> DigestView<'a> {
     }
 }
 
+#[inline]
+fn entry<'a>(bytes: &'a [u8], span: &EntrySpan) -> DigestEntry<'a> {
+    let start = span.start as usize;
+    let end = start + span.id_len as usize;
+    DigestEntry {
+        id_bytes: bytes.get(start..end).unwrap_or_default(),
+        digest: span.digest,
+    }
+}
+
 /// Views are equal when they say the same thing: the same last entry per id.
 impl PartialEq for DigestView<'_> {
     fn eq(&self, other: &Self) -> bool {
@@ -316,37 +318,67 @@ pub(crate) fn sort_and_dedup<T: Copy>(
     entries
 }
 
-/// Checks one entry of `region` at the reader's position and records where its id is.
+/// The entry of `region` at `pos` and where the next one starts, if it is well formed with
+/// an ASCII name: the usual case, checked with a few bounds checks and no reader.
 #[inline]
-fn scan_entry(region: &[u8], reader: &mut Reader<'_>) -> Result<EntrySpan, DecodeError> {
-    let start = region.len() - reader.len();
-    reader.skip_chitchat_id()?;
-    let id_len = region.len() - reader.len() - start;
-    let digest = match reader.rest().split_first_chunk::<NODE_DIGEST_LEN>() {
-        Some((fields, _)) => {
-            let field = |i: usize| {
-                let mut bytes = [0u8; 8];
-                bytes.copy_from_slice(&fields[i * 8..i * 8 + 8]);
-                u64::from_le_bytes(bytes)
-            };
-            reader.bytes(NODE_DIGEST_LEN, "heartbeat")?;
-            NodeDigest::new(Heartbeat::from(field(0)), field(1), field(2))
-        }
-        None => {
-            // Short: read field by field for the error naming the missing one.
-            let heartbeat = Heartbeat::from(reader.u64("heartbeat")?);
-            let last_gc_version = reader.u64("last gc version")?;
-            let max_version = reader.u64("max version")?;
-            NodeDigest::new(heartbeat, last_gc_version, max_version)
-        }
+fn scan_plain_entry(region: &[u8], pos: usize) -> Option<(EntrySpan, usize)> {
+    let rest = region.get(pos..)?;
+    let (len, after_len) = rest.split_first_chunk::<2>()?;
+    let name_len = usize::from(u16::from_le_bytes(*len));
+    if !after_len.get(..name_len)?.is_ascii() {
+        return None;
+    }
+    // Name, generation (8 bytes), then the address tag.
+    let ip_len = match *after_len.get(name_len + 8)? {
+        4 => 4,
+        6 => 16,
+        _ => return None,
     };
+    let id_len = 2 + name_len + 8 + 1 + ip_len + 2;
+    let (fields, _) = rest.get(id_len..)?.split_first_chunk::<NODE_DIGEST_LEN>()?;
+    let (heartbeat, versions) = fields.split_first_chunk::<8>()?;
+    let (last_gc_version, max_version) = versions.split_first_chunk::<8>()?;
+    let max_version: &[u8; 8] = max_version.try_into().ok()?;
+    let span = EntrySpan {
+        start: u32::try_from(pos).ok()?,
+        id_len: u32::try_from(id_len).ok()?,
+        digest: NodeDigest::new(
+            Heartbeat::from(u64::from_le_bytes(*heartbeat)),
+            u64::from_le_bytes(*last_gc_version),
+            u64::from_le_bytes(*max_version),
+        ),
+    };
+    Some((span, pos + id_len + NODE_DIGEST_LEN))
+}
+
+/// The entry of `region` at `pos` and where the next one starts, or the error the reference
+/// reports for it.
+#[inline]
+fn scan_entry(region: &[u8], pos: usize) -> Result<(EntrySpan, usize), DecodeError> {
+    match scan_plain_entry(region, pos) {
+        Some(scanned) => Ok(scanned),
+        None => scan_entry_checked(region, pos),
+    }
+}
+
+/// [`scan_entry`] field by field, for the error naming what is wrong (and for non-ASCII
+/// names).
+#[cold]
+fn scan_entry_checked(region: &[u8], pos: usize) -> Result<(EntrySpan, usize), DecodeError> {
+    let mut reader = Reader::new(region.get(pos..).unwrap_or_default());
+    reader.skip_chitchat_id()?;
+    let id_len = region.len() - reader.len() - pos;
+    let heartbeat = Heartbeat::from(reader.u64("heartbeat")?);
+    let last_gc_version = reader.u64("last gc version")?;
+    let max_version = reader.u64("max version")?;
     // A datagram (or a decompressed stream, capped far lower) is shorter than 4 GiB.
     let too_long = || DecodeError::Truncated { what: "digest" };
-    Ok(EntrySpan {
-        start: u32::try_from(start).map_err(|_| too_long())?,
+    let span = EntrySpan {
+        start: u32::try_from(pos).map_err(|_| too_long())?,
         id_len: u32::try_from(id_len).map_err(|_| too_long())?,
-        digest,
-    })
+        digest: NodeDigest::new(heartbeat, last_gc_version, max_version),
+    };
+    Ok((span, region.len() - reader.len()))
 }
 
 /// Reads a digest in `version`, borrowing its ids from the input (V0) or from `stream`, the
@@ -362,26 +394,30 @@ pub(crate) fn decode_digest_view<'i: 'o, 'o>(
         ProtocolVersion::V0 => {
             let count = reader.u16("digest entry count")?;
             let region = reader.rest();
-            let mut entries_reader = Reader::new(region);
             // Bounded by what the bytes left can hold, whatever the count claims.
             let mut entries =
                 Vec::with_capacity(usize::from(count).min(region.len() / NODE_DIGEST_LEN));
+            let mut pos = 0;
             for _ in 0..count {
-                entries.push(scan_entry(region, &mut entries_reader)?);
+                let (span, next) = scan_entry(region, pos)?;
+                entries.push(span);
+                pos = next;
             }
-            let consumed = region.len() - entries_reader.len();
-            *reader = entries_reader;
+            let (consumed, rest) = region.split_at_checked(pos).unwrap_or((region, &[]));
+            *reader = Reader::new(rest);
             Ok(DigestView {
-                bytes: Cow::Borrowed(&region[..consumed]),
+                bytes: Cow::Borrowed(consumed),
                 entries,
             })
         }
         ProtocolVersion::V1 => {
             let payload = read_block_stream(reader, dctx, block, stream)?;
-            let mut entries_reader = Reader::new(payload);
             let mut entries = Vec::with_capacity(payload.len() / (NODE_DIGEST_LEN + 17));
-            while !entries_reader.is_empty() {
-                entries.push(scan_entry(payload, &mut entries_reader)?);
+            let mut pos = 0;
+            while pos < payload.len() {
+                let (span, next) = scan_entry(payload, pos)?;
+                entries.push(span);
+                pos = next;
             }
             Ok(DigestView {
                 bytes: Cow::Borrowed(payload),

@@ -139,11 +139,19 @@ impl<'a> Reader<'a> {
     /// Checks and skips a node id without building it: the same checks, in the same order and
     /// with the same errors, as [`Reader::chitchat_id_ref`]. A well-formed id with an ASCII
     /// name (the usual case) takes a short path without the full UTF-8 validation.
+    #[inline]
     pub(crate) fn skip_chitchat_id(&mut self) -> Result<(), DecodeError> {
         if let Some(rest) = self.well_formed_ascii_id_rest() {
             self.buf = rest;
             return Ok(());
         }
+        self.skip_chitchat_id_checked()
+    }
+
+    /// [`Reader::skip_chitchat_id`] field by field, for the error naming what is wrong (and
+    /// for non-ASCII names).
+    #[cold]
+    fn skip_chitchat_id_checked(&mut self) -> Result<(), DecodeError> {
         let len = self.u16("node id")? as usize;
         let name = self.bytes(len, "node id")?;
         if !name.is_ascii() && std::str::from_utf8(name).is_err() {
