@@ -39,7 +39,10 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
         // SAFETY: `ptr` was allocated by `System` with `layout`; the caller upholds the rest.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -56,7 +59,11 @@ const NODES: u16 = 1_000;
 const KEYS: u64 = 10;
 
 fn id(i: u16) -> ChitchatId {
-    ChitchatId::new(format!("node-{i:05}"), 1, ([127, 0, 0, 2], 10_000 + i).into())
+    ChitchatId::new(
+        format!("node-{i:05}"),
+        1,
+        ([127, 0, 0, 2], 10_000 + i).into(),
+    )
 }
 
 /// A Syn whose digest gives every remote node `heartbeat`.
@@ -118,7 +125,8 @@ fn bytes_per_node_state_and_key_value() {
     let window = node.config().failure_detector_config.sampling_window_size as u64;
     for heartbeat in 1..=window + 2 {
         clock.advance(Duration::from_millis(100));
-        node.handle_datagram(&syn(heartbeat), &mut reply, None).unwrap();
+        node.handle_datagram(&syn(heartbeat), &mut reply, None)
+            .unwrap();
     }
     let all = live() - before_states;
     let nodes = NODES as isize;

@@ -512,7 +512,8 @@ impl Chitchat {
     /// return `self.peer_digest` matches the digest against the node states as they are now
     /// (new nodes included), for the reply's delta.
     fn report_heartbeats(&mut self, digest: &DigestView<'_>, now: Instant) {
-        self.cluster_state.match_digest(digest, &mut self.peer_digest);
+        self.cluster_state
+            .match_digest(digest, &mut self.peer_digest);
         let self_position = self.cluster_state.id_table().self_position();
         let mut implausible = 0u64;
         let end = self.peer_digest.end();
@@ -576,7 +577,8 @@ impl Chitchat {
         if created {
             // Node states may have been added: match again against the new positions (which
             // clears `up_to_date`).
-            self.cluster_state.match_digest(digest, &mut self.peer_digest);
+            self.cluster_state
+                .match_digest(digest, &mut self.peer_digest);
         } else if let Some(own) = own {
             // The claim may have made us outgrow it.
             let own_max = self
@@ -909,7 +911,8 @@ impl Chitchat {
                 // to find out.
                 self.peer_digest.set_up_to_date(false);
                 if !self.cluster_state.is_matched(&self.peer_digest) {
-                    self.cluster_state.match_digest(&digest, &mut self.peer_digest);
+                    self.cluster_state
+                        .match_digest(&digest, &mut self.peer_digest);
                 }
                 let scheduled = self.failure_detector.deletion_schedule(now);
                 let summary = reply::write_ack(

@@ -7,9 +7,9 @@ use rand::Rng;
 use tracing::debug;
 
 use crate::protocol::cluster_state::ClusterState;
+use crate::protocol::digest_match::PeerDigest;
 use crate::protocol::node_state::{NodeState, ScheduledForDeletion};
 use crate::types::{ChitchatId, Version, VersionedValue};
-use crate::protocol::digest_match::PeerDigest;
 use crate::wire;
 
 /// Receives the ops of a delta and says whether each still fits (the wire's `DeltaWriter`, or a

@@ -11,9 +11,9 @@ use crate::clock::{Clock, ManualClock};
 use crate::message::{ChitchatMessage, Delta, Digest, NodeDigest, ProtocolVersion};
 use crate::protocol::cluster_state::ClusterState;
 use crate::protocol::delta_plan::{DeltaSink, write_delta};
+use crate::protocol::digest_match::PeerDigest;
 use crate::protocol::listener::Listeners;
 use crate::types::{ChitchatId, Heartbeat, Version, VersionedValue};
-use crate::protocol::digest_match::PeerDigest;
 use crate::wire::{DigestView, Encoder, MessageType, decode_envelope};
 
 /// Records the node order and accepts everything.

@@ -337,12 +337,16 @@ mod tests {
     use std::collections::BTreeSet;
 
     use crate::message::Digest;
-    use crate::types::Heartbeat;
     use crate::message::ProtocolVersion;
+    use crate::types::Heartbeat;
     use crate::wire::Encoder;
 
     fn version(v1: bool) -> ProtocolVersion {
-        if v1 { ProtocolVersion::V1 } else { ProtocolVersion::V0 }
+        if v1 {
+            ProtocolVersion::V1
+        } else {
+            ProtocolVersion::V0
+        }
     }
 
     fn states(ids: &[ChitchatId]) -> BTreeSet<ChitchatId> {
@@ -363,9 +367,8 @@ mod tests {
                 ))
             }),
         ];
-        ("[ab]{0,2}|é", 0u64..3, addr).prop_map(|(name, generation, addr)| {
-            ChitchatId::new(name, generation, addr)
-        })
+        ("[ab]{0,2}|é", 0u64..3, addr)
+            .prop_map(|(name, generation, addr)| ChitchatId::new(name, generation, addr))
     }
 
     /// Encodes `entries` in received order as a V0 or V1 digest and decodes its view.

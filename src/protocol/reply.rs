@@ -10,13 +10,11 @@ use tracing::warn;
 
 use crate::message::{ChitchatEnvelope, NodeDigest, ProtocolVersion};
 use crate::protocol::cluster_state::{ClusterState, node_digest};
-use crate::protocol::digest_match::{NODE_DIGEST_LEN, PeerDigest};
 use crate::protocol::delta_plan::{DeltaSink, DeltaSummary, write_delta};
+use crate::protocol::digest_match::{NODE_DIGEST_LEN, PeerDigest};
 use crate::protocol::node_state::ScheduledForDeletion;
 use crate::types::{ChitchatId, DeletionStatusMutation, Version, VersionedValue};
-use crate::wire::{
-    self, DecodeError, Decoder, DeltaWriter, Encoder, EnvelopeView, MessageType,
-};
+use crate::wire::{self, DecodeError, Decoder, DeltaWriter, Encoder, EnvelopeView, MessageType};
 
 /// Room a SynAck keeps for its delta when the digest alone would fill the datagram: the digest
 /// is then sent partial rather than leaving no room (the reference panics there).

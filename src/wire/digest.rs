@@ -235,7 +235,9 @@ impl<'a> DigestView<'a> {
 
     /// The entry at `position` in received order.
     pub fn entry_at(&self, position: usize) -> Option<DigestEntry<'_>> {
-        self.entries.get(position).map(|span| entry(&self.bytes, span))
+        self.entries
+            .get(position)
+            .map(|span| entry(&self.bytes, span))
     }
 
     /// Entries received, duplicates included.
@@ -246,8 +248,10 @@ impl<'a> DigestView<'a> {
     /// One entry per id, in id order (of duplicates, the last received). Allocates: for tests
     /// and owned copies, not the hot path.
     pub fn sorted_entries(&self) -> Vec<(ChitchatIdRef<'_>, NodeDigest)> {
-        let entries: Vec<(ChitchatIdRef<'_>, NodeDigest)> =
-            self.iter().map(|entry| (entry.id(), entry.digest)).collect();
+        let entries: Vec<(ChitchatIdRef<'_>, NodeDigest)> = self
+            .iter()
+            .map(|entry| (entry.id(), entry.digest))
+            .collect();
         sort_and_dedup(entries)
     }
 
