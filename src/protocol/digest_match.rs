@@ -159,7 +159,7 @@ impl IdTable {
     /// Whether the `position`-th id matches received bytes equal to its encoding.
     #[inline]
     fn matches(&self, position: usize, id_bytes: &[u8]) -> bool {
-        same_bytes(self.id_bytes(position), id_bytes)
+        self.id_bytes(position) == id_bytes
             && !self.unmatchable.get(position).copied().unwrap_or(true)
     }
 
@@ -200,34 +200,6 @@ impl IdTable {
             collisions,
         }
     }
-}
-
-/// `a == b`, eight bytes at a time: ids are a few dozen bytes, too short for a call to
-/// `memcmp` to pay.
-#[inline]
-fn same_bytes(a: &[u8], b: &[u8]) -> bool {
-    let n = a.len();
-    if n != b.len() {
-        return false;
-    }
-    if n < 8 {
-        return a == b;
-    }
-    let word = |bytes: &[u8], at: usize| {
-        bytes
-            .get(at..at + 8)
-            .and_then(|chunk| <[u8; 8]>::try_from(chunk).ok())
-            .map(u64::from_ne_bytes)
-    };
-    let mut at = 0;
-    while at + 8 < n {
-        if word(a, at) != word(b, at) {
-            return false;
-        }
-        at += 8;
-    }
-    // The last eight bytes (overlapping the previous word when n is not a multiple of 8).
-    word(a, n - 8) == word(b, n - 8)
 }
 
 /// Whether equal wire bytes mean equal ids: not for IPv6 addresses with a flow info or scope
@@ -441,17 +413,6 @@ mod tests {
             for k in 0..states.len() {
                 prop_assert_eq!(owned_peer.get(k), peer.get(k));
             }
-        }
-    }
-
-    proptest! {
-        #[test]
-        fn same_bytes_is_slice_equality(
-            a in proptest::collection::vec(0u8..3, 0..40),
-            b in proptest::collection::vec(0u8..3, 0..40),
-        ) {
-            prop_assert_eq!(same_bytes(&a, &b), a == b);
-            prop_assert!(same_bytes(&a, &a.clone()));
         }
     }
 
