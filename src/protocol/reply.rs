@@ -321,3 +321,88 @@ fn append_delta<R: Rng>(
 pub(crate) fn write_bad_cluster(version: ProtocolVersion, out: &mut Vec<u8>) {
     Encoder::write_header(out, version, MessageType::BadCluster);
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::clock::Clock;
+    use crate::protocol::listener::Listeners;
+    use crate::types::Heartbeat;
+
+    fn arb_id() -> impl Strategy<Value = ChitchatId> {
+        let addr = prop_oneof![
+            (0u16..4).prop_map(|port| SocketAddr::from(([127, 0, 0, 1], port))),
+            (0u32..2).prop_map(|scope| {
+                SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 1, 0, scope))
+            }),
+        ];
+        ("[ab]{0,3}|é", 0u64..3, addr)
+            .prop_map(|(name, generation, addr)| ChitchatId::new(name, generation, addr))
+    }
+
+    proptest! {
+        /// The digest written from the cached encodings is, byte for byte, what the encoder
+        /// writes from the states not scheduled for deletion, in id order; and it gives way to
+        /// the general path whenever the digest may not fit.
+        #[test]
+        fn cached_v0_digest_is_the_encoders(
+            states in proptest::collection::vec((arb_id(), 0u64..50, 0u64..9, 0u64..9), 0..16),
+            left_out in proptest::collection::vec(any::<bool>(), 16),
+            budget in prop_oneof![Just(usize::MAX), 0usize..600],
+        ) {
+            let mut cluster_state = ClusterState::new(Listeners::default(), Clock::System);
+            for (id, heartbeat, gc, max) in &states {
+                let state = cluster_state.node_state_or_create(id);
+                state.try_set_heartbeat(Heartbeat::from(*heartbeat));
+                state.set_max_version(*max);
+                state.set_last_gc_version(*gc);
+            }
+            let scheduled: HashSet<&ChitchatId> = cluster_state
+                .node_states
+                .keys()
+                .zip(&left_out)
+                .filter(|(_, out)| **out)
+                .map(|(id, _)| id)
+                .collect();
+            let mut cached = vec![0xaa];
+            let written = write_digest_v0_cached(&cluster_state, &scheduled, budget, &mut cached);
+            let entries: Vec<(&ChitchatId, NodeDigest)> = cluster_state
+                .node_states
+                .iter()
+                .filter(|(id, _)| !scheduled.contains(id))
+                .map(|(id, state)| (id, node_digest(state)))
+                .collect();
+            let mut encoded = vec![0xaa];
+            let encoding = Encoder::new().encode_digest(
+                ProtocolVersion::V0,
+                entries.iter().copied(),
+                usize::MAX,
+                &mut encoded,
+            );
+            match written {
+                Some((len, truncated)) => {
+                    prop_assert!(!truncated);
+                    prop_assert_eq!(&cached, &encoded);
+                    prop_assert_eq!(len, encoding.len);
+                    prop_assert!(len <= budget);
+                }
+                None => {
+                    prop_assert_eq!(&cached, &[0xaa]);
+                    // Only when the digest of every state would not fit.
+                    let full: usize = cluster_state
+                        .node_states
+                        .keys()
+                        .map(wire::digest_entry_len)
+                        .sum::<usize>()
+                        + wire::V0_DIGEST_COUNT_LEN;
+                    prop_assert!(full > budget);
+                }
+            }
+        }
+    }
+}
