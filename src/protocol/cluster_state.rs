@@ -1,9 +1,9 @@
 //! `ClusterState`: every node state known locally, the listener registry they share, and the
 //! memory of garbage-collected nodes.
 
-use std::cell::OnceCell;
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -35,7 +35,7 @@ pub(crate) struct ClusterState {
     pub(crate) datagram_budget: usize,
     /// The wire encoding of every id, in id order: built on first use, dropped whenever a
     /// node state is added or removed.
-    id_table: OnceCell<IdTable>,
+    id_table: OnceLock<IdTable>,
     /// Bumped whenever a node state is added or removed: positions in id order change.
     membership_epoch: u64,
 }
@@ -61,7 +61,7 @@ impl ClusterState {
             self_id: None,
             remote_bytes: 0,
             datagram_budget: wire::MAX_UDP_DATAGRAM_PAYLOAD_SIZE,
-            id_table: OnceCell::new(),
+            id_table: OnceLock::new(),
             membership_epoch: 0,
         }
     }

@@ -9,10 +9,10 @@
 //! in id order (the dense index both the heartbeat pass and the delta plan walk), plus the
 //! unknown entries.
 
-use std::cell::OnceCell;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::net::SocketAddr;
+use std::sync::OnceLock;
 
 use crate::message::NodeDigest;
 use crate::types::ChitchatId;
@@ -42,7 +42,7 @@ pub(crate) struct IdTable {
     /// Position of the own id.
     self_position: Option<usize>,
     /// Wire bytes → position, built on the first entry that is not where the walk expects it.
-    index: OnceCell<IdIndex>,
+    index: OnceLock<IdIndex>,
 }
 
 /// A keyed hash of an id's wire bytes → its position. Keyed (SipHash, a random key per
@@ -87,7 +87,7 @@ impl IdTable {
             unmatchable: Vec::with_capacity(ids.len()),
             all_encodable: true,
             self_position: None,
-            index: OnceCell::new(),
+            index: OnceLock::new(),
         };
         for (position, id) in ids.enumerate() {
             let start = table.bytes.len();
