@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chitchat_uring::transport::{
-    Datagram, DatagramHandler, ReplySink, Transport, UdpMode, UdpTransport,
+    Datagram, DatagramHandler, DatagramTransport, ReplySink, UdpMode, UdpTransport,
 };
 
 const SIZES: [usize; 3] = [64, 1400, 8192];
@@ -180,7 +180,7 @@ fn bench_transport(path: &'static str, mode: UdpMode, blaster_cpu: usize) -> Row
             ..UdpTransport::DEFAULT
         };
         let ep = transport
-            .open(
+            .open_endpoint(
                 "127.0.0.1:0".parse().unwrap(),
                 Arc::new(Echo { reply: reply() }),
             )

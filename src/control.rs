@@ -81,7 +81,14 @@ impl Drop for ControlThread {
     }
 }
 
+/// Off Linux the control thread is not pinned.
+#[cfg(not(target_os = "linux"))]
+fn pin_to_first_allowed_cpu() -> std::io::Result<()> {
+    Ok(())
+}
+
 /// Pins the calling thread to the first CPU it may run on.
+#[cfg(target_os = "linux")]
 fn pin_to_first_allowed_cpu() -> std::io::Result<()> {
     // SAFETY: cpu_set_t is plain data; sched_getaffinity/sched_setaffinity only read/write it.
     unsafe {

@@ -109,26 +109,35 @@ pub(crate) async fn resolve_seeds(
 
 /// Re-resolves the hostname seeds every `period` (first resolution already done by the
 /// caller) and publishes `static ∪ resolved`, dropping addresses that vanished. Ends when
-/// nobody watches the seeds any more.
+/// nobody watches the seeds any more or when `node_stopped` completes (a stopped node needs
+/// no fresh seeds, even while the application still holds its state).
 pub(crate) async fn dns_refresh_loop(
     resolver: TokioResolver,
     seeds: Seeds,
     listen_addr: SocketAddr,
     seed_tx: watch::Sender<HashSet<SocketAddr>>,
     period: Duration,
+    node_stopped: impl Future<Output = ()>,
 ) {
     if seeds.hostnames.is_empty() {
         return;
     }
+    let mut node_stopped = std::pin::pin!(node_stopped);
     let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     interval.tick().await; // the first tick is immediate: start resolved already
     loop {
-        tokio::select! {
-            _ = interval.tick() => {}
+        let addrs = tokio::select! {
+            _ = interval.tick() => {
+                tokio::select! {
+                    addrs = resolve_seeds(&resolver, &seeds, listen_addr) => addrs,
+                    _ = seed_tx.closed() => return,
+                    _ = &mut node_stopped => return,
+                }
+            }
             _ = seed_tx.closed() => return,
-        }
-        let addrs = resolve_seeds(&resolver, &seeds, listen_addr).await;
+            _ = &mut node_stopped => return,
+        };
         seed_tx.send_if_modified(|current| {
             if *current == addrs {
                 return false;
@@ -188,12 +197,45 @@ mod tests {
             "127.0.0.1:0".parse().unwrap(),
             tx,
             Duration::from_secs(60),
+            std::future::pending(),
         ));
         drop(rx);
         tokio::time::timeout(Duration::from_secs(120), task)
             .await
             .expect("the loop ends")
             .unwrap();
+    }
+
+    /// The node stopped but its state is still watched (the application holds a reference):
+    /// the loop ends anyway.
+    #[tokio::test(start_paused = true)]
+    async fn refresh_loop_ends_when_the_node_stops() {
+        let resolver = system_resolver();
+        let seeds = Seeds::parse(&["localhost:7002".to_string()]);
+        let (tx, mut rx) = watch::channel(HashSet::new());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(dns_refresh_loop(
+            resolver,
+            seeds,
+            "127.0.0.1:0".parse().unwrap(),
+            tx,
+            Duration::from_secs(60),
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        // While the node runs, the loop publishes (its first refresh is one period in).
+        tokio::time::timeout(Duration::from_secs(120), rx.changed())
+            .await
+            .expect("a refresh within two periods")
+            .unwrap();
+        assert!(!task.is_finished());
+        stop_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("the loop ends when the node stops")
+            .unwrap();
+        assert!(rx.has_changed().is_err(), "the loop dropped its sender");
     }
 
     #[tokio::test]
@@ -207,6 +249,7 @@ mod tests {
             "127.0.0.1:0".parse().unwrap(),
             tx,
             Duration::from_millis(20),
+            std::future::pending(),
         ));
         let published = tokio::time::timeout(
             Duration::from_secs(10),

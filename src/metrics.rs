@@ -173,7 +173,7 @@ pub struct MetricsSnapshot {
     pub dead_nodes: u64,
     /// Node states held.
     pub node_states: u64,
-    /// The `transport` label: io_uring, epoll, portable or channel.
+    /// The `transport` label: io_uring, epoll, portable, channel, or socket (a user transport).
     pub transport: &'static str,
     /// Why the transport is not io_uring (empty when it is, or for the in-memory channel).
     pub fallback_reason: String,
@@ -265,6 +265,8 @@ fn transport_labels(kind: &TransportKind) -> (&'static str, String) {
         TransportKind::Uring => ("io_uring", String::new()),
         TransportKind::Epoll { reason } => ("epoll", reason.clone()),
         TransportKind::Channel => ("channel", String::new()),
+        TransportKind::Portable => ("portable", String::new()),
+        TransportKind::Socket => ("socket", String::new()),
     }
 }
 

@@ -22,7 +22,7 @@ use crate::dns::{self, DNS_POLLING_DURATION, Seeds};
 pub use crate::metrics::ServerStats;
 use crate::metrics::{self as node_metrics, MALFORMED_OTHER, MetricsSnapshot, Sources};
 use crate::protocol::amplification::AmplificationLimits;
-use crate::protocol::{Chitchat, Limits};
+use crate::protocol::{Chitchat, Limits, decode_received};
 use crate::transport::{
     Datagram, DatagramHandler, Endpoint, EndpointStats, ReplySink, Transport, TransportKind,
 };
@@ -158,7 +158,10 @@ fn gather_metrics(
 
 /// The protocol side of the node's endpoint, called on the I/O worker threads.
 struct NodeHandler {
+    /// Strong, but only as long as the endpoint, which the server task closes when it ends.
     chitchat: ChitchatRef,
+    /// The node's cluster (fixed for its life), for decoding outside the lock.
+    cluster_id: String,
     counters: Arc<Counters>,
     panic_tx: watch::Sender<Option<String>>,
     started: Instant,
@@ -198,7 +201,6 @@ impl DatagramHandler for NodeHandler {
         let received_at = Instant::now();
         let deadline = received_at + MESSAGE_HANDLING_BOUND;
         let _runtime = self.runtime.as_ref().map(tokio::runtime::Handle::enter);
-        let mut chitchat = self.chitchat.lock();
         for (i, datagram) in batch.iter().enumerate() {
             if Instant::now() >= deadline {
                 let stale = (batch.len() - i) as u64;
@@ -209,18 +211,31 @@ impl DatagramHandler for NodeHandler {
                 );
                 break;
             }
-            if i > 0 {
-                // Bounded work per lock hold: a waiter (the control thread's gossip round and
-                // failure detector, the application) gets the lock between datagrams.
-                MutexGuard::bump(&mut chitchat);
-            }
+            // Two short lock holds per datagram, the decoding between them outside the lock:
+            // the control thread's gossip round and failure detector, and the application,
+            // wait at most one datagram's matching and reply, never a batch or a decode.
+            let admission = self
+                .chitchat
+                .lock()
+                .admit_datagram(datagram.from, datagram.payload.len());
+            let Some(admission) = admission else {
+                continue;
+            };
             let reply = replies.buffer();
-            match chitchat.handle_datagram_from(
-                datagram.from,
-                datagram.payload,
-                reply,
-                Some(deadline),
-            ) {
+            let handled = decode_received(&self.cluster_id, datagram.payload, |received| {
+                let mut chitchat = self.chitchat.lock();
+                let outcome = chitchat.handle_received(
+                    datagram.from,
+                    admission,
+                    received,
+                    reply,
+                    Some(deadline),
+                );
+                // Fair: a waiter gets the lock before this worker's next datagram.
+                MutexGuard::unlock_fair(chitchat);
+                outcome
+            });
+            match handled {
                 Ok(outcome) => {
                     self.counters
                         .datagrams_handled
@@ -253,7 +268,9 @@ impl DatagramHandler for NodeHandler {
 
 /// The gossip loop of one node: rounds every `gossip_interval`, commands from the handle.
 struct Server {
+    /// Closed when the handle is dropped: the loop ends then, as chitchat's does.
     command_rx: mpsc::UnboundedReceiver<Command>,
+    /// Strong, but only until the loop ends (the handle's lifetime at most).
     chitchat: ChitchatRef,
     endpoint: Arc<dyn Endpoint>,
     panic_rx: watch::Receiver<Option<String>>,
@@ -378,7 +395,14 @@ impl Server {
 /// How the server task ended: Ok, or the error message.
 type Termination = Option<Result<(), String>>;
 
-/// A running node. Dropping it shuts the node down.
+/// A running node.
+///
+/// Dropping it stops the node as chitchat 0.13 does (the gossip loop sees the command channel
+/// close): the gossip loop and the DNS refresh end and the sockets close within a bounded time,
+/// even while the application still holds [`ChitchatRef`]s. Those keep the stopped node's state
+/// readable; the node's own tasks hold strong references only while the server runs, so once
+/// the application's last one is dropped the state is freed and every [`WeakChitchatRef`]
+/// fails to upgrade. `shutdown().await` is the stop that waits until the port is free.
 pub struct ChitchatHandle {
     chitchat_id: ChitchatId,
     command_tx: mpsc::UnboundedSender<Command>,
@@ -478,6 +502,31 @@ impl ChitchatHandle {
     }
 }
 
+/// Re-resolves hostname seeds on the control thread until the node stops (its termination is
+/// published) or its state is gone, whichever comes first.
+fn spawn_dns_refresh(
+    control: &ControlThread,
+    resolver: hickory_resolver::TokioResolver,
+    seeds: Seeds,
+    listen_addr: SocketAddr,
+    seed_tx: watch::Sender<HashSet<SocketAddr>>,
+    termination_rx: &watch::Receiver<Termination>,
+) {
+    let mut termination_rx = termination_rx.clone();
+    let node_stopped = async move {
+        // An error means the sender is gone: stopped as well.
+        let _ = termination_rx.wait_for(Option::is_some).await;
+    };
+    control.handle().spawn(dns::dns_refresh_loop(
+        resolver,
+        seeds,
+        listen_addr,
+        seed_tx,
+        DNS_POLLING_DURATION,
+        node_stopped,
+    ));
+}
+
 /// Validates the config, resolves the seeds, binds the transport and starts gossiping.
 ///
 /// A bad config is an error naming the field; a bind failure names the address.
@@ -539,7 +588,9 @@ pub async fn spawn_chitchat_with(
     options: SpawnOptions,
 ) -> anyhow::Result<ChitchatHandle> {
     config.validate()?;
-    if let Some(label) = transport.cluster_label()
+    if let Some(label) = transport
+        .datagram_transport()
+        .and_then(|fast| fast.cluster_label())
         && label != config.cluster_id
     {
         return Err(crate::config::ConfigError::new(
@@ -573,16 +624,24 @@ pub async fn spawn_chitchat_with(
     let (seed_tx, seed_rx) = watch::channel::<HashSet<SocketAddr>>(seed_addrs);
 
     let chitchat_id = config.chitchat_id.clone();
+    let cluster_id = config.cluster_id.clone();
     let mut node = Chitchat::with_chitchat_id_and_seeds(config, seed_rx, initial_key_values);
     node.set_limits(options.limits);
     node.set_amplification_limits(options.amplification.clone());
-    node.set_datagram_budget(transport.max_payload());
+    node.set_datagram_budget(
+        transport
+            .datagram_transport()
+            .map_or(crate::transport::MAX_DATAGRAM_LEN, |fast| {
+                fast.max_payload()
+            }),
+    );
     let chitchat = ChitchatRef::new(node);
     let counters = Arc::new(Counters::default());
     let metrics_labels = node_metrics::base_labels(options.metrics_label.as_deref());
     let (panic_tx, panic_rx) = watch::channel(None);
     let handler = Arc::new(NodeHandler {
         chitchat: chitchat.clone(),
+        cluster_id,
         counters: counters.clone(),
         panic_tx,
         started: Instant::now(),
@@ -593,25 +652,25 @@ pub async fn spawn_chitchat_with(
         ),
     });
     let endpoint: Arc<dyn Endpoint> = Arc::from(
-        transport
-            .open(listen_addr, handler)
+        open_node_endpoint(transport, listen_addr, handler)
+            .await
             .with_context(|| format!("failed to open the gossip socket on {listen_addr}"))?,
     );
     info!(node = ?chitchat_id, local_addr = %endpoint.local_addr(), transport = ?endpoint.kind(),
           "chitchat node started");
 
+    let (command_tx, command_rx) = mpsc::unbounded_channel();
+    let (termination_tx, termination_rx) = watch::channel::<Termination>(None);
     if let Some(resolver) = resolver {
-        control.handle().spawn(dns::dns_refresh_loop(
+        spawn_dns_refresh(
+            &control,
             resolver,
             seeds,
             listen_addr,
             seed_tx,
-            DNS_POLLING_DURATION,
-        ));
+            &termination_rx,
+        );
     }
-
-    let (command_tx, command_rx) = mpsc::unbounded_channel();
-    let (termination_tx, termination_rx) = watch::channel::<Termination>(None);
     let mut server = Server::new(
         command_rx,
         chitchat.clone(),
@@ -649,4 +708,54 @@ pub async fn spawn_chitchat_with(
         counters,
         _control: control,
     })
+}
+
+/// The node's endpoint: our transports' byte-level fast path, or — for a user's transport — its
+/// chitchat `Socket` driven by a tokio task on the caller's runtime, behind the same handler.
+async fn open_node_endpoint(
+    transport: &dyn Transport,
+    listen_addr: SocketAddr,
+    handler: Arc<dyn DatagramHandler>,
+) -> anyhow::Result<Box<dyn Endpoint>> {
+    match transport.datagram_transport() {
+        Some(fast) => fast.open_endpoint(listen_addr, handler),
+        None => crate::transport::drive_socket(transport, listen_addr, handler).await,
+    }
+}
+
+#[cfg(test)]
+mod lifetime_tests {
+    use super::*;
+
+    /// The DNS refresh of a node ends when the node's termination is published, although its
+    /// state (the seed watcher) is still alive, as when the application holds a `ChitchatRef`
+    /// after dropping the handle.
+    #[tokio::test]
+    async fn dns_refresh_ends_when_the_node_stops() {
+        let control = ControlThread::shared().unwrap();
+        let seeds = Seeds::parse(&["localhost:7002".to_string()]);
+        let (seed_tx, seed_rx) = watch::channel(HashSet::new());
+        let (termination_tx, termination_rx) = watch::channel::<Termination>(None);
+        let listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        let (resolver_tx, resolver_rx) = oneshot::channel();
+        control.handle().spawn(async move {
+            let _ = resolver_tx.send(dns::system_resolver());
+        });
+        let resolver = resolver_rx.await.unwrap();
+        spawn_dns_refresh(
+            &control,
+            resolver,
+            seeds,
+            listen_addr,
+            seed_tx,
+            &termination_rx,
+        );
+        // Running: its sender is alive (the first refresh is a minute away).
+        assert!(seed_rx.has_changed().is_ok());
+        termination_tx.send_replace(Some(Ok(())));
+        let ended =
+            test_support::wait_until(Duration::from_secs(10), || seed_rx.has_changed().is_err())
+                .await;
+        assert!(ended, "the DNS refresh outlived its node");
+    }
 }

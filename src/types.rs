@@ -3,7 +3,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -96,7 +96,9 @@ impl From<u64> for Heartbeat {
 /// Whether a value is live, deleted, or due for deletion after the grace period.
 ///
 /// The `Instant` is the *local* time at which this node created or learned the status: every
-/// replica garbage-collects on its own clock.
+/// replica garbage-collects on its own clock. It is `tokio::time::Instant`, as in chitchat 0.13;
+/// the protocol core stamps it from its injected [`Clock`](crate::clock::Clock) (std time,
+/// converted with `Instant::from_std`), so virtual time reaches it too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeletionStatus {
     /// A live value.
@@ -312,6 +314,21 @@ mod tests {
         let back: VersionedValue = serde_json::from_str(&json).unwrap();
         assert!(matches!(back.status, DeletionStatus::DeleteAfterTtl(_)));
         assert!(!back.is_deleted());
+    }
+
+    /// chitchat 0.13 code names `tokio::time::Instant` here: the same type, not a look-alike.
+    #[test]
+    fn deletion_status_holds_tokio_instants() {
+        let since: fn(&DeletionStatus) -> Option<tokio::time::Instant> =
+            DeletionStatus::time_of_start_scheduled_for_deletion;
+        let at = tokio::time::Instant::now();
+        assert_eq!(since(&DeletionStatus::Deleted(at)), Some(at));
+        assert_eq!(since(&DeletionStatus::DeleteAfterTtl(at)), Some(at));
+        assert_eq!(since(&DeletionStatus::Set), None);
+        assert_eq!(
+            DeletionStatusMutation::DeleteAfterTtl.into_status(at),
+            DeletionStatus::DeleteAfterTtl(at)
+        );
     }
 
     #[test]

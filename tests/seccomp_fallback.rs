@@ -1,12 +1,14 @@
 //! With io_uring_setup denied by seccomp (EPERM, as container runtimes do), Auto mode falls back
 //! to epoll and says why, and forced io_uring is an error. Own process: the filter is permanent.
+//! Linux only (seccomp, io_uring and epoll are).
+#![cfg(target_os = "linux")]
 
 use std::net::UdpSocket;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chitchat_uring::transport::{
-    Datagram, DatagramHandler, ReplySink, TRANSPORT_ENV, Transport, TransportKind, UdpMode,
+    Datagram, DatagramHandler, DatagramTransport, ReplySink, TRANSPORT_ENV, TransportKind, UdpMode,
     UdpTransport,
 };
 
@@ -74,7 +76,7 @@ fn seccomp_denied_io_uring_falls_back_to_epoll() {
         mode: UdpMode::Uring,
         ..UdpTransport::DEFAULT
     })
-    .open("127.0.0.1:0".parse().unwrap(), Arc::new(Echo))
+    .open_endpoint("127.0.0.1:0".parse().unwrap(), Arc::new(Echo))
     {
         Ok(_) => panic!("forced io_uring must fail when io_uring_setup is denied"),
         Err(e) => e.to_string(),
@@ -82,7 +84,7 @@ fn seccomp_denied_io_uring_falls_back_to_epoll() {
     assert!(err.contains("io_uring"), "{err}");
 
     let ep = UdpTransport
-        .open("127.0.0.1:0".parse().unwrap(), Arc::new(Echo))
+        .open_endpoint("127.0.0.1:0".parse().unwrap(), Arc::new(Echo))
         .unwrap();
     match ep.kind() {
         TransportKind::Epoll { reason } => {

@@ -76,7 +76,9 @@ async fn syn_gets_a_syn_ack_in_the_version_received() {
         assert!(
             matches!(
                 (name, node.transport_kind()),
-                ("uring", TransportKind::Uring) | ("epoll", TransportKind::Epoll { .. })
+                ("uring", TransportKind::Uring)
+                    | ("epoll", TransportKind::Epoll { .. })
+                    | ("portable", TransportKind::Portable)
             ),
             "{name}: {:?}",
             node.transport_kind()

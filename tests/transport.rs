@@ -1,4 +1,6 @@
-//! Behaviour of the datagram layer over io_uring, epoll and the in-memory channel transport.
+//! Behaviour of the datagram layer over io_uring, epoll, the portable backend and the in-memory
+//! channel transport. Off Linux only the portable and channel tests run.
+#![cfg_attr(not(target_os = "linux"), allow(dead_code, unused_imports))]
 
 mod common;
 
@@ -10,8 +12,8 @@ use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use chitchat_uring::transport::{
-    ChannelTransport, Datagram, DatagramHandler, Endpoint, Faults, MAX_DATAGRAM_LEN, ReplySink,
-    Transport, TransportKind, UdpMode, UdpTransport,
+    ChannelTransport, Datagram, DatagramHandler, DatagramTransport, Endpoint, Faults,
+    MAX_DATAGRAM_LEN, ReplySink, TransportKind, UdpMode, UdpTransport,
 };
 use common::{uring_or_skip, wait_until_blocking as wait_until};
 use parking_lot::Mutex;
@@ -77,12 +79,16 @@ fn client() -> UdpSocket {
     let s = UdpSocket::bind(localhost()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let size: i32 = 8 << 20;
+    #[cfg(target_os = "linux")]
+    let option = libc::SO_RCVBUFFORCE;
+    #[cfg(not(target_os = "linux"))]
+    let option = libc::SO_RCVBUF;
     // SAFETY: valid int option on a valid socket (root may exceed rmem_max with FORCE).
     unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
+            option,
             (&size as *const i32).cast(),
             4,
         );
@@ -101,13 +107,16 @@ fn check_kind(ep: &dyn Endpoint, mode: UdpMode) {
     match mode {
         UdpMode::Uring => assert_eq!(ep.kind(), TransportKind::Uring),
         UdpMode::Epoll => assert!(matches!(ep.kind(), TransportKind::Epoll { .. })),
+        UdpMode::Portable => assert_eq!(ep.kind(), TransportKind::Portable),
         UdpMode::Auto => {}
     }
 }
 
 fn echo_round_trip(mode: UdpMode) {
     let handler = Arc::new(Recorder::default());
-    let ep = udp(mode).open(localhost(), handler.clone()).unwrap();
+    let ep = udp(mode)
+        .open_endpoint(localhost(), handler.clone())
+        .unwrap();
     check_kind(ep.as_ref(), mode);
     let c = client();
     c.send_to(b"hello", ep.local_addr()).unwrap();
@@ -132,7 +141,9 @@ fn spread_over_workers(mode: UdpMode) {
         workers: Some(2),
         ..udp(mode)
     };
-    let ep = transport.open(localhost(), handler.clone()).unwrap();
+    let ep = transport
+        .open_endpoint(localhost(), handler.clone())
+        .unwrap();
     let clients: Vec<UdpSocket> = (0..64).map(|_| client()).collect();
     for (i, c) in clients.iter().enumerate() {
         c.send_to(format!("from {i}").as_bytes(), ep.local_addr())
@@ -157,7 +168,9 @@ fn ring_exhaustion(mode: UdpMode) {
         recv_buffers: 4,
         ..udp(mode)
     };
-    let ep = transport.open(localhost(), handler.clone()).unwrap();
+    let ep = transport
+        .open_endpoint(localhost(), handler.clone())
+        .unwrap();
     let c = client();
     const N: usize = 500;
     for i in 0..N {
@@ -182,14 +195,14 @@ fn ring_exhaustion(mode: UdpMode) {
 fn close_frees_port(mode: UdpMode) {
     let handler = Arc::new(Recorder::default());
     let t = udp(mode);
-    let ep = t.open(localhost(), handler.clone()).unwrap();
+    let ep = t.open_endpoint(localhost(), handler.clone()).unwrap();
     let addr = ep.local_addr();
     ep.close();
     ep.close(); // idempotent
     assert!(ep.send_to(addr, b"x").is_err());
     drop(UdpSocket::bind(addr).expect("port free after close()"));
     // Same address again, explicitly; then freed by drop.
-    let ep = t.open(addr, handler.clone()).unwrap();
+    let ep = t.open_endpoint(addr, handler.clone()).unwrap();
     assert_eq!(ep.local_addr(), addr);
     let c = client();
     c.send_to(b"again", addr).unwrap();
@@ -201,7 +214,7 @@ fn close_frees_port(mode: UdpMode) {
 fn bind_error_names_address(mode: UdpMode) {
     let taken = UdpSocket::bind(localhost()).unwrap();
     let addr = taken.local_addr().unwrap();
-    let err = match udp(mode).open(addr, Arc::new(Recorder::default())) {
+    let err = match udp(mode).open_endpoint(addr, Arc::new(Recorder::default())) {
         Ok(_) => panic!("bind to a taken port must fail"),
         Err(e) => e,
     };
@@ -215,8 +228,8 @@ fn panic_isolation(mode: UdpMode) {
     };
     let bad = Arc::new(Recorder::default());
     let good = Arc::new(Recorder::default());
-    let bad_ep = t.open(localhost(), bad.clone()).unwrap();
-    let good_ep = t.open(localhost(), good.clone()).unwrap();
+    let bad_ep = t.open_endpoint(localhost(), bad.clone()).unwrap();
+    let good_ep = t.open_endpoint(localhost(), good.clone()).unwrap();
     let c = client();
     c.send_to(b"panic", bad_ep.local_addr()).unwrap();
     assert!(wait_until(WAIT, || !bad.panics.lock().is_empty()));
@@ -232,7 +245,7 @@ fn panic_isolation(mode: UdpMode) {
 
 fn large_datagram(mode: UdpMode) {
     let ep = udp(mode)
-        .open(localhost(), Arc::new(Recorder::default()))
+        .open_endpoint(localhost(), Arc::new(Recorder::default()))
         .unwrap();
     let c = client();
     let payload: Vec<u8> = (0..MAX_DATAGRAM_LEN).map(|i| (i % 251) as u8).collect();
@@ -249,7 +262,7 @@ fn oversized_for_buffers_is_dropped(mode: UdpMode) {
         ..udp(mode)
     };
     let handler = Arc::new(Recorder::default());
-    let ep = t.open(localhost(), handler.clone()).unwrap();
+    let ep = t.open_endpoint(localhost(), handler.clone()).unwrap();
     let c = client();
     c.send_to(&[7u8; 4000], ep.local_addr()).unwrap();
     c.send_to(b"small", ep.local_addr()).unwrap();
@@ -266,7 +279,7 @@ fn udp_faults(mode: UdpMode) {
             workers: Some(1),
             ..udp(mode)
         }
-        .open(localhost(), Arc::new(Recorder::default()))
+        .open_endpoint(localhost(), Arc::new(Recorder::default()))
         .unwrap()
     };
     // Loss 1.0: nothing comes back, everything counted.
@@ -323,7 +336,7 @@ fn udp_faults(mode: UdpMode) {
 
 fn ipv6_echo(mode: UdpMode) {
     let ep = udp(mode)
-        .open("[::1]:0".parse().unwrap(), Arc::new(Recorder::default()))
+        .open_endpoint("[::1]:0".parse().unwrap(), Arc::new(Recorder::default()))
         .unwrap();
     let c = UdpSocket::bind("[::1]:0").unwrap();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -349,14 +362,16 @@ impl DatagramHandler for SelfCloser {
 
 fn close_from_handler(mode: UdpMode) {
     let handler = Arc::new(SelfCloser::default());
-    let ep = udp(mode).open(localhost(), handler.clone()).unwrap();
+    let ep = udp(mode)
+        .open_endpoint(localhost(), handler.clone())
+        .unwrap();
     let addr = ep.local_addr();
     assert!(handler.ep.set(ep).is_ok());
     client().send_to(b"close yourself", addr).unwrap();
     assert!(wait_until(WAIT, || UdpSocket::bind(addr).is_ok()));
     // The worker is still alive: another endpoint on the same runtime answers.
     let other = udp(mode)
-        .open(localhost(), Arc::new(Recorder::default()))
+        .open_endpoint(localhost(), Arc::new(Recorder::default()))
         .unwrap();
     let c = client();
     c.send_to(b"alive", other.local_addr()).unwrap();
@@ -365,6 +380,7 @@ fn close_from_handler(mode: UdpMode) {
 
 macro_rules! udp_tests {
     ($($name:ident),* $(,)?) => {
+        #[cfg(target_os = "linux")]
         mod uring {
             use super::*;
             $( #[test] fn $name() {
@@ -373,6 +389,7 @@ macro_rules! udp_tests {
                 }
             } )*
         }
+        #[cfg(target_os = "linux")]
         mod epoll {
             use super::*;
             $( #[test] fn $name() { super::$name(UdpMode::Epoll) } )*
@@ -394,10 +411,33 @@ udp_tests!(
     close_from_handler,
 );
 
+/// The portable backend runs the tests that do not depend on several workers or io_uring's
+/// buffer ring.
+mod portable {
+    use super::*;
+    macro_rules! portable_tests {
+        ($($name:ident),* $(,)?) => {
+            $( #[test] fn $name() { super::$name(UdpMode::Portable) } )*
+        };
+    }
+    portable_tests!(
+        echo_round_trip,
+        close_frees_port,
+        bind_error_names_address,
+        panic_isolation,
+        large_datagram,
+        oversized_for_buffers_is_dropped,
+        udp_faults,
+        ipv6_echo,
+        close_from_handler,
+    );
+}
+
+#[cfg(target_os = "linux")]
 #[test]
 fn forced_modes_report_their_kind() {
     let ep = udp(UdpMode::Epoll)
-        .open(localhost(), Arc::new(Recorder::default()))
+        .open_endpoint(localhost(), Arc::new(Recorder::default()))
         .unwrap();
     match ep.kind() {
         TransportKind::Epoll { reason } => assert!(reason.contains("forced"), "{reason}"),
@@ -407,15 +447,16 @@ fn forced_modes_report_their_kind() {
         return;
     }
     let ep = udp(UdpMode::Uring)
-        .open(localhost(), Arc::new(Recorder::default()))
+        .open_endpoint(localhost(), Arc::new(Recorder::default()))
         .unwrap();
     assert_eq!(ep.kind(), TransportKind::Uring);
 }
 
 #[test]
 fn unit_const_is_usable_like_chitchat() {
-    fn takes_transport(t: &dyn Transport) -> Box<dyn Endpoint> {
-        t.open(localhost(), Arc::new(Recorder::default())).unwrap()
+    fn takes_transport(t: &dyn DatagramTransport) -> Box<dyn Endpoint> {
+        t.open_endpoint(localhost(), Arc::new(Recorder::default()))
+            .unwrap()
     }
     let ep = takes_transport(&UdpTransport);
     assert_ne!(ep.local_addr().port(), 0);
@@ -432,9 +473,11 @@ fn addr(port: u16) -> SocketAddr {
 #[test]
 fn channel_echo_and_stats() {
     let t = ChannelTransport::new();
-    let server = t.open(addr(1000), Arc::new(Recorder::default())).unwrap();
+    let server = t
+        .open_endpoint(addr(1000), Arc::new(Recorder::default()))
+        .unwrap();
     let rec = Recorder::silent();
-    let client = t.open(addr(1001), rec.clone()).unwrap();
+    let client = t.open_endpoint(addr(1001), rec.clone()).unwrap();
     assert_eq!(server.kind(), TransportKind::Channel);
     client.send_to(addr(1000), b"ping").unwrap();
     assert!(wait_until(WAIT, || rec.count() == 1));
@@ -452,21 +495,28 @@ fn channel_echo_and_stats() {
 #[test]
 fn channel_addresses() {
     let t = ChannelTransport::new();
-    let a = t.open(addr(0), Arc::new(Recorder::default())).unwrap();
+    let a = t
+        .open_endpoint(addr(0), Arc::new(Recorder::default()))
+        .unwrap();
     assert_eq!(a.local_addr(), addr(1));
-    let b = t.open(addr(0), Arc::new(Recorder::default())).unwrap();
+    let b = t
+        .open_endpoint(addr(0), Arc::new(Recorder::default()))
+        .unwrap();
     assert_eq!(b.local_addr(), addr(2));
     let err = t
-        .open(addr(1), Arc::new(Recorder::default()))
+        .open_endpoint(addr(1), Arc::new(Recorder::default()))
         .err()
         .unwrap();
     assert!(err.to_string().contains("Address not available"), "{err}");
     drop(a);
-    assert!(t.open(addr(1), Arc::new(Recorder::default())).is_ok());
+    assert!(
+        t.open_endpoint(addr(1), Arc::new(Recorder::default()))
+            .is_ok()
+    );
     // A different network does not share addresses.
     assert!(
         ChannelTransport::new()
-            .open(addr(2), Arc::new(Recorder::default()))
+            .open_endpoint(addr(2), Arc::new(Recorder::default()))
             .is_ok()
     );
 }
@@ -474,9 +524,9 @@ fn channel_addresses() {
 #[test]
 fn channel_mtu() {
     let t = ChannelTransport::with_mtu(100);
-    let a = t.open(addr(1), Recorder::silent()).unwrap();
+    let a = t.open_endpoint(addr(1), Recorder::silent()).unwrap();
     let rec = Recorder::silent();
-    let _b = t.open(addr(2), rec.clone()).unwrap();
+    let _b = t.open_endpoint(addr(2), rec.clone()).unwrap();
     let err = a.send_to(addr(2), &[0u8; 101]).unwrap_err();
     assert!(
         err.to_string()
@@ -488,9 +538,9 @@ fn channel_mtu() {
     assert_eq!(a.stats().send_errors, 1);
     // The UDP-sized network carries a maximal datagram whole.
     let t = ChannelTransport::with_mtu(MAX_DATAGRAM_LEN);
-    let a = t.open(addr(1), Recorder::silent()).unwrap();
+    let a = t.open_endpoint(addr(1), Recorder::silent()).unwrap();
     let rec = Recorder::silent();
-    let _b = t.open(addr(2), rec.clone()).unwrap();
+    let _b = t.open_endpoint(addr(2), rec.clone()).unwrap();
     a.send_to(addr(2), &[5u8; MAX_DATAGRAM_LEN]).unwrap();
     assert!(a.send_to(addr(2), &[5u8; MAX_DATAGRAM_LEN + 1]).is_err());
     assert!(wait_until(WAIT, || rec.count() == 1));
@@ -502,13 +552,13 @@ fn channel_partition_and_heal() {
     let t = ChannelTransport::new();
     let ra = Recorder::silent();
     let rb = Recorder::silent();
-    let a = t.open(addr(1), ra.clone()).unwrap();
-    let b = t.open(addr(2), rb.clone()).unwrap();
+    let a = t.open_endpoint(addr(1), ra.clone()).unwrap();
+    let b = t.open_endpoint(addr(2), rb.clone()).unwrap();
     t.remove_link_now(addr(2), addr(1));
     a.send_to(addr(2), b"cut").unwrap();
     b.send_to(addr(1), b"cut").unwrap();
     // A third path still works, so a later delivery proves the cut ones were dropped.
-    let c = t.open(addr(3), Recorder::silent()).unwrap();
+    let c = t.open_endpoint(addr(3), Recorder::silent()).unwrap();
     c.send_to(addr(2), b"via c").unwrap();
     assert!(wait_until(WAIT, || rb.count() == 1));
     assert_eq!(rb.received.lock()[0].1, b"via c");
@@ -523,12 +573,12 @@ fn channel_partition_and_heal() {
 fn channel_faults() {
     let base = ChannelTransport::new();
     let rec = Recorder::silent();
-    let _sink = base.open(addr(9), rec.clone()).unwrap();
+    let _sink = base.open_endpoint(addr(9), rec.clone()).unwrap();
     let lossy = base.clone().with_faults(Faults {
         loss: 1.0,
         ..Faults::default()
     });
-    let a = lossy.open(addr(1), Recorder::silent()).unwrap();
+    let a = lossy.open_endpoint(addr(1), Recorder::silent()).unwrap();
     for _ in 0..10 {
         a.send_to(addr(9), b"x").unwrap();
     }
@@ -538,7 +588,7 @@ fn channel_faults() {
         duplicate: 1.0,
         ..Faults::default()
     });
-    let b = dup.open(addr(2), Recorder::silent()).unwrap();
+    let b = dup.open_endpoint(addr(2), Recorder::silent()).unwrap();
     b.send_to(addr(9), b"dd").unwrap();
     assert!(
         wait_until(WAIT, || rec.count() == 2),
@@ -553,7 +603,7 @@ fn channel_faults() {
         seed: Some(3),
         ..Faults::default()
     });
-    let c = corrupt.open(addr(3), Recorder::silent()).unwrap();
+    let c = corrupt.open_endpoint(addr(3), Recorder::silent()).unwrap();
     c.send_to(addr(9), &[0u8; 32]).unwrap();
     assert!(wait_until(WAIT, || rec.count() == 3));
     assert!(rec.received.lock()[2].1.len() < 32);
@@ -563,7 +613,7 @@ fn channel_faults() {
         seed: Some(5),
         ..Faults::default()
     });
-    let d = delayed.open(addr(4), Recorder::silent()).unwrap();
+    let d = delayed.open_endpoint(addr(4), Recorder::silent()).unwrap();
     for i in 0..200u32 {
         d.send_to(addr(9), &i.to_le_bytes()).unwrap();
     }
@@ -582,10 +632,12 @@ fn channel_faults() {
 fn channel_panic_isolation() {
     let t = ChannelTransport::new();
     let bad = Arc::new(Recorder::default());
-    let bad_ep = t.open(addr(1), bad.clone()).unwrap();
-    let _good_ep = t.open(addr(2), Arc::new(Recorder::default())).unwrap();
+    let bad_ep = t.open_endpoint(addr(1), bad.clone()).unwrap();
+    let _good_ep = t
+        .open_endpoint(addr(2), Arc::new(Recorder::default()))
+        .unwrap();
     let rec = Recorder::silent();
-    let client = t.open(addr(3), rec.clone()).unwrap();
+    let client = t.open_endpoint(addr(3), rec.clone()).unwrap();
     client.send_to(addr(1), b"panic").unwrap();
     assert!(wait_until(WAIT, || !bad.panics.lock().is_empty()));
     assert!(bad_ep.send_to(addr(3), b"x").is_err());
@@ -593,7 +645,7 @@ fn channel_panic_isolation() {
     assert!(wait_until(WAIT, || rec.count() == 1));
     // The panicked endpoint's address is free again.
     assert!(wait_until(WAIT, || t
-        .open(addr(1), Recorder::silent())
+        .open_endpoint(addr(1), Recorder::silent())
         .is_ok()));
 }
 
@@ -639,7 +691,7 @@ fn hundred_channel_endpoints_few_threads() {
         .collect();
     let eps: Vec<Box<dyn Endpoint>> = (0..n)
         .map(|i| {
-            t.open(addr(2000 + i), handlers[i as usize].clone())
+            t.open_endpoint(addr(2000 + i), handlers[i as usize].clone())
                 .unwrap()
         })
         .collect();

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 /// The limiter's configuration. `Default` holds the documented defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AmplificationLimits {
+    /// `false` treats every source as a member: no budget, no receive allowance, SynAcks
+    /// accepted from anyone. Only for benchmarks and networks where sources cannot be spoofed.
+    pub enabled: bool,
     /// Bytes a non-member may be sent per byte received from it.
     pub factor: u64,
     /// Join allowance per source, bytes per second.
@@ -40,6 +43,7 @@ pub struct AmplificationLimits {
 impl Default for AmplificationLimits {
     fn default() -> Self {
         AmplificationLimits {
+            enabled: true,
             factor: 3,
             per_source_rate: 64 * 1024,
             per_source_burst: 64 * 1024,
@@ -50,6 +54,18 @@ impl Default for AmplificationLimits {
             max_sources: 4_096,
             recent_syn_window: Duration::from_secs(5),
             max_recent_syns: 4_096,
+        }
+    }
+}
+
+impl AmplificationLimits {
+    /// No limits at all (see [`AmplificationLimits::enabled`]): a load generator's sockets,
+    /// which are not cluster members, then measure the node's handling rather than its
+    /// defences.
+    pub fn off() -> Self {
+        AmplificationLimits {
+            enabled: false,
+            ..AmplificationLimits::default()
         }
     }
 }
@@ -219,9 +235,11 @@ impl AmplificationLimiter {
 
     /// Whether a SynAck from `from` answers a Syn we sent it within the window.
     pub fn syn_ack_expected(&self, from: SocketAddr, now: Instant) -> bool {
-        self.recent_syns
-            .get(&from)
-            .is_some_and(|sent| now.saturating_duration_since(*sent) <= self.syn_window)
+        !self.limits.enabled
+            || self
+                .recent_syns
+                .get(&from)
+                .is_some_and(|sent| now.saturating_duration_since(*sent) <= self.syn_window)
     }
 
     /// Sources tracked now (bounded by `max_sources`).

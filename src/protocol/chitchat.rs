@@ -31,6 +31,7 @@ use crate::protocol::limits::{Limits, Refusal, RefusalCounts, RefusalLog};
 use crate::protocol::listener::{KeyChangeEvent, ListenerHandle, Listeners};
 use crate::protocol::node_state::NodeState;
 use crate::protocol::peer_selection::{GossipTargets, select_nodes_for_gossip};
+use crate::protocol::received::{self, Received};
 use crate::protocol::reply::{self, ReplyOutcome};
 #[cfg(test)]
 use crate::types::Heartbeat;
@@ -100,6 +101,15 @@ pub struct Chitchat {
     member_addrs: HashSet<SocketAddr>,
     /// The digest being handled, matched against the node states (reused across messages).
     peer_digest: PeerDigest,
+}
+
+/// How a datagram admitted before decoding may be answered ([`Chitchat::admit_datagram`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    /// The source is the gossip address of a node held live: its replies are not bounded.
+    member: bool,
+    /// The most bytes a reply to it may take.
+    reply_budget: usize,
 }
 
 impl Chitchat {
@@ -728,7 +738,7 @@ impl Chitchat {
         if !outcome.replied {
             return None;
         }
-        match reply::decode(&buf) {
+        match received::decode(&buf) {
             Ok(reply) => Some(reply),
             Err(error) => {
                 error!(%error, "a reply of this node does not decode: dropped");
@@ -746,7 +756,7 @@ impl Chitchat {
         reply: &mut Vec<u8>,
         deadline: Option<Instant>,
     ) -> Result<ReplyOutcome, DecodeError> {
-        reply::with_view(payload, |view| {
+        received::with_view(payload, |view| {
             self.process_view_into(view.version, view.message, reply, deadline)
         })
     }
@@ -755,7 +765,9 @@ impl Chitchat {
     /// rules (DESIGN-13 §4): a non-member source's datagrams are dropped undecoded once its
     /// receive allowance is spent, its replies are bounded by its budget, a SynAck from an
     /// address we sent no recent Syn to is dropped, and a Syn's cluster id is checked before its
-    /// digest is decoded.
+    /// digest is decoded. The three steps the server takes apart, so that it decodes outside
+    /// the node lock: [`Chitchat::admit_datagram`], [`decode_received`](crate::protocol::decode_received),
+    /// [`Chitchat::handle_received`].
     pub fn handle_datagram_from(
         &mut self,
         from: SocketAddr,
@@ -764,19 +776,54 @@ impl Chitchat {
         deadline: Option<Instant>,
     ) -> Result<ReplyOutcome, DecodeError> {
         reply.clear();
-        let now = self.clock.now();
-        let member = self.member_addrs.contains(&from);
-        if !member && !self.amplification.admit(from, payload.len(), now) {
-            self.stats.non_member_flood += 1;
+        let Some(admission) = self.admit_datagram(from, payload.len()) else {
             return Ok(ReplyOutcome::none(self.config.protocol_version));
+        };
+        let cluster_id = self.config.cluster_id.clone();
+        received::decode_received(&cluster_id, payload, |received| {
+            self.handle_received(from, admission, received, reply, deadline)
+        })
+    }
+
+    /// Before a datagram of `len` bytes from `from` is decoded: `None` drops it undecoded (a
+    /// non-member source past its receive allowance); otherwise how its reply is bounded.
+    pub fn admit_datagram(&mut self, from: SocketAddr, len: usize) -> Option<Admission> {
+        let now = self.clock.now();
+        let member = !self.amplification.limits().enabled || self.member_addrs.contains(&from);
+        if !member && !self.amplification.admit(from, len, now) {
+            self.stats.non_member_flood += 1;
+            return None;
         }
-        let budget = if member {
+        let reply_budget = if member {
             usize::MAX
         } else {
             self.amplification.reply_budget(from, now)
         };
-        let outcome = match crate::wire::syn_cluster_id(payload)? {
-            Some((version, cluster_id)) if cluster_id != self.config.cluster_id => {
+        Some(Admission {
+            member,
+            reply_budget,
+        })
+    }
+
+    /// Handles a datagram from `from`, admitted by [`Chitchat::admit_datagram`] and decoded by
+    /// [`decode_received`](crate::protocol::decode_received), writing the reply (if any) into
+    /// `reply` (cleared first).
+    pub fn handle_received(
+        &mut self,
+        from: SocketAddr,
+        admission: Admission,
+        received: Received<'_>,
+        reply: &mut Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> ReplyOutcome {
+        reply.clear();
+        let now = self.clock.now();
+        let budget = admission.reply_budget;
+        let outcome = match received {
+            Received::OtherClusterSyn {
+                version,
+                cluster_id,
+            } => {
                 self.stats.syn_received += 1;
                 self.stats.bad_cluster_sent += 1;
                 warn!(their = %cluster_id, ours = %self.config.cluster_id,
@@ -787,7 +834,7 @@ impl Chitchat {
                     ..ReplyOutcome::none(version)
                 }
             }
-            _ => reply::with_view(payload, |view| {
+            Received::Message(view) => {
                 if matches!(view.message, MessageView::SynAck { .. })
                     && !self.amplification.syn_ack_expected(from, now)
                 {
@@ -795,23 +842,23 @@ impl Chitchat {
                     return ReplyOutcome::none(view.version);
                 }
                 self.process_view_budgeted(view.version, view.message, reply, deadline, budget)
-            })?,
+            }
         };
         if !outcome.replied {
-            return Ok(outcome);
+            return outcome;
         }
         if reply.len() > budget {
             reply.clear();
             self.stats.amplification_limited += 1;
-            return Ok(ReplyOutcome {
+            return ReplyOutcome {
                 replied: false,
                 ..outcome
-            });
+            };
         }
-        if !member {
+        if !admission.member {
             self.amplification.charge(from, reply.len(), now);
         }
-        Ok(outcome)
+        outcome
     }
 
     /// Records a Syn sent to `to` outside the rounds (a driver's manual gossip), so that its

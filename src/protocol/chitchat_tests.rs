@@ -758,3 +758,136 @@ fn gossip_round_picks_targets_bumps_heartbeat_and_writes_one_syn() {
     let targets = n1.begin_gossip_round(&mut syn);
     assert_eq!(targets.nodes, vec![peer.gossip_advertise_addr]);
 }
+
+/// The server's three steps (admit under the lock, decode without it, handle under it) do
+/// exactly what `handle_datagram_from` does: same replies, same refusals, same state.
+#[test]
+fn admit_decode_handle_equals_handle_datagram_from() {
+    use crate::protocol::{Received, decode_received};
+
+    let clock = ManualClock::new();
+    let twin = || node_with(config(7001), &clock, vec![("a", "1"), ("b", "2")]);
+    let (mut whole, mut split, mut answerer) = (twin(), twin(), twin());
+    let peer = node(7002, &clock);
+    let mut other_cluster = config(7003);
+    other_cluster.cluster_id = "another".to_string();
+    let outsider = node_with(other_cluster, &clock, Vec::new());
+    let stranger = SocketAddr::from(([127, 0, 0, 1], 7999));
+    let peer_addr = peer.self_chitchat_id().gossip_advertise_addr;
+    let encode = |message: ChitchatMessage| {
+        wire::encode_envelope(&ChitchatEnvelope {
+            version: ProtocolVersion::V0,
+            message,
+        })
+        .expect("encodes")
+    };
+    let unsolicited_syn_ack = answerer
+        .process_message(peer.create_syn_message())
+        .expect("a syn-ack");
+    let datagrams = [
+        (peer_addr, encode(peer.create_syn_message()), false),
+        (stranger, encode(outsider.create_syn_message()), true),
+        (stranger, encode(unsolicited_syn_ack), false),
+        (stranger, vec![0xFF, 0x00, 0x13], false),
+        (peer_addr, Vec::new(), false),
+    ];
+    for (from, payload, other_cluster) in &datagrams {
+        let mut reply_whole = Vec::new();
+        let mut reply_split = Vec::new();
+        let expected = whole.handle_datagram_from(*from, payload, &mut reply_whole, None);
+        let admission = split
+            .admit_datagram(*from, payload.len())
+            .expect("within the allowance");
+        let cluster_id = split.config().cluster_id.clone();
+        let got = decode_received(&cluster_id, payload, |received| {
+            assert_eq!(
+                matches!(received, Received::OtherClusterSyn { .. }),
+                *other_cluster
+            );
+            split.handle_received(*from, admission, received, &mut reply_split, None)
+        });
+        match (expected, got) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b, "outcome of {payload:?}"),
+            (Err(a), Err(b)) => assert_eq!(a.kind(), b.kind()),
+            (a, b) => panic!("diverged on {payload:?}: {a:?} vs {b:?}"),
+        }
+        assert_eq!(reply_whole, reply_split);
+    }
+    assert_eq!(whole.stats(), split.stats());
+    assert_eq!(whole.stats().unsolicited_syn_ack, 1);
+    assert_eq!(whole.stats().bad_cluster_sent, 1);
+    assert_eq!(
+        whole.state_snapshot().node_states,
+        split.state_snapshot().node_states
+    );
+}
+
+/// `AmplificationLimits::off()`: a flooding non-member is answered in full and an unsolicited
+/// SynAck applied, as chitchat does; the default limits drop both.
+#[test]
+fn amplification_limits_off_treats_every_source_as_a_member() {
+    use crate::protocol::amplification::AmplificationLimits;
+
+    let clock = ManualClock::new();
+    let stranger = SocketAddr::from(([127, 0, 0, 1], 7999));
+    // Incompressible values (deltas are zstd-compressed): a little LCG's letters.
+    let mut seed = 0x2545_f491_u32;
+    let mut letter = move || {
+        seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        char::from(b'a' + (seed >> 16) as u8 % 26)
+    };
+    let state: Vec<(String, String)> = (0..200)
+        .map(|i| (format!("key-{i:03}"), (0..200).map(|_| letter()).collect()))
+        .collect();
+    let run = |limits: AmplificationLimits| {
+        let kvs = state
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let mut node = node_with(config(7001), &clock, kvs);
+        node.set_amplification_limits(limits);
+        let mut answerer = node_with(config(7002), &clock, vec![("x", "1")]);
+        let empty_syn = wire::encode_envelope(&ChitchatEnvelope {
+            version: ProtocolVersion::V0,
+            message: ChitchatMessage::Syn {
+                cluster_id: "test-cluster".to_string(),
+                digest: Digest::default(),
+            },
+        })
+        .expect("encodes");
+        let mut reply = Vec::new();
+        let mut replied_bytes = 0;
+        for _ in 0..1_000 {
+            let outcome = node
+                .handle_datagram_from(stranger, &empty_syn, &mut reply, None)
+                .expect("decodes");
+            if outcome.replied {
+                replied_bytes += reply.len();
+            }
+        }
+        let syn_ack = answerer
+            .process_message(node.create_syn_message())
+            .expect("a syn-ack");
+        let syn_ack = wire::encode_envelope(&ChitchatEnvelope {
+            version: ProtocolVersion::V0,
+            message: syn_ack,
+        })
+        .expect("encodes");
+        node.handle_datagram_from(stranger, &syn_ack, &mut reply, None)
+            .expect("decodes");
+        (replied_bytes, node.stats().unsolicited_syn_ack)
+    };
+    let (limited_bytes, limited_unsolicited) = run(AmplificationLimits::default());
+    let (off_bytes, off_unsolicited) = run(AmplificationLimits::off());
+    assert_eq!(limited_unsolicited, 1);
+    assert_eq!(off_unsolicited, 0);
+    // 1,000 empty 12-byte Syns: the default budget is 3× 12 kB plus the 256 KiB allowance.
+    assert!(
+        limited_bytes <= 3 * 12 * 1_000 + 256 * 1024,
+        "{limited_bytes}"
+    );
+    assert!(
+        off_bytes > 10 * limited_bytes,
+        "{off_bytes} vs {limited_bytes}"
+    );
+}

@@ -20,9 +20,10 @@ mod node_state;
 #[cfg(test)]
 mod node_state_tests;
 pub mod peer_selection;
+mod received;
 mod reply;
 
-pub use chitchat::{Chitchat, MAX_NODE_STATES, ProtocolStats};
+pub use chitchat::{Admission, Chitchat, MAX_NODE_STATES, ProtocolStats};
 pub use cluster_state::ClusterStateSnapshot;
 pub use failure_detector::FailureDetectorConfig;
 pub use gc_history::GARBAGE_COLLECTED_NODE_HISTORY_SIZE;
@@ -30,4 +31,5 @@ pub use limits::{Limits, Refusal, RefusalCounts};
 pub use listener::{KeyChangeEvent, ListenerHandle};
 pub use node_state::{KeyValueError, NodeState};
 pub use peer_selection::{GOSSIP_COUNT, GossipTargets, select_nodes_for_gossip};
+pub use received::{Received, decode_received};
 pub use reply::{MIN_SYN_ACK_DELTA_BUDGET, ReplyOutcome};

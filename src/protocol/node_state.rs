@@ -144,7 +144,7 @@ enum GcHint {
     /// No entry has a deletion status.
     Nothing,
     /// No entry's deletion started before this instant.
-    NotBefore(Instant),
+    NotBefore(tokio::time::Instant),
 }
 
 impl GcHint {
@@ -341,7 +341,7 @@ impl NodeState {
             }
         }
         let status = if ttl {
-            DeletionStatus::DeleteAfterTtl(self.clock.now())
+            DeletionStatus::DeleteAfterTtl(self.clock.now().into())
         } else {
             DeletionStatus::Set
         };
@@ -389,7 +389,7 @@ impl NodeState {
         *entry = VersionedValue {
             value: String::new(),
             version: self.max_version,
-            status: DeletionStatus::Deleted(now),
+            status: DeletionStatus::Deleted(now.into()),
         };
         self.gc_hint.note(entry.status);
     }
@@ -409,7 +409,7 @@ impl NodeState {
         }
         self.max_version = self.max_version.saturating_add(1);
         entry.version = self.max_version;
-        entry.status = DeletionStatus::DeleteAfterTtl(now);
+        entry.status = DeletionStatus::DeleteAfterTtl(now.into());
         self.gc_hint.note(entry.status);
     }
 
@@ -575,6 +575,9 @@ impl NodeState {
 
     /// Drops tombstones and TTL'd values older than the grace period.
     pub(crate) fn gc_keys_marked_for_deletion(&mut self, grace_period: Duration, now: Instant) {
+        // Deletion statuses carry tokio's `Instant` (chitchat's public type); the core's clock
+        // is std's: compare on tokio's.
+        let now = tokio::time::Instant::from_std(now);
         match self.gc_hint {
             GcHint::Nothing => return,
             GcHint::NotBefore(earliest) if now < earliest + grace_period => return,
@@ -683,7 +686,7 @@ impl NodeState {
                 VersionedValue {
                     value: kv.value.clone(),
                     version: kv.version,
-                    status: kv.status.into_status(now),
+                    status: kv.status.into_status(now.into()),
                 },
             );
         }
@@ -732,7 +735,7 @@ impl NodeState {
                 break;
             };
             self.max_version = version;
-            let status = DeletionStatus::Deleted(now);
+            let status = DeletionStatus::Deleted(now.into());
             self.gc_hint.note(status);
             self.bytes = self.bytes.saturating_add(kv.key.len());
             self.key_values.insert(

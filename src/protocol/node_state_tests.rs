@@ -77,7 +77,10 @@ fn delete_leaves_a_versioned_tombstone() {
     let tombstone = state.get_versioned("k").unwrap();
     assert_eq!(tombstone.value, "");
     assert_eq!(tombstone.version, 2);
-    assert_eq!(tombstone.status, DeletionStatus::Deleted(clock.now()));
+    assert_eq!(
+        tombstone.status,
+        DeletionStatus::Deleted(clock.now().into())
+    );
     assert_eq!(state.get("k"), None);
     assert!(!state.contains_key("k"));
     assert_eq!(state.num_key_values(), 0);
@@ -317,11 +320,11 @@ fn received_statuses_are_stamped_with_local_time() {
     state.apply_delta(&delta, clock.now());
     assert_eq!(
         state.get_versioned("d").unwrap().status,
-        DeletionStatus::Deleted(clock.now())
+        DeletionStatus::Deleted(clock.now().into())
     );
     assert_eq!(
         state.get_versioned("t").unwrap().status,
-        DeletionStatus::DeleteAfterTtl(clock.now())
+        DeletionStatus::DeleteAfterTtl(clock.now().into())
     );
 }
 

@@ -8,13 +8,13 @@ use std::time::Instant;
 use rand::Rng;
 use tracing::warn;
 
-use crate::message::{ChitchatEnvelope, NodeDigest, ProtocolVersion};
+use crate::message::{NodeDigest, ProtocolVersion};
 use crate::protocol::cluster_state::{ClusterState, node_digest};
 use crate::protocol::delta_plan::{DeltaSink, DeltaSummary, write_delta};
 use crate::protocol::digest_match::{NODE_DIGEST_LEN, PeerDigest};
 use crate::protocol::node_state::ScheduledForDeletion;
 use crate::types::{ChitchatId, DeletionStatusMutation, Version, VersionedValue};
-use crate::wire::{self, DecodeError, Decoder, DeltaWriter, Encoder, EnvelopeView, MessageType};
+use crate::wire::{self, DeltaWriter, Encoder, MessageType};
 
 /// Room a SynAck keeps for its delta when the digest alone would fill the datagram: the digest
 /// is then sent partial rather than leaving no room (the reference panics there).
@@ -46,28 +46,9 @@ impl ReplyOutcome {
 }
 
 thread_local! {
-    /// zstd contexts and scratch buffers, one per thread that encodes or decodes. Apart, so
-    /// that a reply can be encoded while the message it answers is still borrowed from the
-    /// decoder.
+    /// zstd context and scratch buffers, one per thread that encodes (the decoder is in
+    /// `received.rs`).
     static ENCODER: RefCell<Encoder> = RefCell::new(Encoder::new());
-    static DECODER: RefCell<Decoder> = RefCell::new(Decoder::new());
-}
-
-pub(crate) fn decode(bytes: &[u8]) -> Result<ChitchatEnvelope, DecodeError> {
-    DECODER.with(|decoder| decoder.borrow_mut().decode_envelope(bytes))
-}
-
-/// Decodes `bytes` into a view borrowing from them and from this thread's decoder, and hands
-/// it to `f`.
-pub(crate) fn with_view<T>(
-    bytes: &[u8],
-    f: impl FnOnce(EnvelopeView<'_>) -> T,
-) -> Result<T, DecodeError> {
-    DECODER.with(|decoder| {
-        let mut decoder = decoder.borrow_mut();
-        let view = decoder.decode_view(bytes)?;
-        Ok(f(view))
-    })
 }
 
 fn with_encoder<T>(f: impl FnOnce(&mut Encoder) -> T) -> T {

@@ -1,10 +1,14 @@
 //! The transport's public interface: what a handler receives ([`Datagram`]), where it writes
-//! replies ([`ReplySink`]), and the traits an endpoint and a transport implement. Kept apart from
-//! `mod.rs` so that every module of the transport can import it without importing the module
-//! that re-exports them all.
+//! replies ([`ReplySink`]), the traits an endpoint and a datagram transport implement, and
+//! chitchat 0.13's message-level [`Transport`]/[`Socket`]. Kept apart from `mod.rs` so that every
+//! module of the transport can import it without importing the module that re-exports them all.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::message::ChitchatEnvelope;
 
 /// Largest payload of one UDP datagram over IPv4 (65 535 − 8 byte UDP header − 20 byte IP header).
 pub const MAX_DATAGRAM_LEN: usize = 65_507;
@@ -58,6 +62,12 @@ pub enum TransportKind {
     },
     /// In-memory datagrams ([`ChannelTransport`](crate::transport::ChannelTransport)).
     Channel,
+    /// tokio's `UdpSocket` on a thread of the endpoint's own (`UdpMode::Portable`, and the only
+    /// UDP backend off Linux).
+    Portable,
+    /// A [`Socket`] of a user's [`Transport`], driven by a tokio task on the application's
+    /// runtime.
+    Socket,
 }
 
 /// Counters of one endpoint, summed over its workers.
@@ -109,11 +119,12 @@ pub trait Endpoint: Send + Sync {
     fn stats(&self) -> EndpointStats;
 }
 
-/// Opens endpoints.
-pub trait Transport: Send + Sync {
+/// Opens endpoints: the byte-level fast path of this crate's own transports (io_uring, epoll,
+/// portable, channel), reached through [`Transport::datagram_transport`].
+pub trait DatagramTransport: Send + Sync {
     /// Binds `listen_addr` (one SO_REUSEPORT socket per worker) and starts delivering its
     /// datagrams to `handler`. A bind failure is an error that names the address.
-    fn open(
+    fn open_endpoint(
         &self,
         listen_addr: SocketAddr,
         handler: Arc<dyn DatagramHandler>,
@@ -131,4 +142,57 @@ pub trait Transport: Send + Sync {
     fn max_payload(&self) -> usize {
         MAX_DATAGRAM_LEN
     }
+}
+
+/// What [`Socket::send`] did (chitchat 0.13's shape).
+#[derive(Debug, Clone, Copy, Eq, PartialEq)]
+pub struct SendOutcome {
+    /// Bytes handed to the transport for this message.
+    pub num_bytes_sent: usize,
+}
+
+/// One message [`Socket::recv`] returned (chitchat 0.13's shape).
+#[derive(Debug, Eq, PartialEq)]
+pub struct RecvOutcome {
+    /// The sender.
+    pub from_addr: SocketAddr,
+    /// The decoded message and the protocol version it came in.
+    pub envelope: ChitchatEnvelope,
+    /// Bytes the transport received for this message.
+    pub num_bytes_received: usize,
+}
+
+/// chitchat 0.13's transport: opens message-level [`Socket`]s. Any implementation works with
+/// [`spawn_chitchat`](crate::spawn_chitchat), which then drives the socket with a tokio task on
+/// the caller's runtime. This crate's transports also return their byte-level fast path from
+/// [`datagram_transport`](Self::datagram_transport), which `spawn_chitchat` prefers.
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// Binds `listen_addr` and returns the socket (an error if the address is taken).
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>>;
+
+    /// The byte-level fast path, if this transport has one. Only this crate's transports (and
+    /// wrappers around them) return `Some`; the default is `None`.
+    fn datagram_transport(&self) -> Option<&dyn DatagramTransport> {
+        None
+    }
+}
+
+/// chitchat 0.13's socket: sends and receives whole messages.
+#[async_trait]
+pub trait Socket: Send + Sync + 'static {
+    /// The bound address.
+    fn local_addr(&self) -> anyhow::Result<SocketAddr>;
+
+    /// Sends `envelope` to `to`. An error means the socket is broken (a lost datagram is not an
+    /// error).
+    async fn send(
+        &mut self,
+        to: SocketAddr,
+        envelope: ChitchatEnvelope,
+    ) -> anyhow::Result<SendOutcome>;
+
+    /// The next valid message (undecodable datagrams are skipped). Must be cancellable: the
+    /// driver drops a pending `recv` to send. An error means the socket is broken.
+    async fn recv(&mut self) -> anyhow::Result<RecvOutcome>;
 }

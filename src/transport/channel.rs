@@ -11,11 +11,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::bail;
+use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use crate::transport::api::{
-    Datagram, DatagramHandler, Endpoint, EndpointStats, Transport, TransportKind,
+    Datagram, DatagramHandler, DatagramTransport, Endpoint, EndpointStats, Socket, Transport,
+    TransportKind,
 };
+use crate::transport::bridge;
 use crate::transport::delay_queue::{DelayQueue, Delayed, deadline_after};
 use crate::transport::dispatch::{BatchScratch, EndpointCore, Outbox, bump};
 use crate::transport::faults::{FaultInjector, Faults};
@@ -135,8 +138,21 @@ fn channel_runtime() -> Result<Arc<Runtime<ChannelCommand>>, String> {
     get_runtime(&ChannelBackend { send_slots: 64 }, default_workers())
 }
 
+/// chitchat 0.13's transport: `open` returns a message-level socket on this network (it talks
+/// to the nodes on it); `spawn_chitchat` takes the fast path.
+#[async_trait]
 impl Transport for ChannelTransport {
-    fn open(
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        bridge::open_socket(self, listen_addr)
+    }
+
+    fn datagram_transport(&self) -> Option<&dyn DatagramTransport> {
+        Some(self)
+    }
+}
+
+impl DatagramTransport for ChannelTransport {
+    fn open_endpoint(
         &self,
         listen_addr: SocketAddr,
         handler: Arc<dyn DatagramHandler>,

@@ -14,10 +14,13 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use async_trait::async_trait;
+
 use crate::transport::api::{
-    Datagram, DatagramHandler, Endpoint, EndpointStats, MAX_DATAGRAM_LEN, ReplySink, Transport,
-    TransportKind,
+    Datagram, DatagramHandler, DatagramTransport, Endpoint, EndpointStats, MAX_DATAGRAM_LEN,
+    ReplySink, Socket, Transport, TransportKind,
 };
+use crate::transport::bridge;
 use crate::transport::seal::{
     KeyedMode, KeyringHandle, Received, Reject, SealContext, plaintext_budget, reserve_header,
 };
@@ -40,7 +43,7 @@ pub struct KeyedTransport<T> {
     mode: KeyedMode,
 }
 
-impl<T: Transport> KeyedTransport<T> {
+impl<T: DatagramTransport> KeyedTransport<T> {
     /// `inner` with every datagram sealed under `keyring`'s primary key and bound to
     /// `cluster_id` (which must be the node's `ChitchatConfig::cluster_id`; `spawn_chitchat`
     /// refuses a mismatch). The keyring can be changed while nodes run (rotation).
@@ -64,8 +67,21 @@ impl<T: Transport> KeyedTransport<T> {
     }
 }
 
-impl<T: Transport> Transport for KeyedTransport<T> {
-    fn open(
+/// chitchat 0.13's transport: `open` returns a message-level socket that seals and opens like
+/// the node's endpoints; `spawn_chitchat` takes the fast path.
+#[async_trait]
+impl<T: DatagramTransport + 'static> Transport for KeyedTransport<T> {
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        bridge::open_socket(self, listen_addr)
+    }
+
+    fn datagram_transport(&self) -> Option<&dyn DatagramTransport> {
+        Some(self)
+    }
+}
+
+impl<T: DatagramTransport> DatagramTransport for KeyedTransport<T> {
+    fn open_endpoint(
         &self,
         listen_addr: SocketAddr,
         handler: Arc<dyn DatagramHandler>,
@@ -81,7 +97,7 @@ impl<T: Transport> Transport for KeyedTransport<T> {
             ctx: ctx.clone(),
             counters: counters.clone(),
         });
-        let endpoint = self.inner.open(listen_addr, sealed)?;
+        let endpoint = self.inner.open_endpoint(listen_addr, sealed)?;
         Ok(Box::new(SealingEndpoint {
             inner: endpoint,
             ctx,

@@ -4,7 +4,9 @@
 //! except where it hands pointers to io_uring.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+#[cfg(target_os = "linux")]
+use std::net::IpAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::time::Duration;
@@ -132,6 +134,7 @@ fn set_int_opt(fd: &OwnedFd, level: i32, name: i32, value: i32) -> io::Result<()
 
 /// A UDP socket with `SO_REUSEPORT` and socket buffers of `buffer` bytes (best effort), bound to
 /// `addr`; nonblocking if asked.
+#[cfg(target_os = "linux")]
 pub(crate) fn bind_udp(addr: SocketAddr, nonblocking: bool, buffer: i32) -> io::Result<OwnedFd> {
     let family = match addr.ip() {
         IpAddr::V6(_) => libc::AF_INET6,
@@ -267,6 +270,7 @@ impl SendHeader {
 /// The `msghdr` a multishot io_uring receive is armed with: only the name length matters (the
 /// kernel reserves that much address space in front of every payload). Boxed: in-flight
 /// receives point at it.
+#[cfg(target_os = "linux")]
 pub(crate) fn recv_msghdr(name_len: usize) -> Box<libc::msghdr> {
     // SAFETY: msghdr is integers and raw pointers: all-zero (null) is valid.
     let mut hdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
@@ -275,6 +279,7 @@ pub(crate) fn recv_msghdr(name_len: usize) -> Box<libc::msghdr> {
 }
 
 /// Up to `n` datagrams per `recvmmsg` into buffers of `buf_len` bytes, allocated once.
+#[cfg(target_os = "linux")]
 pub(crate) struct RecvBatch {
     buf_len: usize,
     bufs: Vec<u8>,
@@ -283,6 +288,7 @@ pub(crate) struct RecvBatch {
     msgs: Vec<libc::mmsghdr>,
 }
 
+#[cfg(target_os = "linux")]
 impl RecvBatch {
     /// Buffers for `n` datagrams of at most `buf_len` bytes each.
     pub(crate) fn new(n: usize, buf_len: usize) -> RecvBatch {
@@ -352,10 +358,12 @@ impl RecvBatch {
 }
 
 /// A `sendmmsg` batch of prepared [`SendHeader`]s.
+#[cfg(target_os = "linux")]
 pub(crate) struct SendBatch {
     msgs: Vec<libc::mmsghdr>,
 }
 
+#[cfg(target_os = "linux")]
 impl SendBatch {
     /// Room for `n` messages per call.
     pub(crate) fn new(n: usize) -> SendBatch {
@@ -400,8 +408,10 @@ impl SendBatch {
 // ---------------------------------------------------------------------------------------------
 
 /// A blocking eventfd (io_uring reads it asynchronously; epoll/poll read it when readable).
+#[cfg(target_os = "linux")]
 pub(crate) struct EventFd(OwnedFd);
 
+#[cfg(target_os = "linux")]
 impl EventFd {
     /// A new counter at zero.
     pub(crate) fn new() -> io::Result<EventFd> {
@@ -444,6 +454,71 @@ impl EventFd {
     }
 }
 
+/// Off Linux, an [`EventFd`]-alike on a pipe: `write` puts a byte in (nonblocking: a full pipe
+/// already means "awake"), `read` drains it; poll watches the read end.
+#[cfg(not(target_os = "linux"))]
+pub(crate) struct EventFd {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+#[cfg(not(target_os = "linux"))]
+impl EventFd {
+    /// A new, empty pipe (both ends nonblocking and close-on-exec).
+    pub(crate) fn new() -> io::Result<EventFd> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: `pipe` writes two descriptors into the live two-element array.
+        cvt(unsafe { libc::pipe(fds.as_mut_ptr()) })?;
+        // SAFETY: both descriptors are fresh and owned by nothing else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        for fd in [&read, &write] {
+            // SAFETY: fcntl on a live descriptor with integer arguments only.
+            unsafe {
+                let flags = cvt(libc::fcntl(fd.as_raw_fd(), libc::F_GETFL))?;
+                cvt(libc::fcntl(
+                    fd.as_raw_fd(),
+                    libc::F_SETFL,
+                    flags | libc::O_NONBLOCK,
+                ))?;
+                cvt(libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC))?;
+            }
+        }
+        Ok(EventFd { read, write })
+    }
+
+    /// Wakes whoever polls the read end.
+    pub(crate) fn write(&self) {
+        let one = 1u8;
+        // SAFETY: writes one byte from a live u8; a full pipe (EAGAIN) means already awake.
+        unsafe { libc::write(self.write.as_raw_fd(), (&one as *const u8).cast(), 1) };
+    }
+
+    /// Drains the pipe (nonblocking).
+    pub(crate) fn read(&self) {
+        let mut buf = [0u8; 64];
+        // SAFETY: reads at most `buf.len()` bytes into the live buffer; stops at EAGAIN.
+        while unsafe { libc::read(self.read.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {
+        }
+    }
+
+    /// The read end, for poll.
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.read.as_raw_fd()
+    }
+}
+
+/// Off Linux: every CPU the standard library reports (no affinity masks).
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn allowed_cpus() -> Vec<usize> {
+    (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
+}
+
+/// Off Linux: threads are not pinned.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn pin_current_thread(cpu: usize) {
+    let _ = cpu;
+}
+
 /// A `poll`/`epoll_wait` timeout: -1 (forever) for `None`, else milliseconds rounded up.
 pub(crate) fn timeout_ms(wait: Option<Duration>) -> libc::c_int {
     match wait {
@@ -466,11 +541,13 @@ pub(crate) fn poll_readable(fd: RawFd, timeout_ms: libc::c_int) -> bool {
 
 /// An epoll instance with room for a fixed number of events per wait (level-triggered, read
 /// interest only, one `u64` token per descriptor).
+#[cfg(target_os = "linux")]
 pub(crate) struct Epoll {
     fd: OwnedFd,
     events: Vec<libc::epoll_event>,
 }
 
+#[cfg(target_os = "linux")]
 impl Epoll {
     /// A new instance returning at most `max_events` per wait.
     pub(crate) fn new(max_events: usize) -> io::Result<Epoll> {
@@ -528,6 +605,7 @@ impl Epoll {
 // Memory
 // ---------------------------------------------------------------------------------------------
 
+#[cfg(target_os = "linux")]
 /// An anonymous private read-write mapping (page-aligned, zero-filled, resident only once
 /// touched), unmapped on drop.
 pub(crate) struct AnonMap {
@@ -535,6 +613,7 @@ pub(crate) struct AnonMap {
     len: usize,
 }
 
+#[cfg(target_os = "linux")]
 impl AnonMap {
     /// Maps `len` bytes.
     pub(crate) fn new(len: usize) -> io::Result<AnonMap> {
@@ -563,6 +642,7 @@ impl AnonMap {
     }
 }
 
+#[cfg(target_os = "linux")]
 impl Drop for AnonMap {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping `new` created; nothing borrows it past `self`
@@ -577,6 +657,7 @@ impl Drop for AnonMap {
 
 /// CPUs in the process's affinity mask (the main thread's: workers are pinned, so asking the
 /// current thread from inside a worker would see one CPU only).
+#[cfg(target_os = "linux")]
 pub(crate) fn allowed_cpus() -> Vec<usize> {
     // SAFETY: cpu_set_t is a plain bit array: all-zero is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
@@ -598,6 +679,7 @@ pub(crate) fn allowed_cpus() -> Vec<usize> {
 }
 
 /// Pins the calling thread to `cpu` (best effort: a failure is logged and ignored).
+#[cfg(target_os = "linux")]
 pub(crate) fn pin_current_thread(cpu: usize) {
     // SAFETY: cpu_set_t is a plain bit array: all-zero is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };

@@ -1,28 +1,55 @@
-//! The real-UDP transport: picks io_uring or epoll, binds one `SO_REUSEPORT` socket per worker
-//! on the caller's thread (so bind errors come back synchronously) and hands them to the workers.
+//! The real-UDP transport: picks io_uring, epoll or the portable backend; for the first two,
+//! binds one `SO_REUSEPORT` socket per worker on the caller's thread (so bind errors come back
+//! synchronously) and hands them to the workers. Off Linux only the portable backend exists.
 
+#[cfg(target_os = "linux")]
 use std::io;
 use std::net::SocketAddr;
+#[cfg(target_os = "linux")]
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
+#[cfg(target_os = "linux")]
 use std::sync::atomic::{AtomicBool, Ordering};
+#[cfg(target_os = "linux")]
 use std::time::Instant;
 
 use anyhow::anyhow;
+use async_trait::async_trait;
 
 use crate::transport::api::{
-    DatagramHandler, Endpoint, EndpointStats, MAX_DATAGRAM_LEN, Transport, TransportKind,
+    DatagramHandler, DatagramTransport, Endpoint, MAX_DATAGRAM_LEN, Socket, Transport,
 };
+#[cfg(target_os = "linux")]
+use crate::transport::api::{EndpointStats, TransportKind};
+use crate::transport::bridge;
+#[cfg(target_os = "linux")]
 use crate::transport::delay_queue::{Delayed, deadline_after};
+#[cfg(target_os = "linux")]
 use crate::transport::dispatch::{EndpointCore, bump};
+#[cfg(target_os = "linux")]
 use crate::transport::epoll::EpollBackend;
-use crate::transport::faults::{FaultInjector, Faults};
+#[cfg(target_os = "linux")]
+use crate::transport::faults::FaultInjector;
+use crate::transport::faults::Faults;
+use crate::transport::portable;
+#[cfg(target_os = "linux")]
 use crate::transport::runtime::{Runtime, default_workers, get_runtime};
+#[cfg(target_os = "linux")]
 use crate::transport::sys;
-use crate::transport::udp_shared::{RECV_HEADER_LEN, UdpCommand, UdpCore};
+#[cfg(target_os = "linux")]
+use crate::transport::udp_shared::{UdpCommand, UdpCore};
+#[cfg(target_os = "linux")]
 use crate::transport::uring::UringBackend;
 
-/// Environment variable that overrides [`UdpMode::Auto`]: `auto`, `uring` or `epoll`.
+#[cfg(target_os = "linux")]
+use crate::transport::udp_shared::RECV_HEADER_LEN;
+/// What `udp_shared` defines on Linux (the multishot receive header): the receive buffer sizes
+/// of `UdpTransport`'s fields keep the same defaults everywhere.
+#[cfg(not(target_os = "linux"))]
+const RECV_HEADER_LEN: usize = 44;
+
+/// Environment variable that overrides [`UdpMode::Auto`]: `auto`, `uring`, `epoll` or
+/// `portable`.
 pub const TRANSPORT_ENV: &str = "CHITCHAT_URING_TRANSPORT";
 
 /// Socket buffer size asked for (best effort): bursts must not overflow while a worker is busy.
@@ -39,6 +66,9 @@ pub enum UdpMode {
     Uring,
     /// epoll.
     Epoll,
+    /// tokio's `UdpSocket` (see [`TransportKind::Portable`](crate::transport::TransportKind)):
+    /// no io_uring, no epoll, one thread per endpoint. What `Auto` means off Linux.
+    Portable,
 }
 
 /// Real UDP. `UdpTransport` is also a constant equal to [`UdpTransport::DEFAULT`], so code
@@ -98,25 +128,79 @@ enum Choice {
     Auto,
     Uring,
     Epoll(String),
+    Portable,
 }
 
 fn resolve_mode(mode: UdpMode, env: Option<&str>) -> Choice {
     match mode {
         UdpMode::Uring => Choice::Uring,
         UdpMode::Epoll => Choice::Epoll("forced by UdpMode::Epoll".to_string()),
+        UdpMode::Portable => Choice::Portable,
         UdpMode::Auto => match env.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
             Some("uring") | Some("io_uring") => Choice::Uring,
             Some("epoll") => Choice::Epoll(format!("forced by {TRANSPORT_ENV}=epoll")),
+            Some("portable") => Choice::Portable,
             _ => Choice::Auto,
         },
     }
 }
 
+impl DatagramTransport for UdpTransport {
+    fn open_endpoint(
+        &self,
+        listen_addr: SocketAddr,
+        handler: Arc<dyn DatagramHandler>,
+    ) -> anyhow::Result<Box<dyn Endpoint>> {
+        let env = std::env::var(TRANSPORT_ENV).ok();
+        match resolve_mode(self.mode, env.as_deref()) {
+            Choice::Portable => self.open_portable(listen_addr, handler),
+            #[cfg(target_os = "linux")]
+            choice => self.open_linux(choice, listen_addr, handler),
+            #[cfg(not(target_os = "linux"))]
+            Choice::Auto => self.open_portable(listen_addr, handler),
+            #[cfg(not(target_os = "linux"))]
+            Choice::Uring | Choice::Epoll(_) => Err(anyhow!(
+                "UdpMode::{:?}: io_uring and epoll exist only on Linux (use UdpMode::Portable)",
+                self.mode
+            )),
+        }
+    }
+}
+
+impl UdpTransport {
+    /// A portable endpoint, with the largest datagram `recv_buffer_len` allows, as the other
+    /// backends.
+    fn open_portable(
+        &self,
+        listen_addr: SocketAddr,
+        handler: Arc<dyn DatagramHandler>,
+    ) -> anyhow::Result<Box<dyn Endpoint>> {
+        let max_datagram = self.recv_buffer_len.saturating_sub(RECV_HEADER_LEN);
+        portable::open(listen_addr, handler, &self.faults, max_datagram)
+    }
+}
+
+/// chitchat 0.13's transport: `open` returns a message-level socket over one of this
+/// transport's endpoints (same backend, same faults); `spawn_chitchat` takes the fast path.
+#[async_trait]
+impl Transport for UdpTransport {
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        bridge::open_socket(self, listen_addr)
+    }
+
+    fn datagram_transport(&self) -> Option<&dyn DatagramTransport> {
+        Some(self)
+    }
+}
+
+#[cfg(target_os = "linux")]
 static FALLBACK_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// The workers serving UDP endpoints, whichever backend they run.
+#[cfg(target_os = "linux")]
 type UdpRuntime = Arc<Runtime<UdpCommand>>;
 
+#[cfg(target_os = "linux")]
 impl UdpTransport {
     fn recv_buffer_len(&self) -> usize {
         self.recv_buffer_len
@@ -142,15 +226,14 @@ impl UdpTransport {
     }
 
     /// The runtime for this configuration and what kind it is.
-    fn runtime(&self) -> anyhow::Result<(UdpRuntime, TransportKind)> {
+    fn runtime(&self, choice: Choice) -> anyhow::Result<(UdpRuntime, TransportKind)> {
         let workers = self.workers.unwrap_or_else(default_workers).clamp(1, 1024);
-        let env = std::env::var(TRANSPORT_ENV).ok();
         let epoll = |reason: String| -> anyhow::Result<(UdpRuntime, TransportKind)> {
             let rt = get_runtime(&self.epoll_backend(), workers)
                 .map_err(|e| anyhow!("starting epoll workers: {e}"))?;
             Ok((rt, TransportKind::Epoll { reason }))
         };
-        match resolve_mode(self.mode, env.as_deref()) {
+        match choice {
             Choice::Uring => {
                 let rt = get_runtime(&self.uring_backend(), workers)
                     .map_err(|e| anyhow!("io_uring transport unavailable: {e}"))?;
@@ -166,17 +249,18 @@ impl UdpTransport {
                     epoll(reason)
                 }
             },
+            Choice::Portable => Err(anyhow!("the portable backend has no worker runtime")),
         }
     }
-}
 
-impl Transport for UdpTransport {
-    fn open(
+    /// An io_uring or epoll endpoint.
+    fn open_linux(
         &self,
+        choice: Choice,
         listen_addr: SocketAddr,
         handler: Arc<dyn DatagramHandler>,
     ) -> anyhow::Result<Box<dyn Endpoint>> {
-        let (runtime, kind) = self.runtime()?;
+        let (runtime, kind) = self.runtime(choice)?;
         let nonblocking = matches!(kind, TransportKind::Epoll { .. });
         let sockets = bind_sockets(listen_addr, runtime.workers(), nonblocking)?;
         let local_addr = sys::local_addr(&sockets[0])
@@ -210,6 +294,7 @@ impl Transport for UdpTransport {
 /// node's, anyone's) holds the port. The probe is closed at once. Race left: a process of the
 /// same user binding the port with SO_REUSEPORT between the probe and our first bind would still
 /// join the group. Port 0 needs no probe (the kernel picks a free port).
+#[cfg(target_os = "linux")]
 fn ensure_port_free(listen_addr: SocketAddr) -> anyhow::Result<()> {
     if listen_addr.port() == 0 {
         return Ok(());
@@ -220,6 +305,7 @@ fn ensure_port_free(listen_addr: SocketAddr) -> anyhow::Result<()> {
 }
 
 /// `n` sockets on one address; port 0 is resolved by the first bind.
+#[cfg(target_os = "linux")]
 fn bind_sockets(
     listen_addr: SocketAddr,
     n: usize,
@@ -242,6 +328,7 @@ fn bind_sockets(
 }
 
 /// A UDP endpoint handle.
+#[cfg(target_os = "linux")]
 struct UdpEndpoint {
     ep: Arc<UdpCore>,
     runtime: UdpRuntime,
@@ -249,6 +336,7 @@ struct UdpEndpoint {
     closed: AtomicBool,
 }
 
+#[cfg(target_os = "linux")]
 impl UdpEndpoint {
     fn raw_send(&self, fd: &OwnedFd, to: SocketAddr, payload: &[u8]) -> io::Result<()> {
         let stats = &self.ep.core.stats;
@@ -266,6 +354,7 @@ impl UdpEndpoint {
     }
 }
 
+#[cfg(target_os = "linux")]
 impl Endpoint for UdpEndpoint {
     fn local_addr(&self) -> SocketAddr {
         self.ep.core.local_addr
@@ -327,6 +416,7 @@ impl Endpoint for UdpEndpoint {
     }
 }
 
+#[cfg(target_os = "linux")]
 impl Drop for UdpEndpoint {
     fn drop(&mut self) {
         self.close();
@@ -347,6 +437,14 @@ mod tests {
             Choice::Epoll(r) if r.contains(TRANSPORT_ENV)
         ));
         assert_eq!(resolve_mode(UdpMode::Uring, Some("epoll")), Choice::Uring);
+        assert_eq!(
+            resolve_mode(UdpMode::Auto, Some(" Portable ")),
+            Choice::Portable
+        );
+        assert_eq!(
+            resolve_mode(UdpMode::Portable, Some("uring")),
+            Choice::Portable
+        );
         assert!(matches!(
             resolve_mode(UdpMode::Epoll, Some("uring")),
             Choice::Epoll(_)
@@ -371,6 +469,7 @@ mod tests {
     }
 
     /// Workers exit when the last endpoint of their runtime is gone (no leaked threads).
+    #[cfg(target_os = "linux")]
     #[test]
     fn runtime_stops_with_last_endpoint() {
         for mode in [UdpMode::Uring, UdpMode::Epoll] {
@@ -392,10 +491,10 @@ mod tests {
                 _ => crate::transport::runtime::runtime_alive(&t.epoll_backend(), 2),
             };
             let a = t
-                .open("127.0.0.1:0".parse().unwrap(), Arc::new(Nop))
+                .open_endpoint("127.0.0.1:0".parse().unwrap(), Arc::new(Nop))
                 .unwrap();
             let b = t
-                .open("127.0.0.1:0".parse().unwrap(), Arc::new(Nop))
+                .open_endpoint("127.0.0.1:0".parse().unwrap(), Arc::new(Nop))
                 .unwrap();
             assert!(alive());
             drop(a);

@@ -10,7 +10,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use chitchat_uring::transport::{Datagram, DatagramHandler, ReplySink, UdpMode};
+use chitchat_uring::transport::{Datagram, DatagramHandler, DatagramTransport, ReplySink, UdpMode};
 use chitchat_uring::wire::{decode_envelope, encode_envelope};
 use chitchat_uring::{
     ChannelTransport, ChitchatConfig, ChitchatEnvelope, ChitchatId, FailureDetectorConfig,
@@ -35,7 +35,7 @@ pub fn uring_unavailable() -> Option<&'static str> {
                 mode: UdpMode::Uring,
                 ..UdpTransport::DEFAULT
             };
-            match transport.open(([127, 0, 0, 1], 0).into(), Arc::new(Ignore)) {
+            match transport.open_endpoint(([127, 0, 0, 1], 0).into(), Arc::new(Ignore)) {
                 Ok(endpoint) => {
                     endpoint.close();
                     None
@@ -102,10 +102,19 @@ pub fn udp_transports() -> Vec<(&'static str, UdpTransport)> {
             },
         ));
     }
+    // epoll and io_uring exist only on Linux.
+    #[cfg(target_os = "linux")]
     transports.push((
         "epoll",
         UdpTransport {
             mode: UdpMode::Epoll,
+            ..UdpTransport::DEFAULT
+        },
+    ));
+    transports.push((
+        "portable",
+        UdpTransport {
+            mode: UdpMode::Portable,
             ..UdpTransport::DEFAULT
         },
     ));

@@ -8,6 +8,12 @@
 //!   state. chitchat's `process_message` is crate-private, so this is the nearest level both
 //!   implementations share. An Ack gets no reply, so it has no round trip.
 //!
+//! - `metrics_hot_path/*`: what the server adds per datagram for
+//!   `chitchat_message_handling_seconds` (a clock read and a histogram record) with no
+//!   recorder installed, against the clock read alone; then, after installing the Prometheus
+//!   recorder (process-wide, so last), the same record and `udp_round_trip_recorded/*`, the
+//!   round trips above against our io_uring node with every metric recorded.
+//!
 //! Cases: a Syn from an up-to-date peer (full digest, empty delta back), a Syn from an empty
 //! peer (empty digest, a datagram-full delta back), a SynAck (up-to-date digest plus one new
 //! key-value), an Ack (one new key-value). Each median is also printed as a fraction of the
@@ -281,6 +287,68 @@ fn bench_udp(c: &mut Criterion) {
     group.finish();
 }
 
+/// The per-datagram metrics work of the server's `handle_batch`, with `histogram` obtained the
+/// way the server obtains it (at spawn).
+fn bench_histogram_record(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    id: &str,
+    histogram: &metrics::Histogram,
+) {
+    let received_at = Instant::now();
+    group.bench_function(id, |b| {
+        b.iter(|| {
+            let now = Instant::now();
+            histogram.record(std::hint::black_box(now.duration_since(received_at)).as_secs_f64());
+        })
+    });
+}
+
+fn bench_metrics(c: &mut Criterion) {
+    let mut group = c.benchmark_group("metrics_hot_path");
+    let received_at = Instant::now();
+    group.bench_function("clock_read_only", |b| {
+        b.iter(|| std::hint::black_box(Instant::now().duration_since(received_at)))
+    });
+    let noop = metrics::histogram!("chitchat_message_handling_seconds");
+    bench_histogram_record(&mut group, "histogram_record/no_recorder", &noop);
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .expect("the Prometheus recorder installs");
+    let recorded = metrics::histogram!("chitchat_message_handling_seconds");
+    bench_histogram_record(&mut group, "histogram_record/prometheus", &recorded);
+    group.finish();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let mut group = c.benchmark_group("udp_round_trip_recorded");
+    for n in SIZES {
+        // Spawned after the recorder is installed: every metric of this node is recorded.
+        let (node, addr) = serve(Impl::OursUring, n, &rt);
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let mut buf = vec![0u8; 65_536];
+        for (case, digest) in [
+            (Case::SynUpToDate, DigestMode::UpToDate),
+            (Case::SynEmpty, DigestMode::Empty),
+        ] {
+            let mut config = LoadConfig::new(addr, CLUSTER_ID);
+            config.digest = digest;
+            let datagram = loadgen::build_syn(&config).expect("the node answers a Syn");
+            let id = format!("{}/{}", case.name(), Impl::OursUring.slug());
+            group.bench_function(BenchmarkId::new(id, n), |b| {
+                b.iter(|| round_trip(&socket, addr, &datagram, 1, &mut buf))
+            });
+        }
+        node.shutdown(&rt);
+    }
+    group.finish();
+}
+
 /// Criterion's median estimate of one benchmark, in nanoseconds.
 fn median_ns(dir: &Path, group: &str, function: &str, n: usize) -> Option<f64> {
     let path = dir
@@ -333,6 +401,30 @@ fn summary(dir: &Path) -> String {
                 row("UDP round trip", case.name(), which.name(), n, ns);
             }
         }
+        for case in [Case::SynUpToDate, Case::SynEmpty] {
+            let id = format!("{}/{}", case.name(), Impl::OursUring.slug());
+            let ns = median_ns(dir, "udp_round_trip_recorded", &id, n);
+            let who = "chitchat-uring (io_uring), Prometheus recorder";
+            row("UDP round trip", case.name(), who, n, ns);
+        }
+    }
+    for function in [
+        "clock_read_only",
+        "histogram_record/no_recorder",
+        "histogram_record/prometheus",
+    ] {
+        let path = dir
+            .join("metrics_hot_path")
+            .join(function.replace('/', "_"))
+            .join("new/estimates.json");
+        let ns = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|json| json["median"]["point_estimate"].as_f64());
+        let median = ns.map_or("-".to_string(), |ns| format!("{ns:.1} ns"));
+        out.push_str(&format!(
+            "| metrics hot path | {function} | chitchat-uring | - | {median} | - |\n"
+        ));
     }
     out
 }
@@ -347,6 +439,8 @@ fn main() {
         .configure_from_args();
     bench_state_machine(&mut criterion);
     bench_udp(&mut criterion);
+    // Last: it installs a process-wide recorder.
+    bench_metrics(&mut criterion);
     criterion.final_summary();
     let table = summary(&dir);
     println!(

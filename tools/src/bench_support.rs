@@ -53,6 +53,63 @@ pub fn pid_cpu_time(pid: u32) -> io::Result<Duration> {
     ))
 }
 
+/// On-CPU time of each live thread of a process, in nanoseconds (`/proc/PID/task/*/schedstat`):
+/// finer than `/proc/PID/stat`, whose clock ticks (10 ms) are too coarse for a node that uses
+/// a few milliseconds of CPU per second.
+#[derive(Debug, Clone, Default)]
+pub struct TaskCpu {
+    by_thread: std::collections::HashMap<u32, u64>,
+    /// The same process's CPU from `/proc/PID/stat` (ticks), exited threads included.
+    stat: Duration,
+}
+
+impl TaskCpu {
+    /// Reads every thread of `pid`.
+    pub fn read(pid: u32) -> io::Result<TaskCpu> {
+        let mut by_thread = std::collections::HashMap::new();
+        for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let Ok(entry) = entry else { continue };
+            let Some(tid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // A thread may exit between the listing and the read: skip it.
+            let Ok(text) = std::fs::read_to_string(entry.path().join("schedstat")) else {
+                continue;
+            };
+            if let Some(ns) = text.split_whitespace().next().and_then(|f| f.parse().ok()) {
+                by_thread.insert(tid, ns);
+            }
+        }
+        Ok(TaskCpu {
+            by_thread,
+            stat: pid_cpu_time(pid)?,
+        })
+    }
+
+    /// CPU used between `earlier` and `self`: the per-thread nanoseconds of the threads alive
+    /// now, or the tick count if it says more (a thread that exited in between took its
+    /// nanoseconds with it, the ticks keep them).
+    pub fn since(&self, earlier: &TaskCpu) -> Duration {
+        let ns: u64 = self
+            .by_thread
+            .iter()
+            .map(|(tid, now)| now.saturating_sub(earlier.by_thread.get(tid).copied().unwrap_or(0)))
+            .sum();
+        let ns = Duration::from_nanos(ns);
+        let ticks = self.stat.saturating_sub(earlier.stat);
+        // Ticks are only trusted beyond their rounding (two ticks of 10 ms).
+        if ticks > ns + Duration::from_millis(20) {
+            ticks
+        } else {
+            ns
+        }
+    }
+}
+
 /// Peak resident memory (VmHWM) of this process, in bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
     read_vm_hwm("/proc/self/status")
@@ -222,6 +279,18 @@ pub struct ClusterReport {
     pub cpu_ms_per_node_per_sec: Option<f64>,
     /// Peak resident memory of the whole process (VmHWM).
     pub peak_rss_bytes: Option<u64>,
+    /// The convergence wait of the run (so a report can say "did not converge in N s").
+    #[serde(default)]
+    pub convergence_timeout_secs: Option<f64>,
+    /// Whether the steady-state figures were measured on a cluster that had not converged.
+    #[serde(default)]
+    pub steady_unconverged: bool,
+    /// Time to shut every node down gracefully.
+    #[serde(default)]
+    pub shutdown_secs: Option<f64>,
+    /// Set when the shutdown had not finished after this many seconds (and was abandoned).
+    #[serde(default)]
+    pub shutdown_limit_secs: Option<f64>,
 }
 
 impl ClusterReport {
@@ -251,6 +320,10 @@ impl ClusterReport {
             datagrams_lost_percent: None,
             cpu_ms_per_node_per_sec: None,
             peak_rss_bytes: None,
+            convergence_timeout_secs: None,
+            steady_unconverged: false,
+            shutdown_secs: None,
+            shutdown_limit_secs: None,
         }
     }
 }
@@ -269,6 +342,7 @@ pub fn measure_cluster(
     progress: &mut dyn FnMut(Progress),
 ) -> ClusterReport {
     let mut report = base;
+    report.convergence_timeout_secs = Some(options.timeout.as_secs_f64());
     let total = cluster.len();
     let stopped = || stop.load(Ordering::Relaxed);
     let finish = |mut report: ClusterReport, outcome: Outcome| {
@@ -323,21 +397,37 @@ pub fn measure_cluster(
         std::thread::sleep(options.poll.min(Duration::from_millis(5)));
     }
 
+    let outcome = measure_steady(cluster, &mut report, options.steady, stop, progress);
+    finish(report, outcome)
+}
+
+/// Measures the steady state of `cluster` for `steady` into `report` (messages, bytes, loss,
+/// CPU per node); [`measure_cluster`] calls it once the cluster converged, a benchmark may call
+/// it on a cluster that did not, to show what such a cluster costs.
+pub fn measure_steady(
+    cluster: &mut dyn LocalCluster,
+    report: &mut ClusterReport,
+    steady: Duration,
+    stop: &AtomicBool,
+    progress: &mut dyn FnMut(Progress),
+) -> Outcome {
+    let total = cluster.len().max(1);
+    let stopped = || stop.load(Ordering::Relaxed);
     // Steady state: nothing polls the nodes during the window, so the CPU is theirs.
     let traffic_before = cluster.traffic();
     let cpu_before = process_cpu_time();
     let start = Instant::now();
     let mut outcome = Outcome::Complete;
-    while start.elapsed() < options.steady {
+    while start.elapsed() < steady {
         if stopped() {
             outcome = Outcome::Interrupted;
             break;
         }
         progress(Progress::Steady {
             elapsed: start.elapsed(),
-            total: options.steady,
+            total: steady,
         });
-        let left = options.steady.saturating_sub(start.elapsed());
+        let left = steady.saturating_sub(start.elapsed());
         std::thread::sleep(left.min(Duration::from_millis(250)));
     }
     let window = start.elapsed().as_secs_f64();
@@ -366,7 +456,8 @@ pub fn measure_cluster(
                 Some(sent.saturating_sub(received) as f64 * 100.0 / sent as f64);
         }
     }
-    finish(report, outcome)
+    report.peak_rss_bytes = peak_rss_bytes();
+    outcome
 }
 
 /// A 32-byte value for key `key` of node `node`.
@@ -398,6 +489,8 @@ pub fn describe_transport(kind: &TransportKind) -> String {
         TransportKind::Uring => "io_uring".to_string(),
         TransportKind::Epoll { reason } => format!("epoll ({reason})"),
         TransportKind::Channel => "in-memory channel".to_string(),
+        TransportKind::Portable => "portable (tokio UdpSocket)".to_string(),
+        TransportKind::Socket => "a user transport's socket".to_string(),
     }
 }
 

@@ -5,6 +5,8 @@
 //! One thread drives every socket through `poll(2)`: a generator with a thread per sender would
 //! take the CPU the node under test needs on a small machine.
 
+pub mod simulated;
+
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;

@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport as CcTransport};
+use chitchat_uring::protocol::amplification::AmplificationLimits;
+use chitchat_uring::server::{SpawnOptions, spawn_chitchat, spawn_chitchat_with};
 use chitchat_uring::transport::UdpMode;
-use chitchat_uring::{ChitchatConfig, ChitchatHandle, ChitchatId, UdpTransport, spawn_chitchat};
+use chitchat_uring::{ChitchatConfig, ChitchatHandle, ChitchatId, UdpTransport};
 use chitchat_uring_tools::bench_support::{
     ClusterSpec, LocalCluster, Traffic, cluster_failure_detector, free_udp_ports,
     initial_key_values, value_32,
@@ -164,10 +166,16 @@ pub fn serve(which: Impl, n: usize, rt: &tokio::runtime::Runtime) -> (ServedNode
         match which {
             Impl::OursUring | Impl::OursEpoll => {
                 let transport = which.transport();
-                let Ok(handle) = rt.block_on(spawn_chitchat(
+                // The load comes from sockets that are no cluster members: without this, the
+                // anti-amplification limits (which chitchat lacks) would be measured instead
+                // of the handling.
+                let options =
+                    SpawnOptions::default().with_amplification_limits(AmplificationLimits::off());
+                let Ok(handle) = rt.block_on(spawn_chitchat_with(
                     ours_config(addr, gossip),
                     vec![],
                     &transport,
+                    options,
                 )) else {
                     continue;
                 };
@@ -189,6 +197,52 @@ pub fn serve(which: Impl, n: usize, rt: &tokio::runtime::Runtime) -> (ServedNode
         }
     }
     panic!("could not start a {} node", which.name());
+}
+
+/// Starts the node under test of the one-host case: a node of `which` on a free port that
+/// gossips every `interval` in `version`, with `KEYS` keys of its own and no seed (the
+/// simulated peers contact it first).
+pub fn serve_host(
+    which: Impl,
+    interval: Duration,
+    version: chitchat_uring::ProtocolVersion,
+    rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<(ServedNode, SocketAddr)> {
+    let mut last_error = None;
+    for _ in 0..10 {
+        let port = free_udp_ports(1)?[0];
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let kvs = initial_key_values(0, KEYS);
+        match which {
+            Impl::OursUring | Impl::OursEpoll => {
+                let mut config = ours_config(addr, interval);
+                config.chitchat_id = ChitchatId::new("host-under-test", 1, addr);
+                config.protocol_version = version;
+                match rt.block_on(spawn_chitchat(config, kvs, &which.transport())) {
+                    Ok(handle) => return Ok((ServedNode::Ours(handle), addr)),
+                    Err(error) => last_error = Some(error),
+                }
+            }
+            Impl::Chitchat => {
+                let mut config = chitchat_config("host-under-test", addr, interval, vec![]);
+                config.protocol_version = match version {
+                    chitchat_uring::ProtocolVersion::V0 => chitchat::ProtocolVersion::V0,
+                    chitchat_uring::ProtocolVersion::V1 => chitchat::ProtocolVersion::V1,
+                };
+                match rt.block_on(chitchat::spawn_chitchat(
+                    config,
+                    kvs,
+                    &chitchat::transport::UdpTransport,
+                )) {
+                    Ok(handle) => return Ok((ServedNode::Chitchat(handle), addr)),
+                    Err(error) => last_error = Some(error),
+                }
+            }
+        }
+    }
+    Err(last_error
+        .unwrap_or_else(|| anyhow::anyhow!("no attempt"))
+        .context(format!("starting a {} node", which.name())))
 }
 
 impl ServedNode {

@@ -57,6 +57,8 @@ pub enum TransportArg {
     Uring,
     /// epoll.
     Epoll,
+    /// tokio's UdpSocket, one thread per node (what auto means off Linux).
+    Portable,
 }
 
 impl TransportArg {
@@ -65,6 +67,7 @@ impl TransportArg {
             TransportArg::Auto => UdpMode::Auto,
             TransportArg::Uring => UdpMode::Uring,
             TransportArg::Epoll => UdpMode::Epoll,
+            TransportArg::Portable => UdpMode::Portable,
         };
         UdpTransport {
             mode,

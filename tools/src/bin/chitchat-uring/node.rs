@@ -8,9 +8,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow, bail};
+use chitchat_uring::protocol::amplification::AmplificationLimits;
+use chitchat_uring::server::SpawnOptions;
 use chitchat_uring::{
     ChitchatConfig, ChitchatHandle, ChitchatId, ClusterStateSnapshot, FailureDetectorConfig,
-    spawn_chitchat,
+    spawn_chitchat_with,
 };
 use chitchat_uring_tools::bench_support::describe_transport;
 use serde::Serialize;
@@ -71,6 +73,20 @@ pub struct Args {
     /// Serve Prometheus metrics at `GET /metrics` on this address (e.g. 127.0.0.1:9100).
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<SocketAddr>,
+    /// Answer every source in full, members or not (no anti-amplification budget, SynAcks
+    /// accepted from anyone), as chitchat does: for load tests with `load`, whose senders are
+    /// no cluster members. Never on a network where sources can be spoofed.
+    #[arg(long)]
+    no_amplification_limits: bool,
+}
+
+fn spawn_options(args: &Args) -> SpawnOptions {
+    let options = SpawnOptions::default();
+    if args.no_amplification_limits {
+        options.with_amplification_limits(AmplificationLimits::off())
+    } else {
+        options
+    }
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -160,7 +176,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         &args.cluster,
     )?;
     let handle = runtime
-        .block_on(spawn_chitchat(config, args.kvs.clone(), transport.as_ref()))
+        .block_on(spawn_chitchat_with(
+            config,
+            args.kvs.clone(),
+            transport.as_ref(),
+            spawn_options(&args),
+        ))
         .with_context(|| format!("--listen {}: cannot start the node", args.listen))?;
     tracing::info!(
         id = ?handle.chitchat_id(),

@@ -1,0 +1,65 @@
+//! A received datagram decoded without the node's state, so that the server can decode it
+//! before taking the node lock (issue 13, "cost under flood"): the lock then covers only the
+//! matching against the state and the reply, never the parsing, decompression and UTF-8
+//! validation of up to 4 MiB of digest.
+
+use std::cell::RefCell;
+
+use crate::message::{ChitchatEnvelope, ProtocolVersion};
+use crate::wire::{self, DecodeError, Decoder, EnvelopeView};
+
+thread_local! {
+    /// zstd context and scratch buffers, one per thread that decodes. Apart from the encoder
+    /// (`reply.rs`), so that a reply can be encoded while the message it answers is still
+    /// borrowed from here.
+    static DECODER: RefCell<Decoder> = RefCell::new(Decoder::new());
+}
+
+/// A decoded datagram, borrowing from the datagram and from this thread's decoder.
+#[derive(Debug)]
+pub enum Received<'a> {
+    /// A Syn of another cluster: only its framing was walked, its digest is not decoded.
+    OtherClusterSyn {
+        /// The Syn's version, which the BadCluster reply echoes.
+        version: ProtocolVersion,
+        /// The cluster the sender belongs to.
+        cluster_id: &'a str,
+    },
+    /// Any other message, fully decoded.
+    Message(EnvelopeView<'a>),
+}
+
+/// Decodes `payload` for a node of `cluster_id` and hands it to `f`. Needs no node state and
+/// no lock; a Syn's cluster id is read before its digest is decoded.
+pub fn decode_received<T>(
+    cluster_id: &str,
+    payload: &[u8],
+    f: impl FnOnce(Received<'_>) -> T,
+) -> Result<T, DecodeError> {
+    if let Some((version, theirs)) = wire::syn_cluster_id(payload)?
+        && theirs != cluster_id
+    {
+        return Ok(f(Received::OtherClusterSyn {
+            version,
+            cluster_id: theirs,
+        }));
+    }
+    with_view(payload, |view| f(Received::Message(view)))
+}
+
+/// Decodes an owned envelope with this thread's decoder.
+pub(crate) fn decode(bytes: &[u8]) -> Result<ChitchatEnvelope, DecodeError> {
+    DECODER.with(|decoder| decoder.borrow_mut().decode_envelope(bytes))
+}
+
+/// Decodes a borrowed view of `bytes` with this thread's decoder and hands it to `f`.
+pub(crate) fn with_view<T>(
+    bytes: &[u8],
+    f: impl FnOnce(EnvelopeView<'_>) -> T,
+) -> Result<T, DecodeError> {
+    DECODER.with(|decoder| {
+        let mut decoder = decoder.borrow_mut();
+        let view = decoder.decode_view(bytes)?;
+        Ok(f(view))
+    })
+}
