@@ -25,6 +25,7 @@ use crate::message::NodeDigest;
 use crate::message::{ChitchatEnvelope, ChitchatMessage, Delta, Digest, ProtocolVersion};
 use crate::protocol::amplification::{AmplificationLimiter, AmplificationLimits};
 use crate::protocol::cluster_state::{ClusterState, ClusterStateSnapshot};
+use crate::protocol::digest_match::PeerDigest;
 use crate::protocol::failure_detector::FailureDetector;
 use crate::protocol::limits::{Limits, Refusal, RefusalCounts, RefusalLog};
 use crate::protocol::listener::{KeyChangeEvent, ListenerHandle, Listeners};
@@ -36,7 +37,7 @@ use crate::protocol::reply::{self, ReplyOutcome};
 use crate::types::Heartbeat;
 use crate::types::{ChitchatId, Version, VersionedValue};
 use crate::wire::DecodeError;
-use crate::wire::{DigestView, MessageView};
+use crate::wire::{ChitchatIdRef, DigestView, MessageView, sort_and_dedup};
 
 /// Most node states one `Chitchat` keeps: a digest cannot carry more (u16 count), and it bounds
 /// what forged digests can make a node allocate.
@@ -98,6 +99,8 @@ pub struct Chitchat {
     amplification: AmplificationLimiter,
     /// Gossip addresses of the nodes held live (self excluded), as of the last round.
     member_addrs: HashSet<SocketAddr>,
+    /// The digest being handled, matched against the node states (reused across messages).
+    peer_digest: PeerDigest,
 }
 
 /// How a datagram admitted before decoding may be answered ([`Chitchat::admit_datagram`]).
@@ -155,6 +158,7 @@ impl Chitchat {
             refusal_log: RefusalLog::default(),
             amplification,
             member_addrs: HashSet::new(),
+            peer_digest: PeerDigest::default(),
         };
         let self_id = chitchat.config.chitchat_id.clone();
         chitchat.cluster_state.set_self_id(self_id);
@@ -512,31 +516,43 @@ impl Chitchat {
         }
     }
 
-    /// `report_heartbeat` for every entry of a digest. Digest and node states are both sorted
-    /// by id, so known nodes are matched in one merged pass instead of a search per entry; only
-    /// new ids (and our own) take the general path.
+    /// `report_heartbeat` for every entry of a digest, which is matched against the node
+    /// states by wire bytes first (`self.peer_digest`, by state position): known nodes take
+    /// one pass over the states, only unknown ids (and our own) take the general path. On
+    /// return `self.peer_digest` matches the digest against the node states as they are now
+    /// (new nodes included), for the reply's delta.
     fn report_heartbeats(&mut self, digest: &DigestView<'_>, now: Instant) {
-        let mut others: Vec<(ChitchatId, NodeDigest)> = Vec::new();
+        self.cluster_state
+            .match_digest(digest, &mut self.peer_digest);
+        let self_position = self.cluster_state.id_table().self_position();
         let mut implausible = 0u64;
-        let mut states = self.cluster_state.node_states.iter_mut().peekable();
-        for (id, node_digest) in digest.entries() {
-            while states
-                .next_if(|(state_id, _)| id.cmp_id(state_id).is_gt())
-                .is_some()
-            {}
-            match states.peek_mut() {
-                Some((state_id, state))
-                    if id.cmp_id(state_id).is_eq() && **state_id != self.config.chitchat_id =>
-                {
-                    match state.try_set_received_heartbeat(node_digest.heartbeat, now) {
-                        Ok(true) => self
-                            .failure_detector
-                            .report_heartbeat(&mut state.liveness, now),
-                        Ok(false) => {}
-                        Err(_) => implausible += 1,
-                    }
-                }
-                _ => others.push((id.to_owned_id(), *node_digest)),
+        let end = self.peer_digest.end();
+        // Whether the peer is behind on no state: its delta is then empty (write_delta skips
+        // its pass over the states).
+        let mut up_to_date = end == self.cluster_state.node_states.len();
+        let mut own = None;
+        for (k, state) in self
+            .cluster_state
+            .node_states
+            .values_mut()
+            .take(end)
+            .enumerate()
+        {
+            let Some(node_digest) = self.peer_digest.get(k) else {
+                up_to_date = false;
+                continue;
+            };
+            up_to_date &= state.max_version() <= node_digest.max_version;
+            if Some(k) == self_position {
+                own = Some(node_digest);
+                continue;
+            }
+            match state.try_set_received_heartbeat(node_digest.heartbeat, now) {
+                Ok(true) => self
+                    .failure_detector
+                    .report_heartbeat(&mut state.liveness, now),
+                Ok(false) => {}
+                Err(_) => implausible += 1,
             }
         }
         self.refuse(
@@ -545,8 +561,42 @@ impl Chitchat {
             now,
             format_args!("{implausible} heartbeats of known nodes in one digest"),
         );
+        if own.is_none() && self.peer_digest.unknown().is_empty() {
+            self.peer_digest.set_up_to_date(up_to_date);
+            return;
+        }
+        // Unknown ids and our own, in id order, the last received of each id.
+        let mut others: Vec<(ChitchatIdRef<'_>, NodeDigest)> = self
+            .peer_digest
+            .unknown()
+            .iter()
+            .filter_map(|&position| digest.entry_at(position))
+            .map(|entry| (entry.id(), entry.digest))
+            .collect();
+        if let Some(own) = own {
+            others.push((ChitchatIdRef::from(&self.config.chitchat_id), own));
+        }
+        let others: Vec<(ChitchatId, NodeDigest)> = sort_and_dedup(others)
+            .into_iter()
+            .map(|(id, entry)| (id.to_owned_id(), entry))
+            .collect();
+        let created = !self.peer_digest.unknown().is_empty();
         for (id, entry) in others {
             self.report_heartbeat_at(&id, entry, now);
+        }
+        if created {
+            // Node states may have been added: match again against the new positions (which
+            // clears `up_to_date`).
+            self.cluster_state
+                .match_digest(digest, &mut self.peer_digest);
+        } else if let Some(own) = own {
+            // The claim may have made us outgrow it.
+            let own_max = self
+                .cluster_state
+                .node_state(&self.config.chitchat_id)
+                .map_or(u64::MAX, |state| state.max_version());
+            self.peer_digest
+                .set_up_to_date(up_to_date && own_max <= own.max_version);
         }
     }
 
@@ -887,7 +937,7 @@ impl Chitchat {
                     &self.config.chitchat_id,
                     &scheduled,
                     version,
-                    &digest,
+                    &self.peer_digest,
                     &mut self.rng,
                     out,
                     deadline,
@@ -904,12 +954,19 @@ impl Chitchat {
                 self.stats.syn_ack_received += 1;
                 self.report_heartbeats(&digest, now);
                 self.process_delta(&delta);
+                // The delta changed versions: whether the peer is behind is for write_delta
+                // to find out.
+                self.peer_digest.set_up_to_date(false);
+                if !self.cluster_state.is_matched(&self.peer_digest) {
+                    self.cluster_state
+                        .match_digest(&digest, &mut self.peer_digest);
+                }
                 let scheduled = self.failure_detector.deletion_schedule(now);
                 let summary = reply::write_ack(
                     &self.cluster_state,
                     &scheduled,
                     version,
-                    &digest,
+                    &self.peer_digest,
                     &mut self.rng,
                     out,
                     deadline,

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -10,14 +11,17 @@ use tracing::{debug, error, info};
 
 use crate::clock::Clock;
 use crate::message::{Delta, Digest, NodeDigest};
+use crate::protocol::digest_match::{IdTable, PeerDigest};
 use crate::protocol::gc_history::{GARBAGE_COLLECTED_NODE_HISTORY_SIZE, GcHistory};
 use crate::protocol::limits::{Limits, Refusal, RefusalCounts};
 use crate::protocol::listener::Listeners;
 use crate::protocol::node_state::{DeltaStatus, NodeState, ScheduledForDeletion};
 use crate::types::{ChitchatId, Heartbeat};
-use crate::wire;
+use crate::wire::{self, DigestView};
 
 pub(crate) struct ClusterState {
+    /// Added to and removed from only by `node_state_or_create` and `garbage_collect_node`,
+    /// which drop the id table.
     pub(crate) node_states: BTreeMap<ChitchatId, NodeState>,
     listeners: Listeners,
     gc_history: GcHistory,
@@ -29,6 +33,11 @@ pub(crate) struct ClusterState {
     /// Largest datagram this node may send: the UDP maximum, less the transport's own bytes
     /// (sealing, in keyed clusters). Every reply and Syn is written within it.
     pub(crate) datagram_budget: usize,
+    /// The wire encoding of every id, in id order: built on first use, dropped whenever a
+    /// node state is added or removed.
+    id_table: OnceLock<IdTable>,
+    /// Bumped whenever a node state is added or removed: positions in id order change.
+    membership_epoch: u64,
 }
 
 /// What applying a delta did.
@@ -52,12 +61,36 @@ impl ClusterState {
             self_id: None,
             remote_bytes: 0,
             datagram_budget: wire::MAX_UDP_DATAGRAM_PAYLOAD_SIZE,
+            id_table: OnceLock::new(),
+            membership_epoch: 0,
         }
     }
 
     /// Names the own node (its state is left out of the remote byte budget).
     pub(crate) fn set_self_id(&mut self, self_id: ChitchatId) {
         self.self_id = Some(self_id);
+        self.membership_changed();
+    }
+
+    fn membership_changed(&mut self) {
+        self.id_table.take();
+        self.membership_epoch = self.membership_epoch.wrapping_add(1);
+    }
+
+    /// The wire encoding of every id, position `k` being the `k`-th node state in id order.
+    pub(crate) fn id_table(&self) -> &IdTable {
+        self.id_table
+            .get_or_init(|| IdTable::build(self.node_states.keys(), self.self_id.as_ref()))
+    }
+
+    /// Matches a received digest against the node states, into `peer` (buffers reused).
+    pub(crate) fn match_digest(&self, digest: &DigestView<'_>, peer: &mut PeerDigest) {
+        peer.match_table(self.id_table(), self.membership_epoch, digest);
+    }
+
+    /// Whether `peer`'s positions are still those of the node states.
+    pub(crate) fn is_matched(&self, peer: &PeerDigest) -> bool {
+        peer.epoch() == self.membership_epoch && peer.num_states() == self.node_states.len()
     }
 
     /// Bytes of remote state held (ids, keys, values).
@@ -119,6 +152,7 @@ impl ClusterState {
                 self.clock.clone(),
             );
             self.node_states.insert(chitchat_id.clone(), state);
+            self.membership_changed();
         }
         self.node_states
             .get_mut(chitchat_id)
@@ -137,6 +171,7 @@ impl ClusterState {
     /// Removes a dead node and remembers its last heartbeat, so stale copies cannot bring it back.
     pub(crate) fn garbage_collect_node(&mut self, chitchat_id: &ChitchatId) {
         if let Some(state) = self.node_states.remove(chitchat_id) {
+            self.membership_changed();
             self.account(chitchat_id, chitchat_id.node_id.len() + state.bytes(), 0);
             info!(node = ?chitchat_id, "garbage-collecting dead node");
             self.gc_history

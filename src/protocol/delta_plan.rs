@@ -7,9 +7,10 @@ use rand::Rng;
 use tracing::debug;
 
 use crate::protocol::cluster_state::ClusterState;
+use crate::protocol::digest_match::PeerDigest;
 use crate::protocol::node_state::{NodeState, ScheduledForDeletion};
 use crate::types::{ChitchatId, Version, VersionedValue};
-use crate::wire::{self, DigestView};
+use crate::wire;
 
 /// Receives the ops of a delta and says whether each still fits (the wire's `DeltaWriter`, or a
 /// collector around it). Once a node or key-value op is refused the delta is over.
@@ -52,28 +53,27 @@ pub(crate) fn is_relayable_key(key: &str) -> bool {
     key.chars().next().is_none_or(|c| c.is_ascii())
 }
 
-/// Writes the delta a peer with `peer_digest` needs into `sink`, most urgent nodes first. Past
-/// `deadline` (an instant of the cluster state's clock) the delta is cut short.
+/// Writes the delta a peer with `peer_digest` (matched against `cluster_state`'s node states)
+/// needs into `sink`, most urgent nodes first. Past `deadline` (an instant of the cluster
+/// state's clock) the delta is cut short.
 pub(crate) fn write_delta<S: DeltaSink, R: Rng>(
     cluster_state: &ClusterState,
-    peer_digest: &DigestView<'_>,
+    peer_digest: &PeerDigest,
     scheduled_for_deletion: &impl ScheduledForDeletion,
     rng: &mut R,
     sink: &mut S,
     deadline: Option<Instant>,
 ) -> DeltaSummary {
+    debug_assert!(cluster_state.is_matched(peer_digest));
+    if peer_digest.is_up_to_date() {
+        // Behind on no state: no candidate, nothing to write.
+        return DeltaSummary::default();
+    }
     let mut candidates: Vec<Candidate> = Vec::new();
-    // Both maps are sorted by id: walk them together rather than searching the digest.
-    let mut peer_entries = peer_digest.entries().iter().peekable();
-    for (id, state) in &cluster_state.node_states {
-        while peer_entries
-            .next_if(|(peer_id, _)| peer_id.cmp_id(id).is_lt())
-            .is_some()
-        {}
-        let (peer_gc, peer_max) = peer_entries
-            .peek()
-            .filter(|(peer_id, _)| peer_id.cmp_id(id).is_eq())
-            .map(|(_, d)| (d.last_gc_version, d.max_version))
+    for (k, (id, state)) in cluster_state.node_states.iter().enumerate() {
+        let (peer_gc, peer_max) = peer_digest
+            .get(k)
+            .map(|d| (d.last_gc_version, d.max_version))
             .unwrap_or((0, 0));
         if state.max_version() <= peer_max || scheduled_for_deletion.contains(id, state) {
             continue;

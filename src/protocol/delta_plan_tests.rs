@@ -11,6 +11,7 @@ use crate::clock::{Clock, ManualClock};
 use crate::message::{ChitchatMessage, Delta, Digest, NodeDigest, ProtocolVersion};
 use crate::protocol::cluster_state::ClusterState;
 use crate::protocol::delta_plan::{DeltaSink, write_delta};
+use crate::protocol::digest_match::PeerDigest;
 use crate::protocol::listener::Listeners;
 use crate::types::{ChitchatId, Heartbeat, Version, VersionedValue};
 use crate::wire::{DigestView, Encoder, MessageType, decode_envelope};
@@ -65,6 +66,13 @@ fn digest(entries: &[(u16, Version, Version)]) -> Digest {
     digest
 }
 
+/// `digest` matched against the node states of `cs`.
+fn matched(cs: &ClusterState, digest: &DigestView<'_>) -> PeerDigest {
+    let mut peer = PeerDigest::default();
+    cs.match_digest(digest, &mut peer);
+    peer
+}
+
 /// Writes an Ack with a delta bounded by `mtu`, checks its size, and decodes it back.
 fn bounded_delta(
     cs: &ClusterState,
@@ -79,7 +87,7 @@ fn bounded_delta(
     let mut rng = SmallRng::seed_from_u64(9);
     write_delta(
         cs,
-        &DigestView::from_digest(peer),
+        &matched(cs, &DigestView::from_digest(peer)),
         scheduled,
         &mut rng,
         &mut writer,
@@ -104,7 +112,7 @@ fn full_len(cs: &ClusterState, peer: &Digest, scheduled: &HashSet<&ChitchatId>) 
         let mut rng = SmallRng::seed_from_u64(9);
         let summary = write_delta(
             cs,
-            &DigestView::from_digest(peer),
+            &matched(cs, &DigestView::from_digest(peer)),
             scheduled,
             &mut rng,
             &mut writer,
@@ -155,7 +163,7 @@ fn unknown_nodes_first_smallest_first_then_most_stale() {
     let mut rng = SmallRng::seed_from_u64(1);
     write_delta(
         &cs,
-        &DigestView::from_digest(&peer),
+        &matched(&cs, &DigestView::from_digest(&peer)),
         &HashSet::new(),
         &mut rng,
         &mut recorder,
@@ -181,7 +189,7 @@ fn ties_are_broken_by_the_rng() {
             let mut rng = SmallRng::seed_from_u64(seed);
             write_delta(
                 &cs,
-                &DigestView::default(),
+                &matched(&cs, &DigestView::default()),
                 &HashSet::new(),
                 &mut rng,
                 &mut recorder,

@@ -235,10 +235,13 @@ impl SamplingWindow {
     }
 }
 
-/// A ring buffer of intervals (seconds) with a running sum.
+/// A ring buffer of intervals (seconds) with a running sum. The intervals are kept as `f32`
+/// (a relative precision of 6e-8, far below what a heartbeat's timing carries): a process
+/// hosting many nodes keeps a full window per peer of each, and this halves it (issue 11).
+/// The sum is the `f64` sum of the values kept, so removing the oldest is exact.
 #[derive(Debug)]
 struct BoundedIntervals {
-    values: VecDeque<f64>,
+    values: VecDeque<f32>,
     capacity: usize,
     sum: f64,
 }
@@ -259,10 +262,12 @@ impl BoundedIntervals {
         if self.values.len() == self.capacity
             && let Some(oldest) = self.values.pop_front()
         {
-            self.sum -= oldest;
+            self.sum -= f64::from(oldest);
         }
-        self.values.push_back(value);
-        self.sum += value;
+        // Intervals are at most `max_interval`: far inside f32's range.
+        let kept = value as f32;
+        self.values.push_back(kept);
+        self.sum += f64::from(kept);
     }
 
     fn clear(&mut self) {

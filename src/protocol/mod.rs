@@ -9,6 +9,7 @@ mod cluster_state;
 mod delta_plan;
 #[cfg(test)]
 mod delta_plan_tests;
+mod digest_match;
 mod failure_detector;
 mod gc_history;
 pub mod limits;

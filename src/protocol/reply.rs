@@ -11,9 +11,10 @@ use tracing::warn;
 use crate::message::{NodeDigest, ProtocolVersion};
 use crate::protocol::cluster_state::{ClusterState, node_digest};
 use crate::protocol::delta_plan::{DeltaSink, DeltaSummary, write_delta};
+use crate::protocol::digest_match::{NODE_DIGEST_LEN, PeerDigest};
 use crate::protocol::node_state::ScheduledForDeletion;
 use crate::types::{ChitchatId, DeletionStatusMutation, Version, VersionedValue};
-use crate::wire::{self, DeltaWriter, DigestView, Encoder, MessageType};
+use crate::wire::{self, DeltaWriter, Encoder, MessageType};
 
 /// Room a SynAck keeps for its delta when the digest alone would fill the datagram: the digest
 /// is then sent partial rather than leaving no room (the reference panics there).
@@ -87,6 +88,11 @@ fn write_digest<R: Rng>(
     rng: &mut R,
     out: &mut Vec<u8>,
 ) -> (usize, bool) {
+    if version == ProtocolVersion::V0
+        && let Some(written) = write_digest_v0_cached(cluster_state, scheduled, budget, out)
+    {
+        return written;
+    }
     let entries = || {
         cluster_state
             .node_states
@@ -121,6 +127,67 @@ fn write_digest<R: Rng>(
     (encoding.len, encoding.skipped > 0)
 }
 
+/// The V0 digest of every node state not scheduled for deletion, in id order, written from
+/// the cluster state's cached encoding (`IdTable::skeleton`): the common case of
+/// `write_digest`, byte for byte what `Encoder::encode_digest` writes. The body is copied and
+/// each node digest filled in; from the first state left out on, entries are appended one by
+/// one instead. `None` (and nothing written) when the full digest may not fit in `budget`
+/// bytes or holds an id the wire cannot carry: the general path handles those.
+fn write_digest_v0_cached(
+    cluster_state: &ClusterState,
+    scheduled: &impl ScheduledForDeletion,
+    budget: usize,
+    out: &mut Vec<u8>,
+) -> Option<(usize, bool)> {
+    let table = cluster_state.id_table();
+    let skeleton = table.skeleton();
+    if !table.all_encodable()
+        || wire::V0_DIGEST_COUNT_LEN.saturating_add(skeleton.len()) > budget
+        || cluster_state.node_states.len() > usize::from(u16::MAX)
+    {
+        return None;
+    }
+    let start = out.len();
+    out.reserve(wire::V0_DIGEST_COUNT_LEN + skeleton.len());
+    out.extend_from_slice(&[0, 0]);
+    let body = out.len();
+    // In moderate pieces: a plain vector copy each, for the copy of tens of kilobytes.
+    for piece in skeleton.chunks(1024) {
+        out.extend_from_slice(piece);
+    }
+    let mut count: u16 = 0;
+    let mut appending = false;
+    for (k, (id, state)) in cluster_state.node_states.iter().enumerate() {
+        if scheduled.contains(id, state) {
+            if !appending {
+                out.truncate(body + table.entry_start(k));
+                appending = true;
+            }
+            continue;
+        }
+        let mut node_digest = [0u8; NODE_DIGEST_LEN];
+        node_digest[..8].copy_from_slice(&u64::from(state.heartbeat()).to_le_bytes());
+        node_digest[8..16].copy_from_slice(&state.last_gc_version().to_le_bytes());
+        node_digest[16..].copy_from_slice(&state.max_version().to_le_bytes());
+        if appending {
+            out.extend_from_slice(table.id_bytes(k));
+            out.extend_from_slice(&node_digest);
+        } else {
+            let slot = body + table.slot_start(k);
+            let Some(dst) = out.get_mut(slot..slot + NODE_DIGEST_LEN) else {
+                // Unreachable: the skeleton has a slot per state.
+                out.truncate(start);
+                return None;
+            };
+            dst.copy_from_slice(&node_digest);
+        }
+        // At most u16::MAX states, checked above.
+        count = count.saturating_add(1);
+    }
+    out[start..body].copy_from_slice(&count.to_le_bytes());
+    Some((out.len() - start, false))
+}
+
 /// Syn = digest then cluster id. Returns whether the digest was partial.
 pub(crate) fn write_syn<R: Rng>(
     cluster_state: &ClusterState,
@@ -146,7 +213,7 @@ pub(crate) fn write_syn_ack<R: Rng>(
     self_id: &ChitchatId,
     scheduled: &impl ScheduledForDeletion,
     version: ProtocolVersion,
-    peer_digest: &DigestView<'_>,
+    peer_digest: &PeerDigest,
     rng: &mut R,
     out: &mut Vec<u8>,
     deadline: Option<Instant>,
@@ -187,7 +254,7 @@ pub(crate) fn write_ack<R: Rng>(
     cluster_state: &ClusterState,
     scheduled: &impl ScheduledForDeletion,
     version: ProtocolVersion,
-    peer_digest: &DigestView<'_>,
+    peer_digest: &PeerDigest,
     rng: &mut R,
     out: &mut Vec<u8>,
     deadline: Option<Instant>,
@@ -210,7 +277,7 @@ pub(crate) fn write_ack<R: Rng>(
 /// Appends the delta a peer with `peer_digest` needs, bounded by `mtu` bytes.
 fn append_delta<R: Rng>(
     cluster_state: &ClusterState,
-    peer_digest: &DigestView<'_>,
+    peer_digest: &PeerDigest,
     scheduled: &impl ScheduledForDeletion,
     rng: &mut R,
     mtu: usize,
@@ -234,4 +301,89 @@ fn append_delta<R: Rng>(
 
 pub(crate) fn write_bad_cluster(version: ProtocolVersion, out: &mut Vec<u8>) {
     Encoder::write_header(out, version, MessageType::BadCluster);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::clock::Clock;
+    use crate::protocol::listener::Listeners;
+    use crate::types::Heartbeat;
+
+    fn arb_id() -> impl Strategy<Value = ChitchatId> {
+        let addr = prop_oneof![
+            (0u16..4).prop_map(|port| SocketAddr::from(([127, 0, 0, 1], port))),
+            (0u32..2).prop_map(|scope| {
+                SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 1, 0, scope))
+            }),
+        ];
+        ("[ab]{0,3}|é", 0u64..3, addr)
+            .prop_map(|(name, generation, addr)| ChitchatId::new(name, generation, addr))
+    }
+
+    proptest! {
+        /// The digest written from the cached encodings is, byte for byte, what the encoder
+        /// writes from the states not scheduled for deletion, in id order; and it gives way to
+        /// the general path whenever the digest may not fit.
+        #[test]
+        fn cached_v0_digest_is_the_encoders(
+            states in proptest::collection::vec((arb_id(), 0u64..50, 0u64..9, 0u64..9), 0..16),
+            left_out in proptest::collection::vec(any::<bool>(), 16),
+            budget in prop_oneof![Just(usize::MAX), 0usize..600],
+        ) {
+            let mut cluster_state = ClusterState::new(Listeners::default(), Clock::System);
+            for (id, heartbeat, gc, max) in &states {
+                let state = cluster_state.node_state_or_create(id);
+                state.try_set_heartbeat(Heartbeat::from(*heartbeat));
+                state.set_max_version(*max);
+                state.set_last_gc_version(*gc);
+            }
+            let scheduled: HashSet<&ChitchatId> = cluster_state
+                .node_states
+                .keys()
+                .zip(&left_out)
+                .filter(|(_, out)| **out)
+                .map(|(id, _)| id)
+                .collect();
+            let mut cached = vec![0xaa];
+            let written = write_digest_v0_cached(&cluster_state, &scheduled, budget, &mut cached);
+            let entries: Vec<(&ChitchatId, NodeDigest)> = cluster_state
+                .node_states
+                .iter()
+                .filter(|(id, _)| !scheduled.contains(id))
+                .map(|(id, state)| (id, node_digest(state)))
+                .collect();
+            let mut encoded = vec![0xaa];
+            let encoding = Encoder::new().encode_digest(
+                ProtocolVersion::V0,
+                entries.iter().copied(),
+                usize::MAX,
+                &mut encoded,
+            );
+            match written {
+                Some((len, truncated)) => {
+                    prop_assert!(!truncated);
+                    prop_assert_eq!(&cached, &encoded);
+                    prop_assert_eq!(len, encoding.len);
+                    prop_assert!(len <= budget);
+                }
+                None => {
+                    prop_assert_eq!(&cached, &[0xaa]);
+                    // Only when the digest of every state would not fit.
+                    let full: usize = cluster_state
+                        .node_states
+                        .keys()
+                        .map(wire::digest_entry_len)
+                        .sum::<usize>()
+                        + wire::V0_DIGEST_COUNT_LEN;
+                    prop_assert!(full > budget);
+                }
+            }
+        }
+    }
 }

@@ -1,6 +1,9 @@
 //! Digests: V0 is a u16 count followed by `(ChitchatId, NodeDigest)` entries; V1 is a block
 //! stream of the same entries without a count.
 
+use std::borrow::Cow;
+use std::net::SocketAddr;
+
 use super::block_stream::{BlockStreamWriter, read_block_stream};
 use super::codec::{Decoder, Encoder};
 use super::error::{DecodeError, EncodeError};
@@ -151,51 +154,110 @@ fn encode_digest_v0<'a>(
     }
 }
 
-/// A digest borrowing its ids: entries sorted by id, one per id (of duplicates, the last one
-/// received wins, as when decoding into a map). Decoding one allocates a single vector instead
-/// of an id per entry.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// One received entry: where its id's wire bytes are in the view, and its node digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct EntrySpan {
+    start: u32,
+    id_len: u32,
+    digest: NodeDigest,
+}
+
+/// A digest as received: its entries in the order they came, each with its id's wire bytes
+/// (checked: a well-formed id, UTF-8 name) and its node digest. Parsing builds no id, sorts
+/// nothing and needs no state: matching entries to node states is the protocol's business
+/// (by wire bytes, against its own cached encodings), and only ids it does not know are read
+/// into [`ChitchatIdRef`]s. Of duplicate ids, the last one received counts, as when decoding
+/// into a map.
+#[derive(Debug, Clone, Default)]
 pub struct DigestView<'a> {
-    entries: Vec<(ChitchatIdRef<'a>, NodeDigest)>,
+    /// The entries' bytes, borrowed from the datagram (V0) or the decompressed stream (V1),
+    /// or encoded from an owned digest.
+    bytes: Cow<'a, [u8]>,
+    entries: Vec<EntrySpan>,
+}
+
+/// One entry of a [`DigestView`], in received order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DigestEntry<'a> {
+    /// The id as encoded on the wire (name length, name, generation, address).
+    pub id_bytes: &'a [u8],
+    /// Heartbeat and versions.
+    pub digest: NodeDigest,
+}
+
+impl<'a> DigestEntry<'a> {
+    /// The id, read from its wire bytes (checked when the view was built).
+    pub fn id(&self) -> ChitchatIdRef<'a> {
+        let parsed = Reader::new(self.id_bytes).chitchat_id_ref();
+        debug_assert!(parsed.is_ok(), "digest view ids are checked when decoded");
+        parsed.unwrap_or(ChitchatIdRef {
+            node_id: "",
+            generation_id: 0,
+            gossip_advertise_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        })
+    }
 }
 
 impl<'a> DigestView<'a> {
-    /// A view of an owned digest (already sorted and unique).
+    /// A view of an owned digest (its ids encoded once, in id order).
     pub fn from_digest(digest: &'a Digest) -> Self {
-        DigestView {
-            entries: digest
-                .node_digests
-                .iter()
-                .map(|(id, node_digest)| (ChitchatIdRef::from(id), *node_digest))
-                .collect(),
-        }
-    }
-
-    /// Sorts and deduplicates entries in the order they were received.
-    fn from_received(mut entries: Vec<(ChitchatIdRef<'a>, NodeDigest)>) -> Self {
-        // Stable: of equal ids the last received stays last, and is the one kept.
-        entries.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut kept = 0;
-        for i in 0..entries.len() {
-            if kept > 0 && entries[kept - 1].0 == entries[i].0 {
-                entries[kept - 1] = entries[i];
-            } else {
-                entries[kept] = entries[i];
-                kept += 1;
+        let mut bytes = Vec::new();
+        let mut entries = Vec::with_capacity(digest.len());
+        for (id, node_digest) in &digest.node_digests {
+            let start = bytes.len();
+            // An id the wire cannot carry (name over 65 535 bytes) could not have been received.
+            if put_chitchat_id(&mut bytes, id).is_err() {
+                continue;
             }
+            let (Ok(start32), Ok(id_len)) =
+                (u32::try_from(start), u32::try_from(bytes.len() - start))
+            else {
+                bytes.truncate(start);
+                break;
+            };
+            entries.push(EntrySpan {
+                start: start32,
+                id_len,
+                digest: *node_digest,
+            });
         }
-        entries.truncate(kept);
-        DigestView { entries }
+        DigestView {
+            bytes: Cow::Owned(bytes),
+            entries,
+        }
     }
 
-    /// Entries in id order.
-    pub fn entries(&self) -> &[(ChitchatIdRef<'a>, NodeDigest)] {
-        &self.entries
+    /// Entries in the order received, duplicates included.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = DigestEntry<'_>> + '_ {
+        let bytes: &[u8] = &self.bytes;
+        self.entries.iter().map(move |span| entry(bytes, span))
+    }
+
+    /// The entry at `position` in received order.
+    pub fn entry_at(&self, position: usize) -> Option<DigestEntry<'_>> {
+        self.entries
+            .get(position)
+            .map(|span| entry(&self.bytes, span))
+    }
+
+    /// Entries received, duplicates included.
+    pub fn num_received(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// One entry per id, in id order (of duplicates, the last received). Allocates: for tests
+    /// and owned copies, not the hot path.
+    pub fn sorted_entries(&self) -> Vec<(ChitchatIdRef<'_>, NodeDigest)> {
+        let entries: Vec<(ChitchatIdRef<'_>, NodeDigest)> = self
+            .iter()
+            .map(|entry| (entry.id(), entry.digest))
+            .collect();
+        sort_and_dedup(entries)
     }
 
     /// Distinct ids in the digest.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.sorted_entries().len()
     }
 
     /// True for the empty digest (a node that knows nobody, not even itself).
@@ -203,34 +265,124 @@ impl<'a> DigestView<'a> {
         self.entries.is_empty()
     }
 
-    /// The entry of `id`, if any.
+    /// The entry of `id`, if any (the last received).
     pub fn get(&self, id: &ChitchatId) -> Option<NodeDigest> {
-        self.entries
-            .binary_search_by(|(entry_id, _)| entry_id.cmp_id(id))
-            .ok()
-            .map(|i| self.entries[i].1)
+        self.iter()
+            .filter(|entry| entry.id().cmp_id(id).is_eq())
+            .last()
+            .map(|entry| entry.digest)
     }
 
     /// An owned copy (allocates an id per entry).
     pub fn to_digest(&self) -> Digest {
         Digest {
             node_digests: self
-                .entries
                 .iter()
-                .map(|(id, node_digest)| (id.to_owned_id(), *node_digest))
+                .map(|entry| (entry.id().to_owned_id(), entry.digest))
                 .collect(),
         }
     }
 }
 
-fn read_entry_ref<'a>(
-    reader: &mut Reader<'a>,
-) -> Result<(ChitchatIdRef<'a>, NodeDigest), DecodeError> {
-    let id = reader.chitchat_id_ref()?;
+#[inline]
+fn entry<'a>(bytes: &'a [u8], span: &EntrySpan) -> DigestEntry<'a> {
+    let start = span.start as usize;
+    let end = start + span.id_len as usize;
+    DigestEntry {
+        id_bytes: bytes.get(start..end).unwrap_or_default(),
+        digest: span.digest,
+    }
+}
+
+/// Views are equal when they say the same thing: the same last entry per id.
+impl PartialEq for DigestView<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.sorted_entries() == other.sorted_entries()
+    }
+}
+
+impl Eq for DigestView<'_> {}
+
+/// Sorts entries by id and keeps, of equal ids, the last one (stable sort: the last received
+/// stays last).
+pub(crate) fn sort_and_dedup<T: Copy>(
+    mut entries: Vec<(ChitchatIdRef<'_>, T)>,
+) -> Vec<(ChitchatIdRef<'_>, T)> {
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut kept = 0;
+    for i in 0..entries.len() {
+        if kept > 0 && entries[kept - 1].0 == entries[i].0 {
+            entries[kept - 1] = entries[i];
+        } else {
+            entries[kept] = entries[i];
+            kept += 1;
+        }
+    }
+    entries.truncate(kept);
+    entries
+}
+
+/// The entry of `region` at `pos` and where the next one starts, if it is well formed with
+/// an ASCII name: the usual case, checked with a few bounds checks and no reader.
+#[inline]
+fn scan_plain_entry(region: &[u8], pos: usize) -> Option<(EntrySpan, usize)> {
+    let rest = region.get(pos..)?;
+    let (len, after_len) = rest.split_first_chunk::<2>()?;
+    let name_len = usize::from(u16::from_le_bytes(*len));
+    if !after_len.get(..name_len)?.is_ascii() {
+        return None;
+    }
+    // Name, generation (8 bytes), then the address tag.
+    let ip_len = match *after_len.get(name_len + 8)? {
+        4 => 4,
+        6 => 16,
+        _ => return None,
+    };
+    let id_len = 2 + name_len + 8 + 1 + ip_len + 2;
+    let (fields, _) = rest.get(id_len..)?.split_first_chunk::<NODE_DIGEST_LEN>()?;
+    let (heartbeat, versions) = fields.split_first_chunk::<8>()?;
+    let (last_gc_version, max_version) = versions.split_first_chunk::<8>()?;
+    let max_version: &[u8; 8] = max_version.try_into().ok()?;
+    let span = EntrySpan {
+        start: u32::try_from(pos).ok()?,
+        id_len: u32::try_from(id_len).ok()?,
+        digest: NodeDigest::new(
+            Heartbeat::from(u64::from_le_bytes(*heartbeat)),
+            u64::from_le_bytes(*last_gc_version),
+            u64::from_le_bytes(*max_version),
+        ),
+    };
+    Some((span, pos + id_len + NODE_DIGEST_LEN))
+}
+
+/// The entry of `region` at `pos` and where the next one starts, or the error the reference
+/// reports for it.
+#[inline]
+fn scan_entry(region: &[u8], pos: usize) -> Result<(EntrySpan, usize), DecodeError> {
+    match scan_plain_entry(region, pos) {
+        Some(scanned) => Ok(scanned),
+        None => scan_entry_checked(region, pos),
+    }
+}
+
+/// [`scan_entry`] field by field, for the error naming what is wrong (and for non-ASCII
+/// names).
+#[cold]
+fn scan_entry_checked(region: &[u8], pos: usize) -> Result<(EntrySpan, usize), DecodeError> {
+    let mut reader = Reader::new(region.get(pos..).unwrap_or_default());
+    reader.skip_chitchat_id()?;
+    let id_len = region.len() - reader.len() - pos;
     let heartbeat = Heartbeat::from(reader.u64("heartbeat")?);
     let last_gc_version = reader.u64("last gc version")?;
     let max_version = reader.u64("max version")?;
-    Ok((id, NodeDigest::new(heartbeat, last_gc_version, max_version)))
+    // A datagram (or a decompressed stream, capped far lower) is shorter than 4 GiB.
+    let too_long = || DecodeError::Truncated { what: "digest" };
+    let span = EntrySpan {
+        start: u32::try_from(pos).map_err(|_| too_long())?,
+        id_len: u32::try_from(id_len).map_err(|_| too_long())?,
+        digest: NodeDigest::new(heartbeat, last_gc_version, max_version),
+    };
+    Ok((span, region.len() - reader.len()))
 }
 
 /// Reads a digest in `version`, borrowing its ids from the input (V0) or from `stream`, the
@@ -242,28 +394,61 @@ pub(crate) fn decode_digest_view<'i: 'o, 'o>(
     block: &mut [u8],
     stream: &'o mut Vec<u8>,
 ) -> Result<DigestView<'o>, DecodeError> {
-    let entries = match version {
+    match version {
         ProtocolVersion::V0 => {
             let count = reader.u16("digest entry count")?;
+            let region = reader.rest();
             // Bounded by what the bytes left can hold, whatever the count claims.
             let mut entries =
-                Vec::with_capacity(usize::from(count).min(reader.len() / NODE_DIGEST_LEN));
+                Vec::with_capacity(usize::from(count).min(region.len() / NODE_DIGEST_LEN));
+            let mut pos = 0;
             for _ in 0..count {
-                entries.push(read_entry_ref(reader)?);
+                let (span, next) = scan_entry(region, pos)?;
+                entries.push(span);
+                pos = next;
             }
-            entries
+            let (consumed, rest) = region.split_at_checked(pos).unwrap_or((region, &[]));
+            *reader = Reader::new(rest);
+            Ok(DigestView {
+                bytes: Cow::Borrowed(consumed),
+                entries,
+            })
         }
         ProtocolVersion::V1 => {
             let payload = read_block_stream(reader, dctx, block, stream)?;
-            let mut reader = Reader::new(payload);
-            let mut entries = Vec::new();
-            while !reader.is_empty() {
-                entries.push(read_entry_ref(&mut reader)?);
+            let mut entries = Vec::with_capacity(payload.len() / (NODE_DIGEST_LEN + 17));
+            let mut pos = 0;
+            while pos < payload.len() {
+                let (span, next) = scan_entry(payload, pos)?;
+                entries.push(span);
+                pos = next;
             }
-            entries
+            Ok(DigestView {
+                bytes: Cow::Borrowed(payload),
+                entries,
+            })
         }
-    };
-    Ok(DigestView::from_received(entries))
+    }
+}
+
+impl Decoder {
+    /// A view of the digest that `bytes` hold (in `version`), borrowing from them and from
+    /// this decoder; bytes after the digest are ignored (tests).
+    #[cfg(test)]
+    pub(crate) fn decode_digest_bytes<'a>(
+        &'a mut self,
+        version: ProtocolVersion,
+        bytes: &'a [u8],
+    ) -> Result<DigestView<'a>, DecodeError> {
+        let mut reader = Reader::new(bytes);
+        decode_digest_view(
+            version,
+            &mut reader,
+            self.dctx.as_mut(),
+            &mut self.block,
+            &mut self.digest_stream,
+        )
+    }
 }
 
 impl Decoder {

@@ -28,7 +28,8 @@ mod testing;
 pub use codec::{Decoder, Encoder};
 pub use delta::DeltaWriter;
 pub(crate) use delta::{max_key_value_len, max_key_value_len_in};
-pub use digest::{DigestEncoding, DigestView};
+pub(crate) use digest::sort_and_dedup;
+pub use digest::{DigestEncoding, DigestEntry, DigestView};
 pub(crate) use digest::{V0_DIGEST_COUNT_LEN, digest_entry_len};
 pub use envelope::{EnvelopeView, MessageView, decode_envelope, encode_envelope, syn_cluster_id};
 pub(crate) use envelope::{put_cluster_id, syn_digest_budget};
@@ -38,4 +39,5 @@ pub use format::{
     MAX_STREAM_DECOMPRESSED_LEN, MAX_STRING_LEN, MAX_UDP_DATAGRAM_PAYLOAD_SIZE, MessageType,
     body_budget, body_budget_in, delta_mtu, delta_mtu_in,
 };
+pub(crate) use primitives::put_chitchat_id;
 pub use primitives::{ChitchatIdRef, chitchat_id_len};

@@ -131,6 +131,65 @@ impl<'a> Reader<'a> {
         })
     }
 
+    /// The bytes not read yet.
+    pub(crate) fn rest(&self) -> &'a [u8] {
+        self.buf
+    }
+
+    /// Checks and skips a node id without building it: the same checks, in the same order and
+    /// with the same errors, as [`Reader::chitchat_id_ref`]. A well-formed id with an ASCII
+    /// name (the usual case) takes a short path without the full UTF-8 validation.
+    #[inline]
+    pub(crate) fn skip_chitchat_id(&mut self) -> Result<(), DecodeError> {
+        if let Some(rest) = self.well_formed_ascii_id_rest() {
+            self.buf = rest;
+            return Ok(());
+        }
+        self.skip_chitchat_id_checked()
+    }
+
+    /// [`Reader::skip_chitchat_id`] field by field, for the error naming what is wrong (and
+    /// for non-ASCII names).
+    #[cold]
+    fn skip_chitchat_id_checked(&mut self) -> Result<(), DecodeError> {
+        let len = self.u16("node id")? as usize;
+        let name = self.bytes(len, "node id")?;
+        if !name.is_ascii() && std::str::from_utf8(name).is_err() {
+            return Err(DecodeError::InvalidUtf8 { what: "node id" });
+        }
+        self.array::<8>("generation id")?;
+        match self.u8("IP address tag")? {
+            IP_V4_TAG => {
+                self.array::<4>("IPv4 address")?;
+            }
+            IP_V6_TAG => {
+                self.array::<16>("IPv6 address")?;
+            }
+            tag => return Err(DecodeError::BadIpTag(tag)),
+        }
+        self.array::<2>("port")?;
+        Ok(())
+    }
+
+    /// What follows a complete node id with an ASCII name at the cursor, if there is one.
+    #[inline]
+    fn well_formed_ascii_id_rest(&self) -> Option<&'a [u8]> {
+        let (len, rest) = self.buf.split_first_chunk::<2>()?;
+        let (name, rest) = rest.split_at_checked(usize::from(u16::from_le_bytes(*len)))?;
+        if !name.is_ascii() {
+            return None;
+        }
+        // Generation (8 bytes), then the address tag.
+        let tag = *rest.get(8)?;
+        let ip_len = match tag {
+            IP_V4_TAG => 4,
+            IP_V6_TAG => 16,
+            _ => return None,
+        };
+        // Tag, address and port.
+        rest.get(8 + 1 + ip_len + 2..)
+    }
+
     pub(crate) fn chitchat_id(&mut self) -> Result<ChitchatId, DecodeError> {
         let node_id: Arc<str> = Arc::from(self.str("node id")?);
         let generation_id = self.u64("generation id")?;
@@ -353,6 +412,27 @@ mod tests {
             prop_assert_eq!(reader.u16("a").unwrap(), a);
             prop_assert_eq!(reader.u64("b").unwrap(), b);
             prop_assert_eq!(reader.str("s").unwrap(), s.as_str());
+        }
+
+        #[test]
+        fn skip_chitchat_id_checks_what_chitchat_id_ref_reads(
+            bytes in proptest::collection::vec(any::<u8>(), 0..48),
+            node_id in "\\PC{0,12}",
+            generation_id in any::<u64>(),
+            addr in arb_socket_addr(),
+            cut in 0usize..64,
+        ) {
+            let mut valid = encode_id(&ChitchatId::new(node_id, generation_id, addr));
+            valid.truncate(cut);
+            for input in [&bytes[..], &valid[..]] {
+                let mut parsed = Reader::new(input);
+                let mut skipped = Reader::new(input);
+                let parsed_result = parsed.chitchat_id_ref().map(|_| ());
+                prop_assert_eq!(skipped.skip_chitchat_id(), parsed_result.clone());
+                if parsed_result.is_ok() {
+                    prop_assert_eq!(parsed.len(), skipped.len());
+                }
+            }
         }
 
         #[test]
