@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use chitchat_uring::{ChitchatHandle, Transport, UdpTransport, spawn_chitchat};
 use chitchat_uring::transport::UdpMode;
+use chitchat_uring::{ChitchatHandle, Transport, UdpTransport, spawn_chitchat};
 use common::{free_port, node_config, transports, udp_transports, wait_until};
 
 /// Nodes of the shutdown test, per transport.
