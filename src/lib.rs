@@ -29,7 +29,7 @@ pub use server::{
 };
 pub use transport::{ChannelTransport, Transport, TransportKind, UdpTransport};
 pub use types::{ChitchatId, DeletionStatus, Heartbeat, Version, VersionedValue};
-pub use wire::MAX_UDP_DATAGRAM_PAYLOAD_SIZE;
+pub use wire::{Deserializable, MAX_UDP_DATAGRAM_PAYLOAD_SIZE, Serializable};
 
 /// Installs a `tracing` subscriber that writes to the test harness's captured output (shown for
 /// failing tests). Idempotent: every test of a binary may call it. chitchat 0.13 gates it behind

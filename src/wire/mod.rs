@@ -20,6 +20,7 @@ mod format;
 mod primitives;
 #[cfg(test)]
 mod reference_interop;
+mod serializable;
 #[cfg(test)]
 mod testing;
 
@@ -41,3 +42,4 @@ pub use format::{
 };
 pub(crate) use primitives::put_chitchat_id;
 pub use primitives::{ChitchatIdRef, chitchat_id_len};
+pub use serializable::{Deserializable, Serializable};
