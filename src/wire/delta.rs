@@ -328,7 +328,11 @@ impl DeltaWriter<'_> {
                     return Ok(());
                 }
             }
-            if node_delta.key_values.is_empty() && node_delta.max_version > 0 {
+            // As the reference for a node without KVs; after KVs too when the max version is
+            // above the last KV's (our own writer sends that), so that every delta the decoder
+            // accepts re-encodes to itself.
+            let last_kv_version = node_delta.key_values.last().map_or(0, |kv| kv.version);
+            if node_delta.max_version > last_kv_version {
                 // Like the reference, a SetMaxVersion that does not fit is not the end.
                 let _ = owned_op_ok(self.set_max_version(node_delta.max_version), id)?;
             }
@@ -445,6 +449,16 @@ fn build_delta(payload: &[u8], seen_nodes: &mut HashSet<ChitchatId>) -> Result<D
                     .node_deltas
                     .last_mut()
                     .ok_or(DecodeError::OpBeforeNode)?;
+                // Below a KV of the same delta it would contradict it (our writer refuses to
+                // write one; applied, it would lower a node's max version under its own KVs).
+                if let Some(kv) = node_delta.key_values.last()
+                    && max_version < kv.version
+                {
+                    return Err(DecodeError::NonIncreasingVersion {
+                        previous: kv.version,
+                        version: max_version,
+                    });
+                }
                 node_delta.max_version = max_version;
             }
             tag => return Err(DecodeError::UnknownOpTag(tag)),
@@ -537,6 +551,47 @@ mod tests {
             let (bytes, _) = write_with(mtu, |_| {});
             assert_eq!(bytes, [0]);
         }
+    }
+
+    /// Fuzz finding (decode_envelope, 2026-12-02, `fuzz/regressions/`): a SetMaxVersion below
+    /// the node's last KV was accepted, so the delta did not re-encode to itself; and a
+    /// SetMaxVersion above the last KV was dropped on re-encoding.
+    #[test]
+    fn fuzz_finding_set_max_version_after_key_values_round_trips_or_is_refused() {
+        let bytes =
+            include_bytes!("../../fuzz/regressions/decode_envelope-max-version-round-trip.bin");
+        let error = crate::wire::decode_envelope(bytes).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                DecodeError::NonIncreasingVersion {
+                    previous: 1,
+                    version: 0
+                }
+            ),
+            "{error:?}"
+        );
+        let id = ChitchatId::new("n", 1, std::net::SocketAddr::from(([127, 0, 0, 1], 1)));
+        let delta = Delta {
+            node_deltas: vec![NodeDelta {
+                chitchat_id: id,
+                from_version_excluded: 0,
+                last_gc_version: 0,
+                max_version: 9,
+                key_values: vec![KeyValueUpdate {
+                    key: "k".to_string(),
+                    value: "v".to_string(),
+                    version: 3,
+                    status: DeletionStatusMutation::Set,
+                }],
+            }],
+        };
+        let envelope = crate::message::ChitchatEnvelope {
+            version: crate::message::ProtocolVersion::V0,
+            message: crate::message::ChitchatMessage::Ack { delta },
+        };
+        let encoded = crate::wire::encode_envelope(&envelope).unwrap();
+        assert_eq!(crate::wire::decode_envelope(&encoded).unwrap(), envelope);
     }
 
     #[test]
