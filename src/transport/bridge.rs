@@ -13,7 +13,7 @@ use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -26,6 +26,7 @@ use crate::transport::api::{
     Datagram, DatagramHandler, DatagramTransport, Endpoint, EndpointStats, RecvOutcome, ReplySink,
     SendOutcome, Socket, Transport, TransportKind,
 };
+use crate::transport::dispatch::{AtomicStats, bump, panic_message};
 use crate::wire::{DecodeError, Decoder, EncodeError, Encoder};
 
 /// Messages a socket over an endpoint may hold before new ones are dropped (chitchat's channel
@@ -150,36 +151,6 @@ impl Drop for EndpointSocket {
 /// A message queued for a driven socket's task.
 type Outgoing = (SocketAddr, ChitchatEnvelope);
 
-/// Counters of a driven socket.
-#[derive(Debug, Default)]
-struct DriverStats {
-    datagrams_received: AtomicU64,
-    bytes_received: AtomicU64,
-    datagrams_sent: AtomicU64,
-    bytes_sent: AtomicU64,
-    send_errors: AtomicU64,
-    recv_errors: AtomicU64,
-}
-
-impl DriverStats {
-    fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-
-    fn snapshot(&self) -> EndpointStats {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        EndpointStats {
-            datagrams_received: g(&self.datagrams_received),
-            bytes_received: g(&self.bytes_received),
-            datagrams_sent: g(&self.datagrams_sent),
-            bytes_sent: g(&self.bytes_sent),
-            send_errors: g(&self.send_errors),
-            recv_errors: g(&self.recv_errors),
-            ..EndpointStats::default()
-        }
-    }
-}
-
 /// Opens `transport`'s socket on `listen_addr` and serves it to `handler` from a tokio task on
 /// the current runtime: each received message is encoded and handed to the handler as a batch
 /// of one (the same entry point the fast path calls), its replies decoded and sent through the
@@ -197,7 +168,7 @@ pub(crate) async fn drive_socket(
     )?;
     let socket = transport.open(listen_addr).await?;
     let local_addr = socket.local_addr()?;
-    let stats = Arc::new(DriverStats::default());
+    let stats = Arc::new(AtomicStats::default());
     let (out_tx, out_rx) = mpsc::channel(OUTBOX_CAPACITY);
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let driver = Driver {
@@ -223,7 +194,7 @@ struct Driver {
     socket: Box<dyn Socket>,
     handler: Arc<dyn DatagramHandler>,
     out_rx: mpsc::Receiver<Outgoing>,
-    stats: Arc<DriverStats>,
+    stats: Arc<AtomicStats>,
     /// Dropped with the task (ended, or dropped with its runtime): tells `close()` the socket is
     /// gone.
     _done: std::sync::mpsc::Sender<()>,
@@ -250,13 +221,13 @@ impl Driver {
                 Event::Outgoing(None) => break,
                 Event::Outgoing(Some((to, envelope))) => self.send(to, envelope).await,
                 Event::Received(Ok(outcome)) => {
-                    DriverStats::add(&self.stats.datagrams_received, 1);
-                    DriverStats::add(
+                    bump(&self.stats.datagrams_received, 1);
+                    bump(
                         &self.stats.bytes_received,
                         outcome.num_bytes_received as u64,
                     );
                     if let Err(error) = encode(&outcome.envelope, &mut received) {
-                        DriverStats::add(&self.stats.recv_errors, 1);
+                        bump(&self.stats.recv_errors, 1);
                         tracing::warn!(from = %outcome.from_addr, %error,
                                        "received message cannot be encoded: dropped");
                         continue;
@@ -277,7 +248,7 @@ impl Driver {
                         match decode(&reply) {
                             Ok(envelope) => self.send(to, envelope).await,
                             Err(error) => {
-                                DriverStats::add(&self.stats.send_errors, 1);
+                                bump(&self.stats.send_errors, 1);
                                 tracing::error!(%to, %error, "reply does not decode: not sent");
                             }
                         }
@@ -285,7 +256,7 @@ impl Driver {
                     }
                 }
                 Event::Received(Err(error)) => {
-                    DriverStats::add(&self.stats.recv_errors, 1);
+                    bump(&self.stats.recv_errors, 1);
                     self.fail(format!("the transport's socket failed: {error:#}"));
                     break;
                 }
@@ -298,11 +269,11 @@ impl Driver {
     async fn send(&mut self, to: SocketAddr, envelope: ChitchatEnvelope) {
         match self.socket.send(to, envelope).await {
             Ok(outcome) => {
-                DriverStats::add(&self.stats.datagrams_sent, 1);
-                DriverStats::add(&self.stats.bytes_sent, outcome.num_bytes_sent as u64);
+                bump(&self.stats.datagrams_sent, 1);
+                bump(&self.stats.bytes_sent, outcome.num_bytes_sent as u64);
             }
             Err(error) => {
-                DriverStats::add(&self.stats.send_errors, 1);
+                bump(&self.stats.send_errors, 1);
                 tracing::warn!(%to, error = %format!("{error:#}"), "gossip socket send failed");
             }
         }
@@ -315,17 +286,6 @@ impl Driver {
         if catch_unwind(AssertUnwindSafe(|| handler.on_panic(message))).is_err() {
             tracing::error!("on_panic panicked too");
         }
-    }
-}
-
-/// The text of a caught panic.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panic with a non-string payload".to_string()
     }
 }
 
@@ -363,7 +323,7 @@ struct SocketEndpoint {
     local_addr: SocketAddr,
     /// `None` once closed: dropping the sender ends the driver.
     out_tx: Mutex<Option<mpsc::Sender<Outgoing>>>,
-    stats: Arc<DriverStats>,
+    stats: Arc<AtomicStats>,
     closed: AtomicBool,
     done: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
     /// The runtime the driver runs on: `close()` called from it must not wait for it.

@@ -12,7 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 
 use anyhow::anyhow;
@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use crate::transport::api::{
     Datagram, DatagramHandler, Endpoint, EndpointStats, MAX_DATAGRAM_LEN, ReplySink, TransportKind,
 };
+use crate::transport::dispatch::{AtomicStats, bump, panic_message};
 use crate::transport::faults::{FaultInjector, Faults};
 
 /// Datagrams `send_to` may queue for the endpoint's thread before it reports `WouldBlock`.
@@ -29,38 +30,6 @@ const OUTBOX_CAPACITY: usize = 4096;
 
 /// A datagram queued for the endpoint's thread.
 type Outgoing = (SocketAddr, Vec<u8>);
-
-/// Counters of a portable endpoint.
-#[derive(Debug, Default)]
-struct Stats {
-    datagrams_received: AtomicU64,
-    bytes_received: AtomicU64,
-    datagrams_sent: AtomicU64,
-    bytes_sent: AtomicU64,
-    send_errors: AtomicU64,
-    recv_errors: AtomicU64,
-    dropped_by_faults: AtomicU64,
-}
-
-fn add(counter: &AtomicU64, n: u64) {
-    counter.fetch_add(n, Ordering::Relaxed);
-}
-
-impl Stats {
-    fn snapshot(&self) -> EndpointStats {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        EndpointStats {
-            datagrams_received: g(&self.datagrams_received),
-            bytes_received: g(&self.bytes_received),
-            datagrams_sent: g(&self.datagrams_sent),
-            bytes_sent: g(&self.bytes_sent),
-            send_errors: g(&self.send_errors),
-            recv_errors: g(&self.recv_errors),
-            dropped_by_faults: g(&self.dropped_by_faults),
-            ..EndpointStats::default()
-        }
-    }
-}
 
 /// Binds `listen_addr` (no SO_REUSEPORT: a taken port is an error naming it) and serves it to
 /// `handler` from a new thread. Datagrams longer than `max_datagram` are dropped and counted as
@@ -88,7 +57,7 @@ pub(crate) fn open(
         .enable_time()
         .build()
         .map_err(|e| anyhow!("portable UDP backend: cannot start its runtime: {e}"))?;
-    let stats = Arc::new(Stats::default());
+    let stats = Arc::new(AtomicStats::default());
     let (out_tx, out_rx) = mpsc::channel(OUTBOX_CAPACITY);
     let faults = FaultInjector::for_endpoint(faults, local_addr).map(Arc::new);
     let has_faults = faults.is_some();
@@ -136,7 +105,7 @@ struct Worker {
     local_addr: SocketAddr,
     handler: Arc<dyn DatagramHandler>,
     faults: Option<Arc<FaultInjector>>,
-    stats: Arc<Stats>,
+    stats: Arc<AtomicStats>,
     out_rx: mpsc::Receiver<Outgoing>,
     /// Longest datagram handed to the handler.
     max_datagram: usize,
@@ -181,11 +150,11 @@ impl Worker {
                 Event::Outgoing(Some((to, payload))) => self.send(&socket, to, payload).await,
                 Event::Received(Ok((len, from))) => {
                     if len > self.max_datagram {
-                        add(&self.stats.recv_errors, 1);
+                        bump(&self.stats.recv_errors, 1);
                         continue;
                     }
-                    add(&self.stats.datagrams_received, 1);
-                    add(&self.stats.bytes_received, len as u64);
+                    bump(&self.stats.datagrams_received, 1);
+                    bump(&self.stats.bytes_received, len as u64);
                     let batch = [Datagram {
                         from,
                         payload: &buf[..len],
@@ -204,7 +173,7 @@ impl Worker {
                     }
                 }
                 Event::Received(Err(error)) => {
-                    add(&self.stats.recv_errors, 1);
+                    bump(&self.stats.recv_errors, 1);
                     if !is_transient(&error) {
                         tracing::warn!(addr = %self.local_addr, %error, "UDP receive failed");
                         // Not a busy loop if the error persists.
@@ -228,7 +197,7 @@ impl Worker {
         };
         let plan = faults.apply(to, &mut payload);
         if plan.drop {
-            add(&self.stats.dropped_by_faults, 1);
+            bump(&self.stats.dropped_by_faults, 1);
             return;
         }
         let copies = if plan.duplicate { 2 } else { 1 };
@@ -248,13 +217,7 @@ impl Worker {
     }
 
     fn panicked(&self, panic: &(dyn std::any::Any + Send)) {
-        let message = if let Some(s) = panic.downcast_ref::<&str>() {
-            (*s).to_string()
-        } else if let Some(s) = panic.downcast_ref::<String>() {
-            s.clone()
-        } else {
-            "panic with a non-string payload".to_string()
-        };
+        let message = panic_message(panic);
         tracing::error!(addr = %self.local_addr, "datagram handler panicked, endpoint closed: {message}");
         let handler = &self.handler;
         if catch_unwind(AssertUnwindSafe(|| handler.on_panic(message))).is_err() {
@@ -263,14 +226,19 @@ impl Worker {
     }
 }
 
-async fn send_one(socket: &tokio::net::UdpSocket, stats: &Stats, to: SocketAddr, payload: &[u8]) {
+async fn send_one(
+    socket: &tokio::net::UdpSocket,
+    stats: &AtomicStats,
+    to: SocketAddr,
+    payload: &[u8],
+) {
     match socket.send_to(payload, to).await {
         Ok(n) => {
-            add(&stats.datagrams_sent, 1);
-            add(&stats.bytes_sent, n as u64);
+            bump(&stats.datagrams_sent, 1);
+            bump(&stats.bytes_sent, n as u64);
         }
         Err(error) => {
-            add(&stats.send_errors, 1);
+            bump(&stats.send_errors, 1);
             tracing::debug!(%to, %error, "UDP send failed");
         }
     }
@@ -304,7 +272,7 @@ struct PortableEndpoint {
     has_faults: bool,
     /// `None` once closed: dropping the sender ends the thread.
     out_tx: Mutex<Option<mpsc::Sender<Outgoing>>>,
-    stats: Arc<Stats>,
+    stats: Arc<AtomicStats>,
     closed: AtomicBool,
     thread: Mutex<Option<thread::JoinHandle<()>>>,
 }
@@ -326,14 +294,14 @@ impl Endpoint for PortableEndpoint {
                 .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "endpoint closed"))?;
             match socket.send_to(payload, to) {
                 Ok(n) => {
-                    add(&self.stats.datagrams_sent, 1);
-                    add(&self.stats.bytes_sent, n as u64);
+                    bump(&self.stats.datagrams_sent, 1);
+                    bump(&self.stats.bytes_sent, n as u64);
                     return Ok(());
                 }
                 // The socket's buffer is full: the thread sends it when it drains.
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
                 Err(error) => {
-                    add(&self.stats.send_errors, 1);
+                    bump(&self.stats.send_errors, 1);
                     return Err(error);
                 }
             }
@@ -345,7 +313,7 @@ impl Endpoint for PortableEndpoint {
         tx.try_send((to, payload.to_vec()))
             .map_err(|error| match error {
                 mpsc::error::TrySendError::Full(_) => {
-                    add(&self.stats.send_errors, 1);
+                    bump(&self.stats.send_errors, 1);
                     io::Error::new(io::ErrorKind::WouldBlock, "the endpoint's outbox is full")
                 }
                 mpsc::error::TrySendError::Closed(_) => {
