@@ -140,8 +140,10 @@ fn bytes_per_node_state_and_key_value() {
          {per_state_with_window} B with a full failure-detector window of {window} intervals"
     );
     assert_eq!(node.node_states().len(), usize::from(NODES) + 1);
+    // 6,272 B before the failure-detector window kept block sums (a full window of 1,000
+    // `f32` intervals was 4 KB of it), 2,275 B after.
     assert!(
-        per_state_with_window < 8_192,
+        per_state_with_window < 3_072,
         "{per_state_with_window} B per node state"
     );
 }
