@@ -72,6 +72,11 @@ impl ClusterState {
         self.membership_changed();
     }
 
+    /// Changes whenever a node state is added or removed.
+    pub(crate) fn membership_epoch(&self) -> u64 {
+        self.membership_epoch
+    }
+
     fn membership_changed(&mut self) {
         self.id_table.take();
         self.membership_epoch = self.membership_epoch.wrapping_add(1);
@@ -199,8 +204,10 @@ impl ClusterState {
         for (id, state) in self.node_states.iter_mut() {
             let before = state.bytes();
             state.gc_keys_marked_for_deletion(grace_period, now);
-            if self.self_id.as_ref() != Some(id) {
-                freed += before.saturating_sub(state.bytes());
+            // Most rounds free nothing: the ids are compared only when something was freed.
+            let freed_here = before.saturating_sub(state.bytes());
+            if freed_here > 0 && self.self_id.as_ref() != Some(id) {
+                freed += freed_here;
             }
         }
         self.remote_bytes = self.remote_bytes.saturating_sub(freed);

@@ -65,9 +65,10 @@ const PRIOR_WEIGHT: f64 = 5.0;
 /// What the failure detector knows of one node. It lives in the node's `NodeState`, so that
 /// reporting a heartbeat or evaluating liveness costs no lookup: both walk the node states.
 #[derive(Debug, Default)]
+#[repr(C)]
 pub(crate) struct NodeLiveness {
-    window: Option<SamplingWindow>,
     status: Status,
+    window: Option<SamplingWindow>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -128,7 +129,9 @@ impl FailureDetector {
 
     /// Re-evaluates one node. A dead node's samples are cleared on every evaluation, so a revived
     /// node has to prove itself with fresh intervals; its time of death is the first detection.
-    pub(crate) fn update_node_liveness(&self, node: &mut NodeLiveness, now: Instant) {
+    /// Returns whether the node became live or stopped being live.
+    pub(crate) fn update_node_liveness(&self, node: &mut NodeLiveness, now: Instant) -> bool {
+        let was_live = node.is_live();
         let alive = node
             .window
             .as_ref()
@@ -136,7 +139,7 @@ impl FailureDetector {
             .is_some_and(|phi| phi <= self.config.phi_threshold);
         if alive {
             node.status = Status::Live;
-            return;
+            return !was_live;
         }
         if !node.is_dead() {
             node.status = Status::Dead(now);
@@ -144,6 +147,7 @@ impl FailureDetector {
         if let Some(window) = node.window.as_mut() {
             window.reset();
         }
+        was_live
     }
 
     /// Dead for at least `dead_node_grace_period`: to be forgotten.
@@ -215,9 +219,10 @@ impl WindowShape {
 
 /// The recent inter-heartbeat intervals of one node.
 #[derive(Debug, Default)]
+#[repr(C)]
 pub(crate) struct SamplingWindow {
-    intervals: BlockedIntervals,
     last_heartbeat: Option<Instant>,
+    intervals: BlockedIntervals,
 }
 
 impl SamplingWindow {
@@ -257,14 +262,15 @@ impl SamplingWindow {
 /// Blocks are kept as `f32` (a relative precision of 6e-8, far below what a heartbeat's timing
 /// carries); the running sum is the `f64` sum of the values kept, so dropping a block is exact.
 #[derive(Debug, Default)]
+#[repr(C)]
 struct BlockedIntervals {
-    /// Full blocks, oldest first; at most `BLOCKS` + 1.
-    blocks: VecDeque<f32>,
     /// Sum of `blocks`.
     blocks_sum: f64,
     /// The block being filled, and how many intervals it holds (< `block_len`).
     partial: f64,
     partial_len: u32,
+    /// Full blocks, oldest first; at most `BLOCKS` + 1 (touched once per block).
+    blocks: VecDeque<f32>,
 }
 
 impl BlockedIntervals {

@@ -74,17 +74,25 @@ pub(crate) enum DeltaStatus {
 }
 
 /// State of one node as seen locally.
+///
+/// `repr(C)` with the fields every digest walks (heartbeat, versions, liveness, byte and GC
+/// bookkeeping) next to each other: a node handling a Syn reads them for each of its N states,
+/// and a process of many nodes holds far more states than its caches (issue 11). The
+/// serialized fields keep chitchat's order.
 #[derive(Serialize, Deserialize)]
+#[repr(C)]
 pub struct NodeState {
     chitchat_id: ChitchatId,
     heartbeat: Heartbeat,
     key_values: BTreeMap<String, VersionedValue>,
     max_version: Version,
     last_gc_version: Version,
+    /// The failure detector's data about this node (not part of the replicated state).
     #[serde(skip)]
-    listeners: Listeners,
+    pub(crate) liveness: NodeLiveness,
+    /// Bytes of keys and values held (tombstones included), for the byte budgets.
     #[serde(skip)]
-    clock: Clock,
+    bytes: usize,
     #[serde(skip)]
     gc_hint: GcHint,
     /// The first heartbeat known and when (own node: 0 at creation). A received heartbeat is
@@ -96,12 +104,10 @@ pub struct NodeState {
     /// The same for max_version / last_gc_version.
     #[serde(skip)]
     versions_anchor: Option<(u64, Instant)>,
-    /// Bytes of keys and values held (tombstones included), for the byte budgets.
     #[serde(skip)]
-    bytes: usize,
-    /// The failure detector's data about this node (not part of the replicated state).
+    listeners: Listeners,
     #[serde(skip)]
-    pub(crate) liveness: NodeLiveness,
+    clock: Clock,
     /// Largest datagram the node sends (see `Chitchat::set_datagram_budget`): bounds the
     /// key-values the own state accepts, so each can always be gossiped.
     #[serde(skip, default = "max_datagram")]

@@ -53,19 +53,47 @@ pub fn select_nodes_for_gossip<R: Rng + ?Sized>(
     dead_nodes: &HashSet<SocketAddr>,
     seed_nodes: &HashSet<SocketAddr>,
 ) -> GossipTargets {
-    let live_count = live_nodes.len();
-    let dead_count = dead_nodes.len();
-    let pool = if live_count == 0 {
+    let pool = if live_nodes.is_empty() {
         sorted(peer_nodes)
     } else {
         sorted(live_nodes)
     };
+    select_from_lists(
+        rng,
+        &pool,
+        live_nodes.len(),
+        &sorted(dead_nodes),
+        &sorted(seed_nodes),
+    )
+}
+
+/// [`select_nodes_for_gossip`] on lists in a fixed order: `pool` is the live nodes (or every
+/// known peer while `live_count` is 0). A node's round builds the lists from its node states in
+/// id order, without hashing or sorting (issue 11: hash sets of every address, rebuilt each
+/// round by every node, were a third of a 500-node process's work).
+pub fn select_from_lists<R: Rng + ?Sized>(
+    rng: &mut R,
+    pool: &[SocketAddr],
+    live_count: usize,
+    dead_nodes: &[SocketAddr],
+    seed_nodes: &[SocketAddr],
+) -> GossipTargets {
+    let dead_count = dead_nodes.len();
     let mut nodes: Vec<SocketAddr> = pool.choose_multiple(rng, GOSSIP_COUNT).copied().collect();
     nodes.shuffle(rng);
+    // Two node states may share an address (a restarted node's old generation): one Syn each.
+    let mut unique = 0;
+    for i in 0..nodes.len() {
+        if !nodes[..unique].contains(&nodes[i]) {
+            nodes.swap(unique, i);
+            unique += 1;
+        }
+    }
+    nodes.truncate(unique);
     let gossiped_with_seed = nodes.iter().any(|addr| seed_nodes.contains(addr));
-    let dead_node = select_dead_node_to_gossip_with(rng, dead_nodes, live_count, dead_count);
+    let dead_node = pick_dead(rng, dead_nodes, live_count, dead_count);
     let seed_node = if !gossiped_with_seed || live_count < seed_nodes.len() {
-        select_seed_node_to_gossip_with(rng, seed_nodes, live_count, dead_count)
+        pick_seed(rng, seed_nodes, live_count, dead_count)
     } else {
         None
     };
@@ -83,9 +111,18 @@ pub fn select_dead_node_to_gossip_with<R: Rng + ?Sized>(
     live_count: usize,
     dead_count: usize,
 ) -> Option<SocketAddr> {
+    pick_dead(rng, &sorted(dead_nodes), live_count, dead_count)
+}
+
+fn pick_dead<R: Rng + ?Sized>(
+    rng: &mut R,
+    dead_nodes: &[SocketAddr],
+    live_count: usize,
+    dead_count: usize,
+) -> Option<SocketAddr> {
     let probability = dead_count as f64 / (live_count + 1) as f64;
     if probability > rng.random::<f64>() {
-        return sorted(dead_nodes).choose(rng).copied();
+        return dead_nodes.choose(rng).copied();
     }
     None
 }
@@ -97,12 +134,21 @@ pub fn select_seed_node_to_gossip_with<R: Rng + ?Sized>(
     live_count: usize,
     dead_count: usize,
 ) -> Option<SocketAddr> {
+    pick_seed(rng, &sorted(seed_nodes), live_count, dead_count)
+}
+
+fn pick_seed<R: Rng + ?Sized>(
+    rng: &mut R,
+    seed_nodes: &[SocketAddr],
+    live_count: usize,
+    dead_count: usize,
+) -> Option<SocketAddr> {
     if live_count == 0 {
-        return sorted(seed_nodes).choose(rng).copied();
+        return seed_nodes.choose(rng).copied();
     }
     let probability = seed_nodes.len() as f64 / (live_count + dead_count) as f64;
     if rng.random::<f64>() <= probability {
-        return sorted(seed_nodes).choose(rng).copied();
+        return seed_nodes.choose(rng).copied();
     }
     None
 }

@@ -393,6 +393,7 @@ fn child_cluster(args: &[String]) -> i32 {
         keys: KEYS,
         gossip_interval: Duration::from_millis(interval_ms),
         cluster_id: CLUSTER_ID.to_string(),
+        amplification_limits: true,
     };
     let started = Instant::now();
     let (mut cluster, transport): (Box<dyn LocalCluster>, String) = match which {

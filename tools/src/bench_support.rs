@@ -353,7 +353,9 @@ pub fn measure_cluster(
 
     let start = Instant::now();
     loop {
+        let checked = Instant::now();
         let converged = cluster.converged_nodes();
+        let check = checked.elapsed();
         report.converged_nodes = converged;
         progress(Progress::Converging {
             converged,
@@ -370,7 +372,9 @@ pub fn measure_cluster(
         if start.elapsed() >= options.timeout {
             return finish(report, Outcome::ConvergenceTimeout);
         }
-        std::thread::sleep(options.poll);
+        // A check locks every node and reads N × N states: however large the cluster, at most
+        // a fifth of a core goes to watching it.
+        std::thread::sleep(options.poll.max(check * 4));
     }
 
     // The update goes on the last node: not the seed, so it must really travel.
@@ -378,7 +382,9 @@ pub fn measure_cluster(
     cluster.set_key(owner, PROBE_KEY, PROBE_VALUE);
     let start = Instant::now();
     loop {
+        let checked = Instant::now();
         let have = cluster.nodes_with_key(owner, PROBE_KEY, PROBE_VALUE);
+        let check = checked.elapsed();
         progress(Progress::Propagating {
             have,
             total,
@@ -394,7 +400,7 @@ pub fn measure_cluster(
         if start.elapsed() >= options.timeout {
             return finish(report, Outcome::PropagationTimeout);
         }
-        std::thread::sleep(options.poll.min(Duration::from_millis(5)));
+        std::thread::sleep(options.poll.min(Duration::from_millis(5)).max(check * 4));
     }
 
     let outcome = measure_steady(cluster, &mut report, options.steady, stop, progress);
@@ -509,6 +515,8 @@ pub struct ClusterSpec {
     pub keys: usize,
     pub gossip_interval: Duration,
     pub cluster_id: String,
+    /// The default anti-amplification budget (`false`: `AmplificationLimits::off()`).
+    pub amplification_limits: bool,
 }
 
 impl UringCluster {
@@ -529,12 +537,11 @@ impl UringCluster {
                     None => free_udp_ports(1)?[0],
                 };
                 let config = node_config(spec, i, port, seed);
-                // Every node of the process carries its own `node` metrics label.
                 match runtime.block_on(spawn_chitchat_with(
                     config,
                     initial_key_values(i, spec.keys),
                     transport,
-                    SpawnOptions::default().with_metrics_label(format!("node-{i}")),
+                    spawn_options(spec, i),
                 )) {
                     Ok(handle) => break handle,
                     // The port was taken since it was found free: take another.
@@ -562,6 +569,18 @@ impl UringCluster {
 
     pub fn handles(&self) -> &[ChitchatHandle] {
         &self.handles
+    }
+}
+
+fn spawn_options(spec: &ClusterSpec, index: usize) -> SpawnOptions {
+    // Every node of the process carries its own `node` metrics label.
+    let options = SpawnOptions::default().with_metrics_label(format!("node-{index}"));
+    if spec.amplification_limits {
+        options
+    } else {
+        options.with_amplification_limits(
+            chitchat_uring::protocol::amplification::AmplificationLimits::off(),
+        )
     }
 }
 

@@ -42,6 +42,10 @@ pub struct Args {
     /// Serve every node's Prometheus metrics (label `node`) at `GET /metrics` on this address.
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Nodes answer every source in full, as chitchat does (no anti-amplification budget): shows
+    /// what the budget costs a cluster whose nodes all join at once.
+    #[arg(long)]
+    no_amplification_limits: bool,
 }
 
 fn secs(flag: &str, value: f64) -> anyhow::Result<Duration> {
@@ -59,6 +63,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         keys: args.keys as usize,
         gossip_interval: Duration::from_millis(args.gossip_ms),
         cluster_id: "chitchat-uring-local".to_string(),
+        amplification_limits: !args.no_amplification_limits,
     };
     common::prepare_for_nodes(spec.nodes)?;
     let transport = common::keyed_or_plain(
