@@ -12,6 +12,7 @@ mod delta_plan_tests;
 mod digest_match;
 mod failure_detector;
 mod gc_history;
+mod key_interner;
 pub mod limits;
 #[cfg(test)]
 mod limits_tests;

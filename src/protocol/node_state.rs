@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::ops::Bound;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -11,6 +12,7 @@ use tracing::{debug, warn};
 use crate::clock::Clock;
 use crate::message::NodeDelta;
 use crate::protocol::failure_detector::{DeletionSchedule, NodeLiveness};
+use crate::protocol::key_interner::intern;
 use crate::protocol::limits::{self, Limits, Refusal, RefusalCounts};
 use crate::protocol::listener::{KeyChangeEvent, Listeners};
 use crate::types::{
@@ -84,7 +86,7 @@ pub(crate) enum DeltaStatus {
 pub struct NodeState {
     chitchat_id: ChitchatId,
     heartbeat: Heartbeat,
-    key_values: BTreeMap<String, VersionedValue>,
+    key_values: BTreeMap<Arc<str>, VersionedValue>,
     max_version: Version,
     last_gc_version: Version,
     /// The failure detector's data about this node (not part of the replicated state).
@@ -256,7 +258,7 @@ impl NodeState {
 
     /// Every entry, tombstones included, in key order.
     pub fn key_values_including_deleted(&self) -> impl Iterator<Item = (&str, &VersionedValue)> {
-        self.key_values.iter().map(|(k, v)| (k.as_str(), v))
+        self.key_values.iter().map(|(k, v)| (&**k, v))
     }
 
     /// Visible entries (deleted ones excluded, TTL'd ones included), in key order.
@@ -280,7 +282,7 @@ impl NodeState {
             .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
             .take_while(move |(k, _)| k.starts_with(prefix))
             .filter(|(_, v)| !v.is_deleted())
-            .map(|(k, v)| (k.as_str(), v))
+            .map(|(k, v)| (&**k, v))
     }
 
     /// Whether `key` has a visible value.
@@ -336,7 +338,7 @@ impl NodeState {
 
     fn write_value(&mut self, key: String, value: String, ttl: bool) -> Result<(), KeyValueError> {
         self.check_gossipable(&key, &value)?;
-        if let Some(existing) = self.key_values.get(&key) {
+        if let Some(existing) = self.key_values.get(key.as_str()) {
             let same_status = match existing.status {
                 DeletionStatus::Set => !ttl,
                 DeletionStatus::DeleteAfterTtl(_) => ttl,
@@ -515,7 +517,7 @@ impl NodeState {
     /// unless the value is a tombstone.
     pub(crate) fn set_versioned_value(&mut self, key: String, value: VersionedValue) {
         self.max_version = self.max_version.max(value.version);
-        if let Some(existing) = self.key_values.get(&key)
+        if let Some(existing) = self.key_values.get(key.as_str())
             && existing.version >= value.version
         {
             return;
@@ -531,8 +533,12 @@ impl NodeState {
         }
         let key_len = key.len();
         let added = key_len + value.value.len();
-        if let Some(old) = self.key_values.insert(key, value) {
+        // An existing key keeps its name; only a key new to this state is interned.
+        if let Some(entry) = self.key_values.get_mut(key.as_str()) {
+            let old = std::mem::replace(entry, value);
             self.bytes = self.bytes.saturating_sub(key_len + old.value.len());
+        } else {
+            self.key_values.insert(intern(&key), value);
         }
         self.bytes = self.bytes.saturating_add(added);
     }
@@ -560,7 +566,7 @@ impl NodeState {
             .key_values
             .iter()
             .filter(|(_, v)| v.version > floor)
-            .map(|(k, v)| (k.as_str(), v))
+            .map(|(k, v)| (&**k, v))
             .collect();
         stale.sort_unstable_by_key(|(_, v)| v.version);
         stale
@@ -674,7 +680,7 @@ impl NodeState {
                 applied_up_to = applied_up_to.max(kv.version);
                 continue;
             }
-            let existing = self.key_values.get(&kv.key);
+            let existing = self.key_values.get(kv.key.as_str());
             if existing.is_none() && self.key_values.len() >= limits.max_keys_per_node {
                 refusals.add(Refusal::TooManyKeys, 1);
                 stopped = true;
@@ -734,7 +740,7 @@ impl NodeState {
             return Ok(false);
         }
         for kv in &delta.key_values {
-            if self.key_values.len() >= max_keys || self.key_values.contains_key(&kv.key) {
+            if self.key_values.len() >= max_keys || self.key_values.contains_key(kv.key.as_str()) {
                 continue;
             }
             let Some(version) = self.max_version.checked_add(1) else {
@@ -745,7 +751,7 @@ impl NodeState {
             self.gc_hint.note(status);
             self.bytes = self.bytes.saturating_add(kv.key.len());
             self.key_values.insert(
-                kv.key.clone(),
+                intern(&kv.key),
                 VersionedValue {
                     value: String::new(),
                     version,
@@ -789,7 +795,8 @@ impl NodeState {
         warn!(node = ?self.chitchat_id, claim, own_max = self.max_version,
               "a peer claims versions of this node beyond its own (forged, or a previous \
                incarnation with the same id): outgrowing them");
-        let mut entries: Vec<(&String, &mut VersionedValue)> = self.key_values.iter_mut().collect();
+        let mut entries: Vec<(&Arc<str>, &mut VersionedValue)> =
+            self.key_values.iter_mut().collect();
         // Keep the relative order of the writes.
         entries.sort_unstable_by_key(|(_, v)| v.version);
         let mut version = new_gc;
