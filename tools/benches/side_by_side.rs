@@ -668,10 +668,7 @@ fn measure_cluster_child(which: Impl, case: ClusterCase) -> Result<ClusterReport
             }
         }
     });
-    // Startup of a large cluster, two waits, two steady windows at most, the shutdown limit.
-    let limit = Duration::from_secs_f64(
-        2.0 * case.steady_secs + 2.0 * case.timeout_secs + case.shutdown_limit_secs + 180.0,
-    );
+    let limit = cluster_child_limit(&case);
     let json = rx
         .recv_timeout(limit)
         .map_err(|_| format!("no report within {limit:?}"))?;
@@ -854,7 +851,11 @@ fn orchestrate(plan: &Plan) -> i32 {
                 };
                 match measure_cluster_child(which, case) {
                     Ok(report) => results.clusters.push(report),
-                    Err(error) => eprintln!("  {} × {nodes}: {error}", which.name()),
+                    Err(error) => {
+                        eprintln!("  {} × {nodes}: {error}", which.name());
+                        // In the table too: a cluster that never reported is an outcome.
+                        results.clusters.push(no_report(which, case));
+                    }
                 }
             }
         }
@@ -877,7 +878,11 @@ fn orchestrate(plan: &Plan) -> i32 {
                 };
                 match measure_cluster_child(which, case) {
                     Ok(report) => results.clusters.push(report),
-                    Err(error) => eprintln!("  {} × {nodes}: {error}", which.name()),
+                    Err(error) => {
+                        eprintln!("  {} × {nodes}: {error}", which.name());
+                        // In the table too: a cluster that never reported is an outcome.
+                        results.clusters.push(no_report(which, case));
+                    }
                 }
             }
         }
@@ -979,6 +984,29 @@ fn mib(bytes: Option<u64>) -> String {
     })
 }
 
+/// The row of a cluster whose child process sent no report within `cluster_child_limit`.
+fn no_report(which: Impl, case: ClusterCase) -> ClusterReport {
+    let mut report = ClusterReport::started(
+        which.name(),
+        "-",
+        case.nodes,
+        KEYS,
+        case.interval_ms,
+        Duration::ZERO,
+    );
+    report.outcome = Outcome::NoReport;
+    report.convergence_timeout_secs = Some(cluster_child_limit(&case).as_secs_f64());
+    report
+}
+
+/// How long a cluster's child process may take to report: startup of a large cluster, two
+/// waits, two steady windows at most, the shutdown limit.
+fn cluster_child_limit(case: &ClusterCase) -> Duration {
+    Duration::from_secs_f64(
+        2.0 * case.steady_secs + 2.0 * case.timeout_secs + case.shutdown_limit_secs + 180.0,
+    )
+}
+
 /// "12.34 s", or "did not converge in 120 s (37/500)".
 fn convergence_cell(r: &ClusterReport) -> String {
     match (r.convergence_secs, r.outcome) {
@@ -989,6 +1017,11 @@ fn convergence_cell(r: &ClusterReport) -> String {
                 .map_or("?".to_string(), |t| format!("{t:.0}")),
             r.converged_nodes,
             r.nodes
+        ),
+        (None, Outcome::NoReport) => format!(
+            "no report in {} s (stopped)",
+            r.convergence_timeout_secs
+                .map_or("?".to_string(), |t| format!("{t:.0}"))
         ),
         (None, _) => "-".to_string(),
     }

@@ -244,6 +244,9 @@ pub enum Outcome {
     ConvergenceTimeout,
     /// The update did not reach every node in time.
     PropagationTimeout,
+    /// The benchmark's child process running the cluster sent no report within its time
+    /// limit and was stopped (`convergence_timeout_secs` holds that limit).
+    NoReport,
 }
 
 /// The figures of one local-cluster run. Absent figures were not reached.

@@ -128,7 +128,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             "the update did not reach every node within {:.1} s",
             timeout.as_secs_f64()
         )),
-        Outcome::Complete => {}
+        Outcome::Complete | Outcome::NoReport => {}
     }
     let stopping = Instant::now();
     let shutdown = cluster.shutdown();
@@ -144,7 +144,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(match report.outcome {
         Outcome::Complete => ExitCode::SUCCESS,
         Outcome::Interrupted => ExitCode::from(130),
-        Outcome::ConvergenceTimeout | Outcome::PropagationTimeout => ExitCode::FAILURE,
+        Outcome::ConvergenceTimeout | Outcome::PropagationTimeout | Outcome::NoReport => {
+            ExitCode::FAILURE
+        }
     })
 }
 
@@ -226,6 +228,7 @@ fn print_summary(report: &ClusterReport) {
                 Outcome::Interrupted => "interrupted (figures so far)",
                 Outcome::ConvergenceTimeout => "did not converge in time",
                 Outcome::PropagationTimeout => "the update did not reach every node in time",
+                Outcome::NoReport => "no report",
             }
             .to_string(),
         ),
