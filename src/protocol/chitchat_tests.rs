@@ -270,6 +270,32 @@ fn dead_nodes_are_hidden_after_half_grace_and_collected_after_grace() {
     assert!(n1.node_state(&peer).is_some());
 }
 
+/// Nobody watches while the live set changes (so no map is built); a watcher subscribing
+/// afterwards still sees the current live nodes, and later changes reach it.
+#[test]
+fn live_nodes_changed_while_unwatched_are_published_on_subscription() {
+    let clock = ManualClock::new();
+    let mut n1 = node_with(config(1), &clock, vec![]);
+    let mut n2 = node_with(config(2), &clock, vec![]);
+    n1.update_nodes_liveness();
+    for _ in 0..3 {
+        clock.advance(Duration::from_millis(100));
+        n2.update_self_heartbeat();
+        handshake(&mut n2, &mut n1);
+    }
+    n1.update_nodes_liveness();
+    assert_eq!(n1.live_nodes().count(), 2);
+    let watcher = n1.live_nodes_watcher();
+    assert_eq!(
+        watcher.borrow().keys().cloned().collect::<Vec<_>>(),
+        vec![n1.self_chitchat_id().clone(), n2.self_chitchat_id().clone()]
+    );
+    // n2 falls silent: the watched node publishes its death at the next evaluation.
+    clock.advance(Duration::from_secs(60));
+    n1.update_nodes_liveness();
+    assert_eq!(watcher.borrow().len(), 1, "only self is live");
+}
+
 #[test]
 fn live_nodes_watcher_publishes_changes_with_the_extra_predicate() {
     let clock = ManualClock::new();

@@ -220,6 +220,21 @@ mod tests {
         assert_eq!(distinct.len(), GOSSIP_COUNT);
     }
 
+    /// Two node states with one address (a restarted node's old generation) give one Syn, not
+    /// two: the round's lists are not deduplicated, its targets are.
+    #[test]
+    fn lists_with_a_repeated_address_give_distinct_targets() {
+        let a = SocketAddr::from(([127, 0, 0, 1], 1));
+        let b = SocketAddr::from(([127, 0, 0, 1], 2));
+        for seed in 0..50 {
+            let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+            let targets = select_from_lists(&mut rng, &[a, a, b], 3, &[], &[]);
+            let mut nodes = targets.nodes.clone();
+            nodes.sort_unstable();
+            assert_eq!(nodes, vec![a, b], "seed {seed}: {:?}", targets.nodes);
+        }
+    }
+
     #[test]
     fn dead_node_probability_is_dead_over_live_plus_one() {
         let dead = addrs([20, 21]);
