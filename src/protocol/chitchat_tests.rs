@@ -917,3 +917,50 @@ fn amplification_limits_off_treats_every_source_as_a_member() {
         "{off_bytes} vs {limited_bytes}"
     );
 }
+
+/// The node-state map is repacked once membership settles (issue 11): the states, their order
+/// and what a peer is sent stay the same, states of many keys included.
+#[test]
+fn node_states_repacked_after_settling_keep_their_content() {
+    let clock = ManualClock::new();
+    let mut n1 = node(10_001, &clock);
+    // Ids created in a scrambled order, as gossip discovers them.
+    for i in 0..120u16 {
+        let port = 20_000 + (i * 37) % 120;
+        let id = ChitchatId::new(format!("node-{port}"), 1, ([127, 0, 0, 1], port).into());
+        let keys = if i % 10 == 0 { 50 } else { 3 };
+        let kvs = (0..keys).map(|k| {
+            let value = VersionedValue::new(format!("value-{k}"), k + 1, false);
+            (format!("key-{k:02}"), value)
+        });
+        n1.reset_node_state_if_update(&id, kvs, keys, 0);
+    }
+    // Remote states only: the own heartbeat rises every round.
+    let own = n1.self_chitchat_id().clone();
+    let remote = |n: &Chitchat| -> Vec<(ChitchatId, String)> {
+        n.node_states()
+            .iter()
+            .filter(|(id, _)| **id != own)
+            .map(|(id, state)| (id.clone(), format!("{state:?}")))
+            .collect()
+    };
+    let before = remote(&n1);
+    assert_eq!(before.len(), 120);
+    let mut syn = Vec::new();
+    for _ in 0..12 {
+        clock.advance(Duration::from_millis(100));
+        n1.begin_gossip_round(&mut syn);
+        n1.end_gossip_round();
+    }
+    let after = remote(&n1);
+    assert!(before == after, "the states changed when repacked");
+    // A newcomer learns every state from the repacked node.
+    let mut n2 = node(10_002, &clock);
+    for _ in 0..40 {
+        handshake(&mut n2, &mut n1);
+    }
+    for (id, _) in &before {
+        assert_eq!(visible(&n1, id), visible(&n2, id), "{id:?}");
+    }
+    assert_eq!(n2.node_states().len(), n1.node_states().len());
+}

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -15,7 +15,7 @@ use crate::protocol::digest_match::{IdTable, PeerDigest};
 use crate::protocol::gc_history::{GARBAGE_COLLECTED_NODE_HISTORY_SIZE, GcHistory};
 use crate::protocol::limits::{Limits, Refusal, RefusalCounts};
 use crate::protocol::listener::Listeners;
-use crate::protocol::node_state::{DeltaStatus, NodeState, ScheduledForDeletion};
+use crate::protocol::node_state::{DeltaStatus, NodeContext, NodeState, ScheduledForDeletion};
 use crate::types::{ChitchatId, Heartbeat};
 use crate::wire::{self, DigestView};
 
@@ -31,14 +31,24 @@ pub(crate) struct ClusterState {
     /// Bytes of remote state: ids, keys and values of every other node state.
     remote_bytes: usize,
     /// Largest datagram this node may send: the UDP maximum, less the transport's own bytes
-    /// (sealing, in keyed clusters). Every reply and Syn is written within it.
+    /// (sealing, in keyed clusters). Every reply and Syn is written within it. Set with
+    /// `set_datagram_budget`, which tells the node states too.
     pub(crate) datagram_budget: usize,
+    /// Shared by every node state (listeners, clock, datagram budget).
+    node_context: Arc<NodeContext>,
     /// The wire encoding of every id, in id order: built on first use, dropped whenever a
     /// node state is added or removed.
     id_table: OnceLock<IdTable>,
     /// Bumped whenever a node state is added or removed: positions in id order change.
     membership_epoch: u64,
+    /// The epoch the node-state map was last repacked at, and the epoch seen by the last
+    /// round with how many rounds have seen it (see `compact_when_settled`).
+    compacted_epoch: u64,
+    settling: (u64, u32),
 }
+
+/// Gossip rounds without a node state added or removed before the map is repacked.
+const ROUNDS_TO_SETTLE: u32 = 8;
 
 /// What applying a delta did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +65,7 @@ impl ClusterState {
     pub(crate) fn new(listeners: Listeners, clock: Clock) -> Self {
         ClusterState {
             node_states: BTreeMap::new(),
+            node_context: NodeContext::new(listeners.clone(), clock.clone()),
             listeners,
             gc_history: GcHistory::new(GARBAGE_COLLECTED_NODE_HISTORY_SIZE),
             clock,
@@ -63,7 +74,36 @@ impl ClusterState {
             datagram_budget: wire::MAX_UDP_DATAGRAM_PAYLOAD_SIZE,
             id_table: OnceLock::new(),
             membership_epoch: 0,
+            compacted_epoch: u64::MAX,
+            settling: (u64::MAX, 0),
         }
+    }
+
+    /// Repacks the node-state map once the membership has not changed for a few rounds. A map
+    /// that grew by insertions in random id order keeps its leaves about two-thirds full, and
+    /// each entry (id and state) is 368 B: rebuilt from its sorted entries the leaves are full,
+    /// about 150 B less per node state (150 MB in a process of 1,000 nodes of 1,000). Maps of
+    /// key-values larger than one leaf are repacked too. Called once per gossip round; costs
+    /// one pass over the node states, once per settled membership.
+    pub(crate) fn compact_when_settled(&mut self) {
+        let epoch = self.membership_epoch;
+        if self.settling.0 != epoch {
+            self.settling = (epoch, 0);
+            return;
+        }
+        if self.compacted_epoch == epoch {
+            return;
+        }
+        self.settling.1 = self.settling.1.saturating_add(1);
+        if self.settling.1 < ROUNDS_TO_SETTLE {
+            return;
+        }
+        // Same entries in the same order: positions (the id table, matched digests) stay valid.
+        self.node_states = std::mem::take(&mut self.node_states).into_iter().collect();
+        for state in self.node_states.values_mut() {
+            state.compact_key_values();
+        }
+        self.compacted_epoch = epoch;
     }
 
     /// Names the own node (its state is left out of the remote byte budget).
@@ -128,6 +168,12 @@ impl ClusterState {
         }
     }
 
+    /// Sets the datagram budget of every reply and of the own state's key-values.
+    pub(crate) fn set_datagram_budget(&mut self, budget: usize) {
+        self.datagram_budget = budget;
+        self.node_context.set_datagram_budget(budget);
+    }
+
     pub(crate) fn listeners(&self) -> &Listeners {
         &self.listeners
     }
@@ -151,11 +197,8 @@ impl ClusterState {
             self.gc_history.remove(chitchat_id);
             let id_len = chitchat_id.node_id.len();
             self.account(chitchat_id, 0, id_len);
-            let state = NodeState::new(
-                chitchat_id.clone(),
-                self.listeners.clone(),
-                self.clock.clone(),
-            );
+            let state =
+                NodeState::with_context(chitchat_id.clone(), Arc::clone(&self.node_context));
             self.node_states.insert(chitchat_id.clone(), state);
             self.membership_changed();
         }

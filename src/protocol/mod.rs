@@ -13,10 +13,12 @@ mod digest_match;
 mod failure_detector;
 mod gc_history;
 mod key_interner;
+mod key_value_map;
 pub mod limits;
 #[cfg(test)]
 mod limits_tests;
 mod listener;
+mod member_addrs;
 mod node_state;
 #[cfg(test)]
 mod node_state_tests;

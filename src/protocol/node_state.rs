@@ -1,9 +1,9 @@
 //! `NodeState`: one node's key-values, versions and heartbeat, as seen locally.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
-use std::ops::Bound;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -13,6 +13,7 @@ use crate::clock::Clock;
 use crate::message::NodeDelta;
 use crate::protocol::failure_detector::{DeletionSchedule, NodeLiveness};
 use crate::protocol::key_interner::intern;
+use crate::protocol::key_value_map::KeyValueMap;
 use crate::protocol::limits::{self, Limits, Refusal, RefusalCounts};
 use crate::protocol::listener::{KeyChangeEvent, Listeners};
 use crate::types::{
@@ -86,7 +87,7 @@ pub(crate) enum DeltaStatus {
 pub struct NodeState {
     chitchat_id: ChitchatId,
     heartbeat: Heartbeat,
-    key_values: BTreeMap<Arc<str>, VersionedValue>,
+    key_values: KeyValueMap,
     max_version: Version,
     last_gc_version: Version,
     /// The failure detector's data about this node (not part of the replicated state).
@@ -106,18 +107,47 @@ pub struct NodeState {
     /// The same for max_version / last_gc_version.
     #[serde(skip)]
     versions_anchor: Option<(u64, Instant)>,
+    /// What every node state of one cluster state shares (one pointer instead of 48 B per
+    /// state: 40 MB in a process of 1,000 nodes of 1,000).
     #[serde(skip)]
+    context: Arc<NodeContext>,
+}
+
+/// The listeners, the clock and the datagram budget of the node states of one node.
+pub(crate) struct NodeContext {
     listeners: Listeners,
-    #[serde(skip)]
     clock: Clock,
     /// Largest datagram the node sends (see `Chitchat::set_datagram_budget`): bounds the
     /// key-values the own state accepts, so each can always be gossiped.
-    #[serde(skip, default = "max_datagram")]
-    pub(crate) datagram_budget: usize,
+    datagram_budget: AtomicUsize,
 }
 
-fn max_datagram() -> usize {
-    wire::MAX_UDP_DATAGRAM_PAYLOAD_SIZE
+impl NodeContext {
+    pub(crate) fn new(listeners: Listeners, clock: Clock) -> Arc<Self> {
+        Arc::new(NodeContext::unshared(listeners, clock))
+    }
+
+    fn unshared(listeners: Listeners, clock: Clock) -> Self {
+        NodeContext {
+            listeners,
+            clock,
+            datagram_budget: AtomicUsize::new(wire::MAX_UDP_DATAGRAM_PAYLOAD_SIZE),
+        }
+    }
+
+    pub(crate) fn set_datagram_budget(&self, budget: usize) {
+        self.datagram_budget.store(budget, Ordering::Relaxed);
+    }
+
+    fn datagram_budget(&self) -> usize {
+        self.datagram_budget.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for NodeContext {
+    fn default() -> Self {
+        NodeContext::unshared(Listeners::default(), Clock::default())
+    }
 }
 
 /// A copy of the replicated state (key-values, versions, heartbeat) sharing the listeners and
@@ -130,14 +160,12 @@ impl Clone for NodeState {
             key_values: self.key_values.clone(),
             max_version: self.max_version,
             last_gc_version: self.last_gc_version,
-            listeners: self.listeners.clone(),
-            clock: self.clock.clone(),
+            context: Arc::clone(&self.context),
             gc_hint: self.gc_hint,
             heartbeat_anchor: self.heartbeat_anchor,
             versions_anchor: self.versions_anchor,
             bytes: self.bytes,
             liveness: NodeLiveness::default(),
-            datagram_budget: self.datagram_budget,
         }
     }
 }
@@ -204,30 +232,32 @@ impl PartialEq for NodeState {
 }
 
 impl NodeState {
+    #[cfg(test)]
     pub(crate) fn new(chitchat_id: ChitchatId, listeners: Listeners, clock: Clock) -> NodeState {
+        NodeState::with_context(chitchat_id, NodeContext::new(listeners, clock))
+    }
+
+    pub(crate) fn with_context(chitchat_id: ChitchatId, context: Arc<NodeContext>) -> NodeState {
         NodeState {
             chitchat_id,
             heartbeat: Heartbeat(0),
-            key_values: BTreeMap::new(),
+            key_values: KeyValueMap::default(),
             max_version: 0,
             last_gc_version: 0,
-            listeners,
-            clock,
+            context,
             gc_hint: GcHint::Nothing,
             heartbeat_anchor: None,
             versions_anchor: None,
             bytes: 0,
             liveness: NodeLiveness::default(),
-            datagram_budget: max_datagram(),
         }
     }
 
     /// A lone state for `test-node:0:127.0.0.1:7280`.
     pub fn for_test() -> NodeState {
-        NodeState::new(
+        NodeState::with_context(
             ChitchatId::new("test-node", 0, ([127, 0, 0, 1], 7280).into()),
-            Listeners::default(),
-            Clock::System,
+            NodeContext::new(Listeners::default(), Clock::System),
         )
     }
 
@@ -279,7 +309,7 @@ impl NodeState {
         prefix: &'a str,
     ) -> impl Iterator<Item = (&'a str, &'a VersionedValue)> + 'a {
         self.key_values
-            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .iter_from(prefix)
             .take_while(move |(k, _)| k.starts_with(prefix))
             .filter(|(_, v)| !v.is_deleted())
             .map(|(k, v)| (&**k, v))
@@ -349,7 +379,7 @@ impl NodeState {
             }
         }
         let status = if ttl {
-            DeletionStatus::DeleteAfterTtl(self.clock.now().into())
+            DeletionStatus::DeleteAfterTtl(self.context.clock.now().into())
         } else {
             DeletionStatus::Set
         };
@@ -372,7 +402,7 @@ impl NodeState {
                 key: key.to_string(),
             });
         }
-        let limit = wire::max_key_value_len_in(self.datagram_budget, &self.chitchat_id);
+        let limit = wire::max_key_value_len_in(self.context.datagram_budget(), &self.chitchat_id);
         let size = key.len() + value.len();
         if size > limit || key.len() > MAX_STRING_LEN || value.len() > MAX_STRING_LEN {
             return Err(KeyValueError::TooLarge {
@@ -387,7 +417,7 @@ impl NodeState {
     /// Deletes `key`: a tombstone with a new version, collected after the grace period.
     /// Listeners are not notified.
     pub fn delete(&mut self, key: &str) {
-        let now = self.clock.now();
+        let now = self.context.clock.now();
         let Some(entry) = self.key_values.get_mut(key) else {
             warn!(node = ?self.chitchat_id, key, "deleting a key that does not exist");
             return;
@@ -406,7 +436,7 @@ impl NodeState {
     /// Listeners are not notified. A deleted key stays deleted (chitchat would resurrect it
     /// with an empty value).
     pub fn delete_after_ttl(&mut self, key: &str) {
-        let now = self.clock.now();
+        let now = self.context.clock.now();
         let Some(entry) = self.key_values.get_mut(key) else {
             warn!(node = ?self.chitchat_id, key, "scheduling a key that does not exist");
             return;
@@ -525,7 +555,7 @@ impl NodeState {
         self.gc_hint.note(value.status);
         let notify = !value.is_deleted();
         if notify {
-            self.listeners.trigger(KeyChangeEvent {
+            self.context.listeners.trigger(KeyChangeEvent {
                 key: &key,
                 value: &value.value,
                 node: &self.chitchat_id,
@@ -548,6 +578,11 @@ impl NodeState {
         if let Some(old) = self.key_values.remove(key) {
             self.bytes = self.bytes.saturating_sub(key.len() + old.value.len());
         }
+    }
+
+    /// Packs the key-value map (see `ClusterState::compact_when_settled`).
+    pub(crate) fn compact_key_values(&mut self) {
+        self.key_values.compact();
     }
 
     /// Bytes of keys and values held, tombstones included.
@@ -730,7 +765,7 @@ impl NodeState {
         delta: &NodeDelta,
         max_keys: usize,
     ) -> Result<bool, Refusal> {
-        let now = self.clock.now();
+        let now = self.context.clock.now();
         let claim = delta
             .key_values
             .iter()
