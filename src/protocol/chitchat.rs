@@ -781,6 +781,12 @@ impl Chitchat {
         self.cluster_state.compact_when_settled();
     }
 
+    /// Whether the node-state map was repacked since the membership last changed.
+    #[cfg(test)]
+    pub(crate) fn node_states_compacted(&self) -> bool {
+        self.cluster_state.is_compacted()
+    }
+
     /// The own digest: every node state not scheduled for deletion (public for tools and
     /// benchmarks that build messages a node would answer).
     pub fn compute_digest(&self) -> Digest {
@@ -1008,25 +1014,11 @@ impl Chitchat {
         deadline: Option<Instant>,
         max_len: usize,
     ) -> ReplyOutcome {
-        // `try_with`: a thread being torn down gets fresh buffers rather than a panic.
+        // `try_with`: a thread being torn down gets fresh buffers rather than a panic. Given
+        // back at the end (no early return in between).
         self.peer_digest = SCRATCH
             .try_with(|scratch| scratch.peer_digest.take())
             .unwrap_or_default();
-        let outcome = self.process_view_scratched(version, message, out, deadline, max_len);
-        let peer_digest = std::mem::take(&mut self.peer_digest);
-        let _ = SCRATCH.try_with(|scratch| scratch.peer_digest.set(peer_digest));
-        outcome
-    }
-
-    /// [`Chitchat::process_view_budgeted`] once `self.peer_digest` holds the scratch buffer.
-    fn process_view_scratched(
-        &mut self,
-        version: ProtocolVersion,
-        message: MessageView<'_>,
-        out: &mut Vec<u8>,
-        deadline: Option<Instant>,
-        max_len: usize,
-    ) -> ReplyOutcome {
         out.clear();
         let now = self.clock.now();
         self.update_self_heartbeat();
@@ -1037,16 +1029,16 @@ impl Chitchat {
             delta_truncated: false,
         };
         match message {
-            MessageView::Syn { cluster_id, digest } => {
+            MessageView::Syn { cluster_id, .. } if cluster_id != self.config.cluster_id => {
                 self.stats.syn_received += 1;
-                if cluster_id != self.config.cluster_id {
-                    warn!(their = %cluster_id, ours = %self.config.cluster_id,
-                          "syn from another cluster: answering BadCluster");
-                    self.stats.bad_cluster_sent += 1;
-                    reply::write_bad_cluster(version, out);
-                    outcome.replied = true;
-                    return outcome;
-                }
+                warn!(their = %cluster_id, ours = %self.config.cluster_id,
+                      "syn from another cluster: answering BadCluster");
+                self.stats.bad_cluster_sent += 1;
+                reply::write_bad_cluster(version, out);
+                outcome.replied = true;
+            }
+            MessageView::Syn { digest, .. } => {
+                self.stats.syn_received += 1;
                 self.report_heartbeats(&digest, now);
                 let scheduled = self.failure_detector.deletion_schedule(now);
                 let (digest_truncated, summary) = reply::write_syn_ack(
@@ -1110,6 +1102,8 @@ impl Chitchat {
         if outcome.delta_truncated {
             self.stats.deltas_truncated += 1;
         }
+        let peer_digest = std::mem::take(&mut self.peer_digest);
+        let _ = SCRATCH.try_with(|scratch| scratch.peer_digest.set(peer_digest));
         outcome
     }
 

@@ -946,12 +946,17 @@ fn node_states_repacked_after_settling_keep_their_content() {
     };
     let before = remote(&n1);
     assert_eq!(before.len(), 120);
+    assert!(!n1.node_states_compacted());
     let mut syn = Vec::new();
     for _ in 0..12 {
         clock.advance(Duration::from_millis(100));
         n1.begin_gossip_round(&mut syn);
         n1.end_gossip_round();
     }
+    assert!(
+        n1.node_states_compacted(),
+        "12 settled rounds repack the map"
+    );
     let after = remote(&n1);
     assert!(before == after, "the states changed when repacked");
     // A newcomer learns every state from the repacked node.
