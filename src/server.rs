@@ -23,7 +23,7 @@ use crate::dns::{self, DNS_POLLING_DURATION, Seeds};
 pub use crate::metrics::ServerStats;
 use crate::metrics::{self as node_metrics, MALFORMED_OTHER, MetricsSnapshot, Sources};
 use crate::protocol::amplification::AmplificationLimits;
-use crate::protocol::{Chitchat, Limits, ProtocolStats, decode_received};
+use crate::protocol::{Chitchat, Limits, ProtocolStats, decode_received_with};
 use crate::transport::{
     Datagram, DatagramHandler, Endpoint, EndpointStats, ReplySink, Transport, TransportKind,
 };
@@ -231,11 +231,13 @@ impl DatagramHandler for NodeHandler {
             // Two short lock holds per datagram, the decoding between them outside the lock:
             // the control thread's gossip round and failure detector, and the application,
             // wait at most one datagram's matching and reply, never a batch or a decode.
-            let admission = self
-                .chitchat
-                .lock()
-                .admit_datagram(datagram.from, datagram.payload.len());
-            let Some(admission) = admission else {
+            let admitted = {
+                let mut chitchat = self.chitchat.lock();
+                chitchat
+                    .admit_datagram(datagram.from, datagram.payload.len())
+                    .map(|admission| (admission, chitchat.digest_hint()))
+            };
+            let Some((admission, hint)) = admitted else {
                 // Handled: dropped undecoded (counted as `non_member_flood`).
                 self.counters
                     .datagrams_handled
@@ -243,19 +245,24 @@ impl DatagramHandler for NodeHandler {
                 continue;
             };
             let reply = replies.buffer();
-            let handled = decode_received(&self.cluster_id, datagram.payload, |received| {
-                let mut chitchat = self.chitchat.lock();
-                let outcome = chitchat.handle_received(
-                    datagram.from,
-                    admission,
-                    received,
-                    reply,
-                    Some(deadline),
-                );
-                // Fair: a waiter gets the lock before this worker's next datagram.
-                MutexGuard::unlock_fair(chitchat);
-                outcome
-            });
+            let handled = decode_received_with(
+                Some(&hint),
+                &self.cluster_id,
+                datagram.payload,
+                |received| {
+                    let mut chitchat = self.chitchat.lock();
+                    let outcome = chitchat.handle_received(
+                        datagram.from,
+                        admission,
+                        received,
+                        reply,
+                        Some(deadline),
+                    );
+                    // Fair: a waiter gets the lock before this worker's next datagram.
+                    MutexGuard::unlock_fair(chitchat);
+                    outcome
+                },
+            );
             match handled {
                 Ok(outcome) => {
                     self.counters

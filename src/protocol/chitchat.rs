@@ -32,7 +32,7 @@ use crate::protocol::listener::{KeyChangeEvent, ListenerHandle, Listeners};
 use crate::protocol::member_addrs::MemberAddrs;
 use crate::protocol::node_state::NodeState;
 use crate::protocol::peer_selection::{GossipTargets, select_from_lists};
-use crate::protocol::received::{self, Received};
+use crate::protocol::received::{self, DigestHint, Received};
 use crate::protocol::reply::{self, ReplyOutcome};
 #[cfg(test)]
 use crate::types::Heartbeat;
@@ -859,7 +859,8 @@ impl Chitchat {
         reply: &mut Vec<u8>,
         deadline: Option<Instant>,
     ) -> Result<ReplyOutcome, DecodeError> {
-        received::with_view(payload, |view| {
+        let known = self.cluster_state.shared_id_table();
+        received::with_view(payload, Some(&*known), |view| {
             self.process_view_into(view.version, view.message, reply, deadline)
         })
     }
@@ -883,9 +884,16 @@ impl Chitchat {
             return Ok(ReplyOutcome::none(self.config.protocol_version));
         };
         let cluster_id = self.config.cluster_id.clone();
-        received::decode_received(&cluster_id, payload, |received| {
+        let hint = self.digest_hint();
+        received::decode_received_with(Some(&hint), &cluster_id, payload, |received| {
             self.handle_received(from, admission, received, reply, deadline)
         })
+    }
+
+    /// The ids this node holds, to decode a datagram with outside the lock
+    /// ([`decode_received_with`](crate::protocol::decode_received_with)). One reference count.
+    pub fn digest_hint(&self) -> DigestHint {
+        DigestHint(self.cluster_state.shared_id_table())
     }
 
     /// Before a datagram of `len` bytes from `from` is decoded: `None` drops it undecoded (a

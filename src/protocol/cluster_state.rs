@@ -38,7 +38,9 @@ pub(crate) struct ClusterState {
     node_context: Arc<NodeContext>,
     /// The wire encoding of every id, in id order: built on first use, dropped whenever a
     /// node state is added or removed.
-    id_table: OnceLock<IdTable>,
+    /// Shared with the decoders that scan received digests with it (see
+    /// `ClusterState::shared_id_table`).
+    id_table: OnceLock<Arc<IdTable>>,
     /// Bumped whenever a node state is added or removed: positions in id order change.
     membership_epoch: u64,
     /// The epoch the node-state map was last repacked at, and the epoch seen by the last
@@ -130,8 +132,23 @@ impl ClusterState {
 
     /// The wire encoding of every id, position `k` being the `k`-th node state in id order.
     pub(crate) fn id_table(&self) -> &IdTable {
-        self.id_table
-            .get_or_init(|| IdTable::build(self.node_states.keys(), self.self_id.as_ref()))
+        self.shared_table()
+    }
+
+    /// [`ClusterState::id_table`], to scan a received digest with, while this state may be
+    /// changed or locked by others: a new table (with a new token) replaces it when the
+    /// membership changes, and a digest scanned with an old one is matched the general way.
+    pub(crate) fn shared_id_table(&self) -> Arc<IdTable> {
+        Arc::clone(self.shared_table())
+    }
+
+    fn shared_table(&self) -> &Arc<IdTable> {
+        self.id_table.get_or_init(|| {
+            Arc::new(IdTable::build(
+                self.node_states.keys(),
+                self.self_id.as_ref(),
+            ))
+        })
     }
 
     /// Matches a received digest against the node states, into `peer` (buffers reused).

@@ -13,10 +13,11 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::net::SocketAddr;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::message::NodeDigest;
 use crate::types::ChitchatId;
-use crate::wire::{DigestView, put_chitchat_id};
+use crate::wire::{DigestView, KnownIds, put_chitchat_id};
 
 /// heartbeat + last_gc_version + max_version, as a digest entry carries them.
 pub(crate) const NODE_DIGEST_LEN: usize = 24;
@@ -43,7 +44,12 @@ pub(crate) struct IdTable {
     self_position: Option<usize>,
     /// Wire bytes → position, built on the first entry that is not where the walk expects it.
     index: OnceLock<IdIndex>,
+    /// Distinct for every table built in this process (see [`KnownIds::token`]).
+    token: u64,
 }
+
+/// Tokens of the tables built so far.
+static TABLES_BUILT: AtomicU64 = AtomicU64::new(0);
 
 /// A keyed hash of an id's wire bytes → its position. Keyed (SipHash, a random key per
 /// table) so that received ids cannot be chosen to collide; a collision between two known ids
@@ -88,6 +94,7 @@ impl IdTable {
             all_encodable: true,
             self_position: None,
             index: OnceLock::new(),
+            token: TABLES_BUILT.fetch_add(1, Ordering::Relaxed),
         };
         for (position, id) in ids.enumerate() {
             let start = table.bytes.len();
@@ -177,6 +184,11 @@ impl IdTable {
         None
     }
 
+    /// Names this table (see [`KnownIds::token`]).
+    pub(crate) fn token(&self) -> u64 {
+        self.token
+    }
+
     fn build_index(&self) -> IdIndex {
         let hasher = RandomState::new();
         let mut positions =
@@ -199,6 +211,29 @@ impl IdTable {
             positions,
             collisions,
         }
+    }
+}
+
+/// The scan of a received digest recognises the ids of this table by their bytes (position
+/// `k` is the `k`-th node state), so that matching it is a copy per entry.
+impl KnownIds for IdTable {
+    fn token(&self) -> u64 {
+        self.token
+    }
+
+    fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    fn encoding(&self, position: usize) -> &[u8] {
+        if self.unmatchable.get(position).copied().unwrap_or(true) {
+            return &[];
+        }
+        self.id_bytes(position)
+    }
+
+    fn position_of(&self, id_bytes: &[u8]) -> Option<usize> {
+        self.find(id_bytes)
     }
 }
 
@@ -243,6 +278,19 @@ impl PeerDigest {
         self.by_state.resize(table.len(), None);
         self.unknown.clear();
         self.end = 0;
+        if let Some(entries) = digest.known_positions(table.token()) {
+            // Scanned with this table: the positions are already known.
+            for (position, (known, node_digest)) in entries.enumerate() {
+                match known.filter(|&k| k < self.by_state.len()) {
+                    Some(k) => {
+                        self.by_state[k] = Some(node_digest);
+                        self.end = self.end.max(k + 1);
+                    }
+                    None => self.unknown.push(position),
+                }
+            }
+            return;
+        }
         let mut expected = 0;
         for (position, entry) in digest.iter().enumerate() {
             let found = if expected < table.len() && table.matches(expected, entry.id_bytes) {
@@ -406,12 +454,81 @@ mod tests {
                 table.self_position(),
                 self_id.map(|id| states.iter().position(|k| k == id).unwrap())
             );
+            // Scanned with the table, the same entries, and matched by the positions the scan
+            // found: the same result. With another table's token the positions are not used.
+            let mut hinted_decoder = crate::wire::Decoder::new();
+            let hinted = hinted_decoder
+                .decode_digest_bytes_known(version(v1), &bytes, Some(&table))
+                .unwrap();
+            prop_assert!(hinted.iter().eq(view.iter()));
+            prop_assert!(hinted.known_positions(table.token()).is_some());
+            let other = IdTable::build(states.iter(), self_id);
+            prop_assert!(hinted.known_positions(other.token()).is_none());
+            for matched_with in [&table, &other] {
+                let hinted_peer = PeerDigest::of_table(matched_with, &hinted);
+                prop_assert_eq!(hinted_peer.unknown(), peer.unknown());
+                prop_assert_eq!(hinted_peer.end(), peer.end());
+                for k in 0..states.len() {
+                    prop_assert_eq!(hinted_peer.get(k), peer.get(k));
+                }
+            }
             // The owned-digest path sees the same thing.
             let owned: Digest = view.to_digest();
             let owned_view = DigestView::from_digest(&owned);
             let owned_peer = PeerDigest::of_table(&table, &owned_view);
             for k in 0..states.len() {
                 prop_assert_eq!(owned_peer.get(k), peer.get(k));
+            }
+        }
+    }
+
+    proptest! {
+        /// Scanning with known ids accepts and rejects exactly what the plain scan does, and
+        /// yields the same entries: on digests cut short, with bytes flipped, or extended.
+        #[test]
+        fn known_ids_change_nothing_the_scan_accepts(
+            known in proptest::collection::vec(arb_id(), 0..8),
+            entries in proptest::collection::vec((arb_id(), 0u64..5), 0..12),
+            cut in any::<prop::sample::Index>(),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+            v1 in any::<bool>(),
+        ) {
+            let states = states(&known);
+            let table = IdTable::build(states.iter(), None);
+            let mut entries: Vec<(ChitchatId, NodeDigest)> = entries
+                .into_iter()
+                .map(|(id, hb)| (id, NodeDigest::new(Heartbeat::from(hb), hb, hb + 1)))
+                .collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut bytes = received(&entries, v1);
+            for (at, byte) in flips {
+                if !bytes.is_empty() {
+                    let at = at.index(bytes.len());
+                    bytes[at] ^= byte;
+                }
+            }
+            bytes.truncate(cut.index(bytes.len() + 1));
+            let mut plain_decoder = crate::wire::Decoder::new();
+            let mut known_decoder = crate::wire::Decoder::new();
+            let plain = plain_decoder.decode_digest_bytes(version(v1), &bytes);
+            let scanned = known_decoder.decode_digest_bytes_known(version(v1), &bytes, Some(&table));
+            match (plain, scanned) {
+                (Ok(plain), Ok(scanned)) => {
+                    prop_assert!(plain.iter().eq(scanned.iter()));
+                    let positions: Vec<Option<usize>> = scanned
+                        .known_positions(table.token())
+                        .unwrap()
+                        .map(|(known, _)| known)
+                        .collect();
+                    for (entry, position) in plain.iter().zip(positions) {
+                        let expected = states
+                            .iter()
+                            .position(|id| entry.id().cmp_id(id).is_eq() && wire_bytes_identify(id));
+                        prop_assert_eq!(position, expected);
+                    }
+                }
+                (Err(plain), Err(scanned)) => prop_assert_eq!(plain, scanned),
+                (plain, scanned) => prop_assert!(false, "plain {:?}, with known ids {:?}", plain.is_ok(), scanned.is_ok()),
             }
         }
     }

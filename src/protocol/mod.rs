@@ -34,5 +34,5 @@ pub use limits::{Limits, Refusal, RefusalCounts};
 pub use listener::{KeyChangeEvent, ListenerHandle};
 pub use node_state::{KeyValueError, NodeState};
 pub use peer_selection::{GOSSIP_COUNT, GossipTargets, select_nodes_for_gossip};
-pub use received::{Received, decode_received};
+pub use received::{DigestHint, Received, decode_received, decode_received_with};
 pub use reply::{MIN_SYN_ACK_DELTA_BUDGET, ReplyOutcome};

@@ -4,8 +4,10 @@
 //! validation of up to 4 MiB of digest.
 
 use std::cell::RefCell;
+use std::sync::Arc;
 
 use crate::message::{ChitchatEnvelope, ProtocolVersion};
+use crate::protocol::digest_match::IdTable;
 use crate::wire::{self, DecodeError, Decoder, EnvelopeView};
 
 thread_local! {
@@ -29,9 +31,29 @@ pub enum Received<'a> {
     Message(EnvelopeView<'a>),
 }
 
+/// The ids a node holds, as their wire encodings in id order, taken from the node (under its
+/// lock) with [`Chitchat::digest_hint`](crate::Chitchat::digest_hint) and used by
+/// [`decode_received_with`] outside it: a received digest is then matched while it is
+/// scanned, by comparing each entry's bytes with the id expected next, instead of being
+/// parsed and matched after. If the node's membership changed in between, the hint is stale
+/// and the node matches the digest the general way: same result, more work.
+#[derive(Debug, Clone)]
+pub struct DigestHint(pub(crate) Arc<IdTable>);
+
 /// Decodes `payload` for a node of `cluster_id` and hands it to `f`. Needs no node state and
 /// no lock; a Syn's cluster id is read before its digest is decoded.
 pub fn decode_received<T>(
+    cluster_id: &str,
+    payload: &[u8],
+    f: impl FnOnce(Received<'_>) -> T,
+) -> Result<T, DecodeError> {
+    decode_received_with(None, cluster_id, payload, f)
+}
+
+/// [`decode_received`], the digest scanned with the receiving node's ids (see
+/// [`DigestHint`]). Accepts and rejects exactly the same datagrams.
+pub fn decode_received_with<T>(
+    hint: Option<&DigestHint>,
     cluster_id: &str,
     payload: &[u8],
     f: impl FnOnce(Received<'_>) -> T,
@@ -44,7 +66,8 @@ pub fn decode_received<T>(
             cluster_id: theirs,
         }));
     }
-    with_view(payload, |view| f(Received::Message(view)))
+    let known = hint.map(|hint| &*hint.0);
+    with_view(payload, known, |view| f(Received::Message(view)))
 }
 
 /// Decodes an owned envelope with this thread's decoder.
@@ -52,14 +75,16 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<ChitchatEnvelope, DecodeError> {
     DECODER.with(|decoder| decoder.borrow_mut().decode_envelope(bytes))
 }
 
-/// Decodes a borrowed view of `bytes` with this thread's decoder and hands it to `f`.
+/// Decodes a borrowed view of `bytes` with this thread's decoder (its digest scanned with
+/// `known`, if given) and hands it to `f`.
 pub(crate) fn with_view<T>(
     bytes: &[u8],
+    known: Option<&IdTable>,
     f: impl FnOnce(EnvelopeView<'_>) -> T,
 ) -> Result<T, DecodeError> {
     DECODER.with(|decoder| {
         let mut decoder = decoder.borrow_mut();
-        let view = decoder.decode_view(bytes)?;
+        let view = decoder.decode_view_known(bytes, known)?;
         Ok(f(view))
     })
 }

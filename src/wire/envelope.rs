@@ -3,7 +3,7 @@
 
 use super::codec::{Decoder, Encoder};
 use super::delta::decode_delta_with;
-use super::digest::{DigestView, decode_digest_view};
+use super::digest::{DigestView, KnownIds, NoKnownIds, decode_digest_view};
 use super::error::{DecodeError, EncodeError};
 use super::format::{MAGIC_NUMBER, MAX_STRING_LEN, MessageType, body_budget_in};
 use super::primitives::{Reader, put_str, put_u8, put_u16, str_len};
@@ -233,6 +233,16 @@ impl Decoder {
     /// Decodes one datagram, its digest borrowing from `bytes` or from this decoder. Accepts
     /// and rejects exactly what `decode_envelope` does.
     pub fn decode_view<'a>(&'a mut self, bytes: &'a [u8]) -> Result<EnvelopeView<'a>, DecodeError> {
+        self.decode_view_known(bytes, None::<&NoKnownIds>)
+    }
+
+    /// [`Decoder::decode_view`], the digest scanned with the receiver's `known` ids (see
+    /// [`KnownIds`]).
+    pub(crate) fn decode_view_known<'a, K: KnownIds + ?Sized>(
+        &'a mut self,
+        bytes: &'a [u8],
+        known: Option<&K>,
+    ) -> Result<EnvelopeView<'a>, DecodeError> {
         let Decoder {
             dctx,
             block,
@@ -244,14 +254,26 @@ impl Decoder {
         let (version, message_type) = read_header(&mut reader)?;
         let message = match message_type {
             MessageType::Syn => {
-                let digest =
-                    decode_digest_view(version, &mut reader, dctx.as_mut(), block, digest_stream)?;
+                let digest = decode_digest_view(
+                    version,
+                    &mut reader,
+                    dctx.as_mut(),
+                    block,
+                    digest_stream,
+                    known,
+                )?;
                 let cluster_id = reader.str("cluster id")?;
                 MessageView::Syn { cluster_id, digest }
             }
             MessageType::SynAck => {
-                let digest =
-                    decode_digest_view(version, &mut reader, dctx.as_mut(), block, digest_stream)?;
+                let digest = decode_digest_view(
+                    version,
+                    &mut reader,
+                    dctx.as_mut(),
+                    block,
+                    digest_stream,
+                    known,
+                )?;
                 let delta =
                     decode_delta_with(&mut reader, dctx.as_mut(), block, stream, seen_nodes)?;
                 MessageView::SynAck { digest, delta }

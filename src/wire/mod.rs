@@ -29,6 +29,7 @@ mod testing;
 pub use codec::{Decoder, Encoder};
 pub use delta::DeltaWriter;
 pub(crate) use delta::{max_key_value_len, max_key_value_len_in};
+pub(crate) use digest::KnownIds;
 pub(crate) use digest::sort_and_dedup;
 pub use digest::{DigestEncoding, DigestEntry, DigestView};
 pub(crate) use digest::{V0_DIGEST_COUNT_LEN, digest_entry_len};
