@@ -6,7 +6,7 @@
 #
 # For each revision the library is checked out under target/instructions/REV, a small harness
 # (scripts/instructions/main.rs: a node holding 1,000 remote states of 10 keys) is built against
-# it, and `handle_datagram` is counted for an up-to-date Syn and an empty-digest Syn: the
+# it, and `handle_datagram` is counted for an up-to-date Syn, an empty-digest Syn and an Ack: the
 # instructions of 200 datagrams minus those of the set-up alone, divided by 200.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -17,7 +17,7 @@ count() { # binary case n -> instructions
   valgrind --tool=callgrind --callgrind-out-file=/dev/null "$1" "$2" "$3" 2>&1 |
     sed -n 's/.*Collected : \([0-9]*\).*/\1/p'
 }
-printf '%-12s %22s %22s\n' revision "up-to-date Syn" "empty-digest Syn"
+printf '%-12s %22s %22s %22s\n' revision "up-to-date Syn" "empty-digest Syn" "Ack (one key)"
 for rev in "${revs[@]}"; do
   if [ "$rev" = WORKTREE ]; then lib="$root"; name=worktree
   else
@@ -43,9 +43,9 @@ TOML
   (cd "$h" && CARGO_TARGET_DIR="$h/target" cargo build --release -q)
   bin="$h/target/release/instructions"
   row=()
-  for case in up empty; do
+  for case in up empty ack; do
     base=$(count "$bin" "$case" 0); full=$(count "$bin" "$case" 200)
     row+=("$(( (full - base) / 200 ))")
   done
-  printf '%-12s %22s %22s\n' "$name" "${row[0]} instr" "${row[1]} instr"
+  printf '%-12s %22s %22s %22s\n' "$name" "${row[0]} instr" "${row[1]} instr" "${row[2]} instr"
 done

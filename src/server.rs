@@ -235,7 +235,7 @@ impl DatagramHandler for NodeHandler {
                 let mut chitchat = self.chitchat.lock();
                 chitchat
                     .admit_datagram(datagram.from, datagram.payload.len())
-                    .map(|admission| (admission, chitchat.digest_hint()))
+                    .map(|admission| (admission, chitchat.digest_hint_for(datagram.payload)))
             };
             let Some((admission, hint)) = admitted else {
                 // Handled: dropped undecoded (counted as `non_member_flood`).
@@ -246,7 +246,7 @@ impl DatagramHandler for NodeHandler {
             };
             let reply = replies.buffer();
             let handled = decode_received_with(
-                Some(&hint),
+                hint.as_ref(),
                 &self.cluster_id,
                 datagram.payload,
                 |received| {

@@ -37,7 +37,7 @@ use crate::protocol::reply::{self, ReplyOutcome};
 #[cfg(test)]
 use crate::types::Heartbeat;
 use crate::types::{ChitchatId, Version, VersionedValue};
-use crate::wire::DecodeError;
+use crate::wire::{self, DecodeError};
 use crate::wire::{ChitchatIdRef, DigestView, MessageView, sort_and_dedup};
 
 /// Most node states one `Chitchat` keeps: a digest cannot carry more (u16 count), and it bounds
@@ -695,10 +695,12 @@ impl Chitchat {
     /// Applies a received delta; calls the catch-up callback once if a node state was reset.
     fn process_delta(&mut self, delta: &Delta) {
         let now = self.clock.now();
-        let self_id = self.config.chitchat_id.clone();
-        let outcome = self
-            .cluster_state
-            .apply_delta_within(delta, &self_id, now, &self.limits);
+        let outcome = self.cluster_state.apply_delta_within(
+            delta,
+            &self.config.chitchat_id,
+            now,
+            &self.limits,
+        );
         for (refusal, n) in outcome.refusals.iter() {
             self.refuse(
                 refusal,
@@ -859,8 +861,8 @@ impl Chitchat {
         reply: &mut Vec<u8>,
         deadline: Option<Instant>,
     ) -> Result<ReplyOutcome, DecodeError> {
-        let known = self.cluster_state.shared_id_table();
-        received::with_view(payload, Some(&*known), |view| {
+        let known = wire::carries_digest(payload).then(|| self.cluster_state.shared_id_table());
+        received::with_view(payload, known.as_deref(), |view| {
             self.process_view_into(view.version, view.message, reply, deadline)
         })
     }
@@ -884,8 +886,8 @@ impl Chitchat {
             return Ok(ReplyOutcome::none(self.config.protocol_version));
         };
         let cluster_id = self.config.cluster_id.clone();
-        let hint = self.digest_hint();
-        received::decode_received_with(Some(&hint), &cluster_id, payload, |received| {
+        let hint = self.digest_hint_for(payload);
+        received::decode_received_with(hint.as_ref(), &cluster_id, payload, |received| {
             self.handle_received(from, admission, received, reply, deadline)
         })
     }
@@ -894,6 +896,11 @@ impl Chitchat {
     /// ([`decode_received_with`](crate::protocol::decode_received_with)). One reference count.
     pub fn digest_hint(&self) -> DigestHint {
         DigestHint(self.cluster_state.shared_id_table())
+    }
+
+    /// [`Chitchat::digest_hint`] if `payload` is a message with a digest (a Syn or a SynAck).
+    pub fn digest_hint_for(&self, payload: &[u8]) -> Option<DigestHint> {
+        wire::carries_digest(payload).then(|| self.digest_hint())
     }
 
     /// Before a datagram of `len` bytes from `from` is decoded: `None` drops it undecoded (a
@@ -1023,10 +1030,16 @@ impl Chitchat {
         max_len: usize,
     ) -> ReplyOutcome {
         // `try_with`: a thread being torn down gets fresh buffers rather than a panic. Given
-        // back at the end (no early return in between).
-        self.peer_digest = SCRATCH
-            .try_with(|scratch| scratch.peer_digest.take())
-            .unwrap_or_default();
+        // back at the end (no early return in between). Only messages with a digest use it.
+        let matches_digest = matches!(
+            message,
+            MessageView::Syn { .. } | MessageView::SynAck { .. }
+        );
+        if matches_digest {
+            self.peer_digest = SCRATCH
+                .try_with(|scratch| scratch.peer_digest.take())
+                .unwrap_or_default();
+        }
         out.clear();
         let now = self.clock.now();
         self.update_self_heartbeat();
@@ -1110,8 +1123,10 @@ impl Chitchat {
         if outcome.delta_truncated {
             self.stats.deltas_truncated += 1;
         }
-        let peer_digest = std::mem::take(&mut self.peer_digest);
-        let _ = SCRATCH.try_with(|scratch| scratch.peer_digest.set(peer_digest));
+        if matches_digest {
+            let peer_digest = std::mem::take(&mut self.peer_digest);
+            let _ = SCRATCH.try_with(|scratch| scratch.peer_digest.set(peer_digest));
+        }
         outcome
     }
 

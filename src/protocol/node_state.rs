@@ -547,28 +547,33 @@ impl NodeState {
     /// unless the value is a tombstone.
     pub(crate) fn set_versioned_value(&mut self, key: String, value: VersionedValue) {
         self.max_version = self.max_version.max(value.version);
-        if let Some(existing) = self.key_values.get(key.as_str())
-            && existing.version >= value.version
+        let key_len = key.len();
+        let added = key_len + value.value.len();
+        // One lookup: the existing entry is compared and replaced in place.
+        let existing = self.key_values.get_mut(key.as_str());
+        if existing
+            .as_ref()
+            .is_some_and(|existing| existing.version >= value.version)
         {
             return;
         }
         self.gc_hint.note(value.status);
-        let notify = !value.is_deleted();
-        if notify {
+        if !value.is_deleted() {
             self.context.listeners.trigger(KeyChangeEvent {
                 key: &key,
                 value: &value.value,
                 node: &self.chitchat_id,
             });
         }
-        let key_len = key.len();
-        let added = key_len + value.value.len();
         // An existing key keeps its name; only a key new to this state is interned.
-        if let Some(entry) = self.key_values.get_mut(key.as_str()) {
-            let old = std::mem::replace(entry, value);
-            self.bytes = self.bytes.saturating_sub(key_len + old.value.len());
-        } else {
-            self.key_values.insert(intern(&key), value);
+        match existing {
+            Some(entry) => {
+                let old = std::mem::replace(entry, value);
+                self.bytes = self.bytes.saturating_sub(key_len + old.value.len());
+            }
+            None => {
+                self.key_values.insert(intern(&key), value);
+            }
         }
         self.bytes = self.bytes.saturating_add(added);
     }

@@ -189,6 +189,15 @@ fn read_header(reader: &mut Reader<'_>) -> Result<(ProtocolVersion, MessageType)
     Ok((version, message_type))
 }
 
+/// Whether `bytes` open like a Syn or a SynAck, the messages with a digest (for which a
+/// receiver prepares the ids it holds, [`KnownIds`]); says nothing of the rest.
+pub(crate) fn carries_digest(bytes: &[u8]) -> bool {
+    matches!(
+        read_header(&mut Reader::new(bytes)),
+        Ok((_, MessageType::Syn | MessageType::SynAck))
+    )
+}
+
 /// Walks over a digest without decoding it: V0 entries by their lengths, V1 by its block
 /// framing (no decompression). What a Syn's cluster id check costs.
 fn skip_digest(version: ProtocolVersion, reader: &mut Reader<'_>) -> Result<(), DecodeError> {
