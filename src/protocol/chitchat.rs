@@ -861,8 +861,8 @@ impl Chitchat {
         reply: &mut Vec<u8>,
         deadline: Option<Instant>,
     ) -> Result<ReplyOutcome, DecodeError> {
-        let known = wire::carries_digest(payload).then(|| self.cluster_state.shared_id_table());
-        received::with_view(payload, known.as_deref(), |view| {
+        let hint = self.digest_hint_for(payload);
+        received::with_view(payload, hint.as_ref().map(|hint| &*hint.0), |view| {
             self.process_view_into(view.version, view.message, reply, deadline)
         })
     }
@@ -892,15 +892,11 @@ impl Chitchat {
         })
     }
 
-    /// The ids this node holds, to decode a datagram with outside the lock
-    /// ([`decode_received_with`](crate::protocol::decode_received_with)). One reference count.
-    pub fn digest_hint(&self) -> DigestHint {
-        DigestHint(self.cluster_state.shared_id_table())
-    }
-
-    /// [`Chitchat::digest_hint`] if `payload` is a message with a digest (a Syn or a SynAck).
+    /// The ids this node holds, to decode `payload` with outside the lock
+    /// ([`decode_received_with`](crate::protocol::decode_received_with)), if it is a message
+    /// with a digest (a Syn or a SynAck). One reference count.
     pub fn digest_hint_for(&self, payload: &[u8]) -> Option<DigestHint> {
-        wire::carries_digest(payload).then(|| self.digest_hint())
+        wire::carries_digest(payload).then(|| DigestHint(self.cluster_state.shared_id_table()))
     }
 
     /// Before a datagram of `len` bytes from `from` is decoded: `None` drops it undecoded (a

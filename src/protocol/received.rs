@@ -32,7 +32,7 @@ pub enum Received<'a> {
 }
 
 /// The ids a node holds, as their wire encodings in id order, taken from the node (under its
-/// lock) with [`Chitchat::digest_hint`](crate::Chitchat::digest_hint) and used by
+/// lock) with [`Chitchat::digest_hint_for`](crate::Chitchat::digest_hint_for) and used by
 /// [`decode_received_with`] outside it: a received digest is then matched while it is
 /// scanned, by comparing each entry's bytes with the id expected next, instead of being
 /// parsed and matched after. If the node's membership changed in between, the hint is stale

@@ -174,8 +174,8 @@ const NOT_KNOWN: u32 = u32::MAX;
 /// nearly the same ids): no field is parsed and no name checked for a known id, which is what
 /// nearly every entry is. An id encoding is self-delimiting, so bytes that start with a
 /// valid encoding hold exactly that id. Issue 11: at 1,000 nodes this takes the scan and the
-/// match of an up-to-date digest from about 160 to about 50 instructions per entry
-/// (`scripts/instructions.sh`).
+/// match of an up-to-date digest from about 163 to about 122 instructions per entry (scan 75 →
+/// 93, match 88 → 29; callgrind on `scripts/instructions.sh`'s harness).
 pub(crate) trait KnownIds {
     /// Names this set of ids: a view remembers it, and positions are used only by the holder
     /// of the same token (a table is rebuilt, with a new token, when ids are added or removed).
