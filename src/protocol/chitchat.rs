@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 use crate::clock::Clock;
 use crate::config::ChitchatConfig;
 use crate::message::NodeDigest;
-use crate::message::{ChitchatEnvelope, ChitchatMessage, Delta, Digest, ProtocolVersion};
+use crate::message::{ChitchatEnvelope, ChitchatMessage, Digest, ProtocolVersion};
 use crate::protocol::amplification::{AmplificationLimiter, AmplificationLimits};
 use crate::protocol::cluster_state::{ClusterState, ClusterStateSnapshot};
 use crate::protocol::digest_match::PeerDigest;
@@ -38,7 +38,7 @@ use crate::protocol::reply::{self, ReplyOutcome};
 use crate::types::Heartbeat;
 use crate::types::{ChitchatId, Version, VersionedValue};
 use crate::wire::{self, DecodeError};
-use crate::wire::{ChitchatIdRef, DigestView, MessageView, sort_and_dedup};
+use crate::wire::{ChitchatIdRef, DeltaView, DigestView, MessageView, sort_and_dedup};
 
 /// Most node states one `Chitchat` keeps: a digest cannot carry more (u16 count), and it bounds
 /// what forged digests can make a node allocate.
@@ -463,7 +463,7 @@ impl Chitchat {
             .collect();
         for (key, value) in key_values {
             previous_keys.remove(&key);
-            state.set_versioned_value(key, value);
+            state.set_versioned_value(&key, value);
         }
         for key in previous_keys {
             state.remove_key(&key);
@@ -693,7 +693,7 @@ impl Chitchat {
     }
 
     /// Applies a received delta; calls the catch-up callback once if a node state was reset.
-    fn process_delta(&mut self, delta: &Delta) {
+    fn process_delta(&mut self, delta: &DeltaView<'_>) {
         let now = self.clock.now();
         let outcome = self.cluster_state.apply_delta_within(
             delta,

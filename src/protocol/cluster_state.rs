@@ -10,14 +10,14 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info};
 
 use crate::clock::Clock;
-use crate::message::{Delta, Digest, NodeDigest};
+use crate::message::{Digest, NodeDigest};
 use crate::protocol::digest_match::{IdTable, PeerDigest};
 use crate::protocol::gc_history::{GARBAGE_COLLECTED_NODE_HISTORY_SIZE, GcHistory};
 use crate::protocol::limits::{Limits, Refusal, RefusalCounts};
 use crate::protocol::listener::Listeners;
 use crate::protocol::node_state::{DeltaStatus, NodeContext, NodeState, ScheduledForDeletion};
 use crate::types::{ChitchatId, Heartbeat};
-use crate::wire::{self, DigestView};
+use crate::wire::{self, ChitchatIdRef, DeltaView, DigestView};
 
 pub(crate) struct ClusterState {
     /// Added to and removed from only by `node_state_or_create` and `garbage_collect_node`,
@@ -285,18 +285,20 @@ impl ClusterState {
     /// are ignored whole; the per-node budgets of `limits` cut the rest of a node's delta.
     pub(crate) fn apply_delta_within(
         &mut self,
-        delta: &Delta,
+        delta: &DeltaView<'_>,
         self_id: &ChitchatId,
         now: Instant,
         limits: &Limits,
     ) -> DeltaApplication {
         let mut outcome = DeltaApplication::default();
-        for node_delta in &delta.node_deltas {
-            if node_delta.chitchat_id.node_id.len() > limits.max_node_id_len {
+        let own_id = ChitchatIdRef::from(self_id);
+        for node_delta in delta.node_deltas() {
+            let id = node_delta.chitchat_id;
+            if id.node_id.len() > limits.max_node_id_len {
                 outcome.refusals.add(Refusal::IdTooLong, 1);
                 continue;
             }
-            if &node_delta.chitchat_id == self_id {
+            if id == own_id {
                 if let Some(own) = self.node_states.get_mut(self_id)
                     && let Err(refusal) =
                         own.supersede_stale_self_copy_within(node_delta, limits.max_keys_per_node)
@@ -305,8 +307,11 @@ impl ClusterState {
                 }
                 continue;
             }
-            let remote = self.is_remote(&node_delta.chitchat_id);
-            let Some(state) = self.node_states.get_mut(&node_delta.chitchat_id) else {
+            // The map is keyed by owned ids: one id allocation per node delta, none per
+            // key-value (those are copied only when applied).
+            let chitchat_id = id.to_owned_id();
+            let remote = self.is_remote(&chitchat_id);
+            let Some(state) = self.node_states.get_mut(&chitchat_id) else {
                 outcome.nodes_unknown += 1;
                 continue;
             };
@@ -323,7 +328,7 @@ impl ClusterState {
                     continue;
                 }
                 DeltaStatus::ApplyAfterReset => {
-                    info!(node = ?node_delta.chitchat_id, last_gc_version = node_delta.last_gc_version,
+                    info!(node = ?chitchat_id, last_gc_version = node_delta.last_gc_version,
                           "resetting node state: the peer garbage-collected what we hold");
                     state.reset_for_delta(node_delta.last_gc_version);
                     outcome.nodes_reset += 1;
@@ -344,7 +349,7 @@ impl ClusterState {
             if after < before {
                 // Unreachable by the acceptance rules; logged rather than asserted so a forged
                 // delta cannot take the node down.
-                error!(node = ?node_delta.chitchat_id, ?before, ?after,
+                error!(node = ?chitchat_id, ?before, ?after,
                        "monotonic property (last_gc_version, max_version) decreased");
             }
         }

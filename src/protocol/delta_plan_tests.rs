@@ -354,9 +354,9 @@ fn keys_chitchat_peers_crash_on_are_never_relayed() {
     let mut cs = cluster(&clock);
     {
         let state = cs.node_state_or_create(&id(10_001));
-        state.set_versioned_value("éclair".into(), VersionedValue::for_test("x", 1));
-        state.set_versioned_value("ok".into(), VersionedValue::for_test("y", 2));
-        state.set_versioned_value("ü".into(), VersionedValue::for_test("z", 3));
+        state.set_versioned_value("éclair", VersionedValue::for_test("x", 1));
+        state.set_versioned_value("ok", VersionedValue::for_test("y", 2));
+        state.set_versioned_value("ü", VersionedValue::for_test("z", 3));
     }
     let delta = bounded_delta(&cs, &Digest::default(), &HashSet::new(), 65_503);
     let keys: Vec<&str> = delta.node_deltas[0]

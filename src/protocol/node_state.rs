@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use crate::clock::Clock;
+#[cfg(test)]
 use crate::message::NodeDelta;
 use crate::protocol::failure_detector::{DeletionSchedule, NodeLiveness};
 use crate::protocol::key_interner::intern;
@@ -19,7 +20,9 @@ use crate::protocol::listener::{KeyChangeEvent, Listeners};
 use crate::types::{
     ChitchatId, DeletionStatus, DeletionStatusMutation, Heartbeat, Version, VersionedValue,
 };
-use crate::wire::{self, MAX_STRING_LEN};
+#[cfg(test)]
+use crate::wire::DeltaView;
+use crate::wire::{self, MAX_STRING_LEN, NodeDeltaRef};
 
 /// Which node states are no longer shared with peers (left out of digests and deltas). A trait
 /// so that tests can name the set explicitly; nodes use the failure detector's schedule.
@@ -385,7 +388,7 @@ impl NodeState {
         };
         let version = self.max_version.saturating_add(1);
         self.set_versioned_value(
-            key,
+            &key,
             VersionedValue {
                 value,
                 version,
@@ -499,7 +502,7 @@ impl NodeState {
     /// Whether every counter of a received delta about this (remote) node is plausible.
     pub(crate) fn check_delta_plausibility(
         &self,
-        delta: &NodeDelta,
+        delta: NodeDeltaRef<'_, '_>,
         now: Instant,
     ) -> Result<(), Refusal> {
         let known = self.versions_anchor;
@@ -545,12 +548,12 @@ impl NodeState {
 
     /// Inserts or replaces `key` if `value` is newer, raising `max_version`; notifies listeners
     /// unless the value is a tombstone.
-    pub(crate) fn set_versioned_value(&mut self, key: String, value: VersionedValue) {
+    pub(crate) fn set_versioned_value(&mut self, key: &str, value: VersionedValue) {
         self.max_version = self.max_version.max(value.version);
         let key_len = key.len();
         let added = key_len + value.value.len();
         // One lookup: the existing entry is compared and replaced in place.
-        let existing = self.key_values.get_mut(key.as_str());
+        let existing = self.key_values.get_mut(key);
         if existing
             .as_ref()
             .is_some_and(|existing| existing.version >= value.version)
@@ -560,7 +563,7 @@ impl NodeState {
         self.gc_hint.note(value.status);
         if !value.is_deleted() {
             self.context.listeners.trigger(KeyChangeEvent {
-                key: &key,
+                key,
                 value: &value.value,
                 node: &self.chitchat_id,
             });
@@ -572,7 +575,7 @@ impl NodeState {
                 self.bytes = self.bytes.saturating_sub(key_len + old.value.len());
             }
             None => {
-                self.key_values.insert(intern(&key), value);
+                self.key_values.insert(intern(key), value);
             }
         }
         self.bytes = self.bytes.saturating_add(added);
@@ -657,7 +660,7 @@ impl NodeState {
 
     /// SPEC §4.5: reject deltas from the future, reset when the peer GC'd what we still hold,
     /// apply only what is newer.
-    pub(crate) fn delta_status(&self, delta: &NodeDelta) -> DeltaStatus {
+    pub(crate) fn delta_status(&self, delta: NodeDeltaRef<'_, '_>) -> DeltaStatus {
         if delta.from_version_excluded > self.max_version {
             debug!(node = ?self.chitchat_id, from = delta.from_version_excluded,
                    max = self.max_version, "delta from the future rejected");
@@ -696,7 +699,7 @@ impl NodeState {
     /// could never be relayed in a datagram is dropped but does not stop the rest.
     pub(crate) fn apply_delta_within(
         &mut self,
-        delta: &NodeDelta,
+        delta: NodeDeltaRef<'_, '_>,
         now: Instant,
         limits: &Limits,
         refusals: &mut RefusalCounts,
@@ -706,7 +709,7 @@ impl NodeState {
         let relayable_len = wire::max_key_value_len(&self.chitchat_id);
         let mut applied_up_to = current_max;
         let mut stopped = false;
-        for kv in &delta.key_values {
+        for kv in delta.key_values {
             if kv.version <= current_max {
                 continue;
             }
@@ -720,7 +723,7 @@ impl NodeState {
                 applied_up_to = applied_up_to.max(kv.version);
                 continue;
             }
-            let existing = self.key_values.get(kv.key.as_str());
+            let existing = self.key_values.get(kv.key);
             if existing.is_none() && self.key_values.len() >= limits.max_keys_per_node {
                 refusals.add(Refusal::TooManyKeys, 1);
                 stopped = true;
@@ -734,9 +737,9 @@ impl NodeState {
             }
             applied_up_to = applied_up_to.max(kv.version);
             self.set_versioned_value(
-                kv.key.clone(),
+                kv.key,
                 VersionedValue {
-                    value: kv.value.clone(),
+                    value: kv.value.to_string(),
                     version: kv.version,
                     status: kv.status.into_status(now.into()),
                 },
@@ -757,7 +760,10 @@ impl NodeState {
     #[cfg(test)]
     pub(crate) fn apply_delta(&mut self, delta: &NodeDelta, now: Instant) {
         let mut refusals = RefusalCounts::default();
-        self.apply_delta_within(delta, now, &Limits::default(), &mut refusals);
+        let view = DeltaView::of_node_deltas(std::slice::from_ref(delta));
+        for node_delta in view.node_deltas() {
+            self.apply_delta_within(node_delta, now, &Limits::default(), &mut refusals);
+        }
     }
 
     /// A peer sent us a delta about our own state with versions beyond ours: a forged copy or
@@ -767,7 +773,7 @@ impl NodeState {
     /// forged keys cannot grow it without bound).
     pub(crate) fn supersede_stale_self_copy_within(
         &mut self,
-        delta: &NodeDelta,
+        delta: NodeDeltaRef<'_, '_>,
         max_keys: usize,
     ) -> Result<bool, Refusal> {
         let now = self.context.clock.now();
@@ -779,8 +785,8 @@ impl NodeState {
         if !self.outgrow_claim(claim, now)? {
             return Ok(false);
         }
-        for kv in &delta.key_values {
-            if self.key_values.len() >= max_keys || self.key_values.contains_key(kv.key.as_str()) {
+        for kv in delta.key_values {
+            if self.key_values.len() >= max_keys || self.key_values.contains_key(kv.key) {
                 continue;
             }
             let Some(version) = self.max_version.checked_add(1) else {
@@ -791,7 +797,7 @@ impl NodeState {
             self.gc_hint.note(status);
             self.bytes = self.bytes.saturating_add(kv.key.len());
             self.key_values.insert(
-                intern(&kv.key),
+                intern(kv.key),
                 VersionedValue {
                     value: String::new(),
                     version,
@@ -805,7 +811,11 @@ impl NodeState {
     /// [`NodeState::supersede_stale_self_copy_within`] with the default key cap (tests).
     #[cfg(test)]
     pub(crate) fn supersede_stale_self_copy(&mut self, delta: &NodeDelta) {
-        let _ = self.supersede_stale_self_copy_within(delta, Limits::default().max_keys_per_node);
+        let view = DeltaView::of_node_deltas(std::slice::from_ref(delta));
+        for node_delta in view.node_deltas() {
+            let _ = self
+                .supersede_stale_self_copy_within(node_delta, Limits::default().max_keys_per_node);
+        }
     }
 
     /// Owner authority (DESIGN-13 §2), own node only: a peer claims a version of our state

@@ -9,6 +9,14 @@ use crate::message::{KeyValueUpdate, NodeDelta};
 use crate::protocol::listener::Listeners;
 use crate::protocol::node_state::{DeltaStatus, KeyValueError, NodeState};
 use crate::types::{ChitchatId, DeletionStatus, DeletionStatusMutation, Heartbeat, VersionedValue};
+use crate::wire::DeltaView;
+
+/// [`NodeState::delta_status`] of an owned node delta.
+fn delta_status(state: &NodeState, delta: &NodeDelta) -> DeltaStatus {
+    let view = DeltaView::of_node_deltas(std::slice::from_ref(delta));
+    let node_delta = view.node_deltas().next().expect("one node delta");
+    state.delta_status(node_delta)
+}
 
 fn state_with_clock() -> (NodeState, ManualClock) {
     let clock = ManualClock::new();
@@ -193,7 +201,7 @@ fn heartbeat_first_value_is_not_an_update() {
 fn apply_delta_simple() {
     let (mut state, _clock) = state_with_clock();
     let delta = node_delta(0, 0, 2, vec![set_kv("k1", "v1", 1), set_kv("k2", "v2", 2)]);
-    assert_eq!(state.delta_status(&delta), DeltaStatus::Apply);
+    assert_eq!(delta_status(&state, &delta), DeltaStatus::Apply);
     state.apply_delta(&delta, _clock.now());
     assert_eq!(state.get("k1"), Some("v1"));
     assert_eq!(state.get("k2"), Some("v2"));
@@ -205,7 +213,7 @@ fn apply_same_value_with_a_new_version_updates_the_version() {
     let (mut state, clock) = state_with_clock();
     state.apply_delta(&node_delta(0, 0, 1, vec![set_kv("k", "v", 1)]), clock.now());
     let delta = node_delta(1, 0, 3, vec![set_kv("k", "v", 3)]);
-    assert_eq!(state.delta_status(&delta), DeltaStatus::Apply);
+    assert_eq!(delta_status(&state, &delta), DeltaStatus::Apply);
     state.apply_delta(&delta, clock.now());
     assert_eq!(state.get_versioned("k").unwrap().version, 3);
 }
@@ -215,7 +223,7 @@ fn delta_from_the_future_is_rejected() {
     let (mut state, clock) = state_with_clock();
     state.apply_delta(&node_delta(0, 0, 2, vec![set_kv("k", "v", 2)]), clock.now());
     let delta = node_delta(3, 0, 6, vec![set_kv("k", "later", 6)]);
-    assert_eq!(state.delta_status(&delta), DeltaStatus::Reject);
+    assert_eq!(delta_status(&state, &delta), DeltaStatus::Reject);
 }
 
 #[test]
@@ -223,7 +231,7 @@ fn a_higher_last_gc_below_our_max_is_compatible() {
     let (mut state, clock) = state_with_clock();
     state.apply_delta(&node_delta(0, 0, 5, vec![set_kv("k", "v", 5)]), clock.now());
     let delta = node_delta(5, 4, 7, vec![set_kv("k2", "v", 7)]);
-    assert_eq!(state.delta_status(&delta), DeltaStatus::Apply);
+    assert_eq!(delta_status(&state, &delta), DeltaStatus::Apply);
 }
 
 #[test]
@@ -232,10 +240,10 @@ fn delta_accepted_when_sender_gc_equals_receiver_max() {
     let (mut state, clock) = state_with_clock();
     state.apply_delta(&node_delta(0, 0, 5, vec![set_kv("k", "v", 5)]), clock.now());
     let delta = node_delta(5, 5, 6, vec![set_kv("k2", "v", 6)]);
-    assert_eq!(state.delta_status(&delta), DeltaStatus::Apply);
+    assert_eq!(delta_status(&state, &delta), DeltaStatus::Apply);
     let equal_gc_not_newer = node_delta(0, 5, 5, vec![]);
     assert_eq!(
-        state.delta_status(&equal_gc_not_newer),
+        delta_status(&state, &equal_gc_not_newer),
         DeltaStatus::Reject,
         "gc == max is compatible, so no reset; nothing newer, so rejected"
     );
@@ -250,11 +258,11 @@ fn reset_on_a_fresher_gc_and_not_on_an_older_one() {
     );
     let incompatible_not_reset = node_delta(1, 10, 12, vec![set_kv("k", "v", 12)]);
     assert_eq!(
-        state.delta_status(&incompatible_not_reset),
+        delta_status(&state, &incompatible_not_reset),
         DeltaStatus::Reject
     );
     let reset = node_delta(0, 10, 12, vec![set_kv("k", "v", 12)]);
-    assert_eq!(state.delta_status(&reset), DeltaStatus::ApplyAfterReset);
+    assert_eq!(delta_status(&state, &reset), DeltaStatus::ApplyAfterReset);
     state.reset_for_delta(reset.last_gc_version);
     state.apply_delta(&reset, clock.now());
     assert_eq!(state.get("old"), None);
@@ -274,7 +282,7 @@ fn reset_does_not_violate_the_monotonic_property() {
     state.set_last_gc_version(50);
     let before = state.monotonic_property();
     let reset = node_delta(0, 120, 80, vec![]);
-    assert_eq!(state.delta_status(&reset), DeltaStatus::ApplyAfterReset);
+    assert_eq!(delta_status(&state, &reset), DeltaStatus::ApplyAfterReset);
     state.reset_for_delta(reset.last_gc_version);
     state.apply_delta(&reset, clock.now());
     assert_eq!(state.monotonic_property(), (120, 80));
@@ -356,8 +364,8 @@ fn listeners_fire_for_sets_and_ttls_but_not_deletes() {
     state.delete_after_ttl("b");
     assert_eq!(count.load(Ordering::SeqCst), 2);
     // Received values notify too, once, and only when newer.
-    state.set_versioned_value("c".into(), VersionedValue::for_test("3", 10));
-    state.set_versioned_value("c".into(), VersionedValue::for_test("3", 10));
+    state.set_versioned_value("c", VersionedValue::for_test("3", 10));
+    state.set_versioned_value("c", VersionedValue::for_test("3", 10));
     assert_eq!(count.load(Ordering::SeqCst), 3);
 }
 

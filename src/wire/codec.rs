@@ -26,8 +26,6 @@ pub struct Decoder {
     pub(super) stream: Vec<u8>,
     /// Payload of a V1 digest, kept apart so that a digest view outlives the delta decoding.
     pub(super) digest_stream: Vec<u8>,
-    /// Node ids already seen in the delta being decoded (one Node op per id).
-    pub(super) seen_nodes: HashSet<ChitchatId>,
 }
 
 impl Decoder {
@@ -38,7 +36,6 @@ impl Decoder {
             block: vec![0u8; MAX_BLOCK_DECOMPRESSED_LEN].into_boxed_slice(),
             stream: Vec::new(),
             digest_stream: Vec::new(),
-            seen_nodes: HashSet::new(),
         }
     }
 }

@@ -5,17 +5,14 @@ use std::collections::HashSet;
 
 use super::block_stream::{BlockStreamWriter, max_items_len, read_block_stream};
 use super::codec::{Decoder, Encoder};
+use super::delta_view::{DeltaView, OP_KEY_VALUE, OP_NODE, OP_SET_MAX_VERSION, read_delta_ops};
 use super::error::{DecodeError, EncodeError};
 #[cfg(test)]
 use super::format::delta_mtu;
 use super::format::{BLOCK_THRESHOLD, MAX_STRING_LEN, MAX_UDP_DATAGRAM_PAYLOAD_SIZE, delta_mtu_in};
 use super::primitives::{Reader, chitchat_id_len, put_chitchat_id, put_str, put_u8, put_u64};
-use crate::message::{Delta, KeyValueUpdate, NodeDelta};
+use crate::message::Delta;
 use crate::types::{ChitchatId, DeletionStatusMutation, Version};
-
-const OP_NODE: u8 = 0;
-const OP_KEY_VALUE: u8 = 1;
-const OP_SET_MAX_VERSION: u8 = 2;
 
 /// Tag + last_gc_version + from_version_excluded, besides the id.
 const NODE_OP_FIXED_LEN: usize = 1 + 8 + 8;
@@ -375,96 +372,22 @@ impl Decoder {
             dctx,
             block,
             stream,
-            seen_nodes,
             ..
         } = self;
-        decode_delta_with(reader, dctx.as_mut(), block, stream, seen_nodes)
+        decode_delta_with(reader, dctx.as_mut(), block, stream).map(|view| view.to_delta())
     }
 }
 
-/// Decodes a delta with the decoder's parts passed separately, so that a digest view can keep
-/// borrowing another of its buffers meanwhile.
-pub(crate) fn decode_delta_with(
-    reader: &mut Reader<'_>,
+/// Decodes a delta in place (see [`DeltaView`]), with the decoder's parts passed separately so
+/// that a digest view can keep borrowing another of its buffers meanwhile.
+pub(crate) fn decode_delta_with<'i: 'o, 'o>(
+    reader: &mut Reader<'i>,
     dctx: Option<&mut zstd::zstd_safe::DCtx<'static>>,
     block: &mut [u8],
-    stream: &mut Vec<u8>,
-    seen_nodes: &mut HashSet<ChitchatId>,
-) -> Result<Delta, DecodeError> {
+    stream: &'o mut Vec<u8>,
+) -> Result<DeltaView<'o>, DecodeError> {
     let payload = read_block_stream(reader, dctx, block, stream)?;
-    seen_nodes.clear();
-    let result = build_delta(payload, seen_nodes);
-    seen_nodes.clear();
-    result
-}
-
-fn build_delta(payload: &[u8], seen_nodes: &mut HashSet<ChitchatId>) -> Result<Delta, DecodeError> {
-    let mut ops = Reader::new(payload);
-    let mut delta = Delta::default();
-    while !ops.is_empty() {
-        match ops.u8("op tag")? {
-            OP_NODE => {
-                let chitchat_id = ops.chitchat_id()?;
-                let last_gc_version = ops.u64("last gc version")?;
-                let from_version_excluded = ops.u64("from version")?;
-                if !seen_nodes.insert(chitchat_id.clone()) {
-                    return Err(DecodeError::DuplicateNode(format!("{chitchat_id:?}")));
-                }
-                delta.node_deltas.push(NodeDelta {
-                    chitchat_id,
-                    from_version_excluded,
-                    last_gc_version,
-                    max_version: 0,
-                    key_values: Vec::new(),
-                });
-            }
-            OP_KEY_VALUE => {
-                let key = ops.str("key")?;
-                let value = ops.str("value")?;
-                let version = ops.u64("version")?;
-                let status_code = ops.u8("status")?;
-                let status = DeletionStatusMutation::from_code(status_code)
-                    .ok_or(DecodeError::UnknownStatus(status_code))?;
-                let node_delta = delta
-                    .node_deltas
-                    .last_mut()
-                    .ok_or(DecodeError::OpBeforeNode)?;
-                if version <= node_delta.max_version {
-                    return Err(DecodeError::NonIncreasingVersion {
-                        previous: node_delta.max_version,
-                        version,
-                    });
-                }
-                node_delta.max_version = version;
-                node_delta.key_values.push(KeyValueUpdate {
-                    key: key.to_string(),
-                    value: value.to_string(),
-                    version,
-                    status,
-                });
-            }
-            OP_SET_MAX_VERSION => {
-                let max_version = ops.u64("max version")?;
-                let node_delta = delta
-                    .node_deltas
-                    .last_mut()
-                    .ok_or(DecodeError::OpBeforeNode)?;
-                // Below a KV of the same delta it would contradict it (our writer refuses to
-                // write one; applied, it would lower a node's max version under its own KVs).
-                if let Some(kv) = node_delta.key_values.last()
-                    && max_version < kv.version
-                {
-                    return Err(DecodeError::NonIncreasingVersion {
-                        previous: kv.version,
-                        version: max_version,
-                    });
-                }
-                node_delta.max_version = max_version;
-            }
-            tag => return Err(DecodeError::UnknownOpTag(tag)),
-        }
-    }
-    Ok(delta)
+    read_delta_ops(payload)
 }
 
 #[cfg(test)]
@@ -472,6 +395,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::message::{KeyValueUpdate, NodeDelta};
     use crate::wire::testing::{arb_delta, arb_status};
 
     fn node(port: u16) -> ChitchatId {

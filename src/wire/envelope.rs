@@ -3,11 +3,12 @@
 
 use super::codec::{Decoder, Encoder};
 use super::delta::decode_delta_with;
+use super::delta_view::DeltaView;
 use super::digest::{DigestView, KnownIds, NoKnownIds, decode_digest_view};
 use super::error::{DecodeError, EncodeError};
 use super::format::{MAGIC_NUMBER, MAX_STRING_LEN, MessageType, body_budget_in};
 use super::primitives::{Reader, put_str, put_u8, put_u16, str_len};
-use crate::message::{ChitchatEnvelope, ChitchatMessage, Delta, ProtocolVersion};
+use crate::message::{ChitchatEnvelope, ChitchatMessage, ProtocolVersion};
 
 impl MessageType {
     /// The type byte an owned message is sent with.
@@ -95,8 +96,8 @@ impl Encoder {
     }
 }
 
-/// A decoded datagram whose digest borrows its node ids (the server's hot path); deltas are
-/// owned, since their key-values are stored anyway.
+/// A decoded datagram borrowing its node ids, keys and values (the server's hot path): what
+/// is stored is copied when it is applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvelopeView<'a> {
     /// The version the datagram was encoded in (a reply echoes it).
@@ -105,7 +106,7 @@ pub struct EnvelopeView<'a> {
     pub message: MessageView<'a>,
 }
 
-/// [`ChitchatMessage`] with borrowed digests.
+/// [`ChitchatMessage`] with borrowed digests and deltas.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MessageView<'a> {
     /// Opens a handshake.
@@ -120,19 +121,19 @@ pub enum MessageView<'a> {
         /// What the sender knows.
         digest: DigestView<'a>,
         /// What the sender found the Syn's author missing.
-        delta: Delta,
+        delta: DeltaView<'a>,
     },
     /// Answers a SynAck.
     Ack {
         /// What the sender found the SynAck's author missing.
-        delta: Delta,
+        delta: DeltaView<'a>,
     },
     /// Answers a Syn of another cluster.
     BadCluster,
 }
 
 impl EnvelopeView<'_> {
-    /// An owned copy (allocates the digest's ids and clones the delta).
+    /// An owned copy (allocates the digest's ids and the delta's strings).
     pub fn to_envelope(&self) -> ChitchatEnvelope {
         let message = match &self.message {
             MessageView::Syn { cluster_id, digest } => ChitchatMessage::Syn {
@@ -141,10 +142,10 @@ impl EnvelopeView<'_> {
             },
             MessageView::SynAck { digest, delta } => ChitchatMessage::SynAck {
                 digest: digest.to_digest(),
-                delta: delta.clone(),
+                delta: delta.to_delta(),
             },
             MessageView::Ack { delta } => ChitchatMessage::Ack {
-                delta: delta.clone(),
+                delta: delta.to_delta(),
             },
             MessageView::BadCluster => ChitchatMessage::BadCluster,
         };
@@ -156,7 +157,7 @@ impl EnvelopeView<'_> {
 }
 
 impl<'a> MessageView<'a> {
-    /// A view of an owned message (its delta is cloned).
+    /// A view of an owned message (copies no string).
     pub fn of(message: &'a ChitchatMessage) -> Self {
         match message {
             ChitchatMessage::Syn { cluster_id, digest } => MessageView::Syn {
@@ -165,10 +166,10 @@ impl<'a> MessageView<'a> {
             },
             ChitchatMessage::SynAck { digest, delta } => MessageView::SynAck {
                 digest: DigestView::from_digest(digest),
-                delta: delta.clone(),
+                delta: DeltaView::of(delta),
             },
             ChitchatMessage::Ack { delta } => MessageView::Ack {
-                delta: delta.clone(),
+                delta: DeltaView::of(delta),
             },
             ChitchatMessage::BadCluster => MessageView::BadCluster,
         }
@@ -257,7 +258,6 @@ impl Decoder {
             block,
             stream,
             digest_stream,
-            seen_nodes,
         } = self;
         let mut reader = Reader::new(bytes);
         let (version, message_type) = read_header(&mut reader)?;
@@ -283,13 +283,11 @@ impl Decoder {
                     digest_stream,
                     known,
                 )?;
-                let delta =
-                    decode_delta_with(&mut reader, dctx.as_mut(), block, stream, seen_nodes)?;
+                let delta = decode_delta_with(&mut reader, dctx.as_mut(), block, stream)?;
                 MessageView::SynAck { digest, delta }
             }
             MessageType::Ack => {
-                let delta =
-                    decode_delta_with(&mut reader, dctx.as_mut(), block, stream, seen_nodes)?;
+                let delta = decode_delta_with(&mut reader, dctx.as_mut(), block, stream)?;
                 MessageView::Ack { delta }
             }
             MessageType::BadCluster => MessageView::BadCluster,

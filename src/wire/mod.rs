@@ -13,6 +13,7 @@
 mod block_stream;
 mod codec;
 mod delta;
+mod delta_view;
 mod digest;
 mod envelope;
 mod error;
@@ -29,6 +30,7 @@ mod testing;
 pub use codec::{Decoder, Encoder};
 pub use delta::DeltaWriter;
 pub(crate) use delta::{max_key_value_len, max_key_value_len_in};
+pub use delta_view::{DeltaView, KeyValueRef, NodeDeltaRef};
 pub(crate) use digest::KnownIds;
 pub(crate) use digest::sort_and_dedup;
 pub use digest::{DigestEncoding, DigestEntry, DigestView};

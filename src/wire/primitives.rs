@@ -4,7 +4,6 @@
 
 use std::cmp::Ordering;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
 
 use super::error::{DecodeError, EncodeError};
 use crate::types::ChitchatId;
@@ -189,17 +188,6 @@ impl<'a> Reader<'a> {
         // Tag, address and port.
         rest.get(8 + 1 + ip_len + 2..)
     }
-
-    pub(crate) fn chitchat_id(&mut self) -> Result<ChitchatId, DecodeError> {
-        let node_id: Arc<str> = Arc::from(self.str("node id")?);
-        let generation_id = self.u64("generation id")?;
-        let gossip_advertise_addr = self.socket_addr()?;
-        Ok(ChitchatId {
-            node_id,
-            generation_id,
-            gossip_advertise_addr,
-        })
-    }
 }
 
 pub(crate) fn put_u8(out: &mut Vec<u8>, value: u8) {
@@ -297,7 +285,7 @@ mod tests {
         expected.extend_from_slice(&[0x01, 0x70, 0x1c]);
         assert_eq!(encode_id(&id), expected);
         let mut reader = Reader::new(&expected);
-        assert_eq!(reader.chitchat_id().unwrap(), id);
+        assert_eq!(reader.chitchat_id_ref().unwrap().to_owned_id(), id);
         assert!(reader.is_empty());
     }
 
@@ -381,7 +369,7 @@ mod tests {
             let decoded_by_them = chitchat::ChitchatId::deserialize(&mut theirs_slice).unwrap();
             prop_assert_eq!(decoded_by_them, to_reference(&id));
             let mut reader = Reader::new(&ours);
-            prop_assert_eq!(reader.chitchat_id().unwrap(), id);
+            prop_assert_eq!(reader.chitchat_id_ref().unwrap().to_owned_id(), id);
             prop_assert!(reader.is_empty());
         }
 
@@ -438,7 +426,7 @@ mod tests {
         #[test]
         fn reader_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             let mut reader = Reader::new(&bytes);
-            let _ = reader.chitchat_id();
+            let _ = reader.chitchat_id_ref();
             let mut reader = Reader::new(&bytes);
             let _ = reader.str("s");
             let _ = reader.u64("u");

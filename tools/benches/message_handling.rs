@@ -16,7 +16,9 @@
 //!
 //! Cases: a Syn from an up-to-date peer (full digest, empty delta back), a Syn from an empty
 //! peer (empty digest, a datagram-full delta back), a SynAck (up-to-date digest plus one new
-//! key-value), an Ack (one new key-value). Each median is also printed as a fraction of the
+//! key-value), an Ack (one new key-value), a catch-up Ack (every key of 60 nodes at new
+//! versions, about 37 KB of ops: what a cold large cluster exchanges) and a stale Ack (the same
+//! delta at versions the receiver holds, all rejected). Each median is also printed as a fraction of the
 //! 2-second handling bound.
 
 mod common;
@@ -46,10 +48,19 @@ enum Case {
     SynEmpty,
     SynAck,
     Ack,
+    AckCatchUp,
+    AckStale,
 }
 
 impl Case {
-    const ALL: [Case; 4] = [Case::SynUpToDate, Case::SynEmpty, Case::SynAck, Case::Ack];
+    const ALL: [Case; 6] = [
+        Case::SynUpToDate,
+        Case::SynEmpty,
+        Case::SynAck,
+        Case::Ack,
+        Case::AckCatchUp,
+        Case::AckStale,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -57,6 +68,8 @@ impl Case {
             Case::SynEmpty => "syn_empty",
             Case::SynAck => "syn_ack",
             Case::Ack => "ack",
+            Case::AckCatchUp => "ack_catch_up",
+            Case::AckStale => "ack_stale",
         }
     }
 
@@ -64,18 +77,26 @@ impl Case {
     fn chunk(self) -> u64 {
         match self {
             Case::Ack => 1_024,
+            Case::AckCatchUp | Case::AckStale => 16,
             _ => 32,
         }
     }
 }
 
+/// Remote nodes in the delta of a catch-up or stale Ack: with their `KEYS` key-values each,
+/// about 37 KB of ops, the size of the SynAcks and Acks of a cold 1,000-node cluster.
+const CATCH_UP_NODES: usize = 60;
+
 /// Produces the messages of one case; deltas carry ever newer versions of one remote node's
-/// key, so every SynAck and Ack applies a real update.
+/// key, so every SynAck and Ack applies a real update (a catch-up Ack, of every key of
+/// `CATCH_UP_NODES` nodes; a stale Ack carries the versions the receiver already holds).
 struct Generator {
     case: Case,
     digest: Digest,
     writer: ChitchatId,
     next_version: u64,
+    /// Max version of each catch-up node as the receiver holds it.
+    catch_up_versions: Vec<u64>,
 }
 
 impl Generator {
@@ -86,6 +107,7 @@ impl Generator {
             digest,
             writer: ChitchatId::new(name, 1, addr),
             next_version: KEYS as u64,
+            catch_up_versions: vec![KEYS as u64; CATCH_UP_NODES],
         }
     }
 
@@ -109,6 +131,12 @@ impl Generator {
             }
             Case::Ack => ChitchatMessage::Ack {
                 delta: self.update(),
+            },
+            Case::AckCatchUp => ChitchatMessage::Ack {
+                delta: self.catch_up(true),
+            },
+            Case::AckStale => ChitchatMessage::Ack {
+                delta: self.catch_up(false),
             },
         };
         ChitchatEnvelope {
@@ -135,6 +163,36 @@ impl Generator {
                 }],
             }],
         }
+    }
+
+    /// Every key of the first `CATCH_UP_NODES` remote nodes: rewritten at new versions
+    /// (`fresh`), or as the receiver holds them (versions 1..=KEYS, all rejected as stale).
+    fn catch_up(&mut self, fresh: bool) -> Delta {
+        let node_deltas = (0..CATCH_UP_NODES)
+            .map(|i| {
+                let (name, addr) = remote_id(i);
+                let from = if fresh { self.catch_up_versions[i] } else { 0 };
+                if fresh {
+                    self.catch_up_versions[i] += KEYS as u64;
+                }
+                let key_values: Vec<KeyValueUpdate> = (0..KEYS)
+                    .map(|k| KeyValueUpdate {
+                        key: format!("key-{k:04}"),
+                        value: value_32(i, from as usize + k),
+                        version: from + k as u64 + 1,
+                        status: DeletionStatusMutation::Set,
+                    })
+                    .collect();
+                NodeDelta {
+                    chitchat_id: ChitchatId::new(name, 1, addr),
+                    from_version_excluded: from,
+                    last_gc_version: 0,
+                    max_version: from + KEYS as u64,
+                    key_values,
+                }
+            })
+            .collect();
+        Delta { node_deltas }
     }
 }
 
