@@ -69,7 +69,7 @@ pub(crate) fn write_delta<S: DeltaSink, R: Rng>(
         // Behind on no state: no candidate, nothing to write.
         return DeltaSummary::default();
     }
-    let mut candidates: Vec<Candidate> = Vec::new();
+    let mut candidates: Vec<Candidate> = Vec::with_capacity(cluster_state.node_states.len());
     for (k, (id, state)) in cluster_state.node_states.iter().enumerate() {
         let (peer_gc, peer_max) = peer_digest
             .get(k)
@@ -98,6 +98,7 @@ pub(crate) fn write_delta<S: DeltaSink, R: Rng>(
 
     let mut summary = DeltaSummary::default();
     let clock = cluster_state.clock();
+    let mut stale = Vec::new();
     for (i, candidate) in candidates.iter().enumerate() {
         if i % 64 == 63 && deadline.is_some_and(|d| clock.now() >= d) {
             summary.truncated = true;
@@ -116,7 +117,8 @@ pub(crate) fn write_delta<S: DeltaSink, R: Rng>(
         let relayable_len =
             wire::max_key_value_len_in(cluster_state.datagram_budget, state.chitchat_id());
         let mut added_kv = false;
-        for (key, value) in state.stale_key_values(candidate.from_version_excluded) {
+        state.stale_key_values_into(candidate.from_version_excluded, &mut stale);
+        for &(key, value) in &stale {
             if !is_relayable_key(key) {
                 debug!(node = ?state.chitchat_id(), key, "not relaying a key chitchat peers crash on");
                 continue;

@@ -604,15 +604,29 @@ impl NodeState {
 
     /// Entries with `version > floor`, tombstones included, by ascending version: the order a
     /// delta must carry them in.
+    #[cfg(test)]
     pub(crate) fn stale_key_values(&self, floor: Version) -> Vec<(&str, &VersionedValue)> {
-        let mut stale: Vec<(&str, &VersionedValue)> = self
-            .key_values
-            .iter()
-            .filter(|(_, v)| v.version > floor)
-            .map(|(k, v)| (&**k, v))
-            .collect();
-        stale.sort_unstable_by_key(|(_, v)| v.version);
+        let mut stale = Vec::new();
+        self.stale_key_values_into(floor, &mut stale);
         stale
+    }
+
+    /// [`Self::stale_key_values`] into `out` (cleared first), so that a delta reuses one
+    /// buffer for all its nodes: growing a fresh vector per node was 8 % of an empty-digest
+    /// Syn's handling (perf, 100 nodes × 10 keys).
+    pub(crate) fn stale_key_values_into<'a>(
+        &'a self,
+        floor: Version,
+        out: &mut Vec<(&'a str, &'a VersionedValue)>,
+    ) {
+        out.clear();
+        out.extend(
+            self.key_values
+                .iter()
+                .filter(|(_, v)| v.version > floor)
+                .map(|(k, v)| (&**k, v)),
+        );
+        out.sort_unstable_by_key(|(_, v)| v.version);
     }
 
     /// How far behind a peer at `floor` is: visible entries if it knows nothing, else entries

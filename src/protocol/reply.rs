@@ -57,7 +57,8 @@ fn with_encoder<T>(f: impl FnOnce(&mut Encoder) -> T) -> T {
 
 impl DeltaSink for DeltaWriter<'_> {
     fn try_add_node(&mut self, id: &ChitchatId, last_gc: Version, from: Version) -> bool {
-        DeltaWriter::try_add_node(self, id, last_gc, from)
+        // `write_delta` adds the node states of one map: their ids are distinct.
+        DeltaWriter::try_add_distinct_node(self, id, last_gc, from)
     }
 
     fn try_add_kv(&mut self, key: &str, value: &VersionedValue) -> bool {

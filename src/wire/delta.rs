@@ -145,6 +145,20 @@ impl DeltaWriter<'_> {
             .is_ok()
     }
 
+    /// [`Self::try_add_node`] for a caller whose ids are distinct by construction (the keys of
+    /// one map of node states): it skips the duplicate check, whose hashing and id clone were
+    /// 2 % of an empty-digest Syn's handling. Ids added this way are not remembered, so mixing
+    /// both methods in one delta must not repeat an id.
+    pub(crate) fn try_add_distinct_node(
+        &mut self,
+        chitchat_id: &ChitchatId,
+        last_gc_version: Version,
+        from_version_excluded: Version,
+    ) -> bool {
+        self.add_node_op(chitchat_id, last_gc_version, from_version_excluded)
+            .is_ok()
+    }
+
     /// Adds a KeyValue op to the current node. Returns false if it does not fit, if there is no
     /// current node, if `version` is not above the node's previous version, if key or value is
     /// over 65 535 bytes, or if an earlier op of this node was refused.
@@ -203,6 +217,25 @@ impl DeltaWriter<'_> {
         if self.written_nodes.contains(chitchat_id) {
             return Err(Refusal::DuplicateNode);
         }
+        self.add_node_op(chitchat_id, last_gc_version, from_version_excluded)?;
+        self.written_nodes.insert(chitchat_id.clone());
+        Ok(())
+    }
+
+    /// The Node op itself, without the duplicate check.
+    fn add_node_op(
+        &mut self,
+        chitchat_id: &ChitchatId,
+        last_gc_version: Version,
+        from_version_excluded: Version,
+    ) -> Result<(), Refusal> {
+        self.current = CurrentNode::Refused;
+        if chitchat_id.node_id.len() > MAX_STRING_LEN {
+            return Err(Refusal::StringTooLong {
+                what: "node id",
+                len: chitchat_id.node_id.len(),
+            });
+        }
         if !self.fits(NODE_OP_FIXED_LEN + chitchat_id_len(chitchat_id)) {
             return Err(Refusal::TooLarge);
         }
@@ -218,7 +251,6 @@ impl DeltaWriter<'_> {
         put_u64(buf, last_gc_version);
         put_u64(buf, from_version_excluded);
         self.stream.flush_full_blocks();
-        self.written_nodes.insert(chitchat_id.clone());
         self.current = CurrentNode::Open {
             max_version: 0,
             last_kv_version: 0,
