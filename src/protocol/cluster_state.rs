@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -41,12 +42,22 @@ pub(crate) struct ClusterState {
     /// Shared with the decoders that scan received digests with it (see
     /// `ClusterState::shared_id_table`).
     id_table: OnceLock<Arc<IdTable>>,
-    /// Bumped whenever a node state is added or removed: positions in id order change.
+    /// Replaced whenever a node state is added or removed (positions in id order change), by a
+    /// value no other cluster state of the process has had.
     membership_epoch: u64,
     /// The epoch the node-state map was last repacked at, and the epoch seen by the last
     /// round with how many rounds have seen it (see `compact_when_settled`).
     compacted_epoch: u64,
     settling: (u64, u32),
+}
+
+/// Source of membership epochs: one counter for the process, so that no two cluster states
+/// (nor two memberships of one) share an epoch, and caches shared by the instances of a thread
+/// can key on it.
+static NEXT_MEMBERSHIP_EPOCH: AtomicU64 = AtomicU64::new(1);
+
+fn next_membership_epoch() -> u64 {
+    NEXT_MEMBERSHIP_EPOCH.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Gossip rounds without a node state added or removed before the map is repacked.
@@ -75,7 +86,7 @@ impl ClusterState {
             remote_bytes: 0,
             datagram_budget: wire::MAX_UDP_DATAGRAM_PAYLOAD_SIZE,
             id_table: OnceLock::new(),
-            membership_epoch: 0,
+            membership_epoch: next_membership_epoch(),
             compacted_epoch: u64::MAX,
             settling: (u64::MAX, 0),
         }
@@ -127,7 +138,7 @@ impl ClusterState {
 
     fn membership_changed(&mut self) {
         self.id_table.take();
-        self.membership_epoch = self.membership_epoch.wrapping_add(1);
+        self.membership_epoch = next_membership_epoch();
     }
 
     /// The wire encoding of every id, position `k` being the `k`-th node state in id order.

@@ -34,6 +34,8 @@ pub(crate) struct DeltaSummary {
     pub(crate) truncated: bool,
     /// Key-values left out because no datagram could carry them.
     pub(crate) unrelayable: usize,
+    /// The handling deadline cut the delta short (`truncated` is set too).
+    pub(crate) deadline_hit: bool,
 }
 
 /// One node state the peer is behind on.
@@ -102,6 +104,7 @@ pub(crate) fn write_delta<S: DeltaSink, R: Rng>(
     for (i, candidate) in candidates.iter().enumerate() {
         if i % 64 == 63 && deadline.is_some_and(|d| clock.now() >= d) {
             summary.truncated = true;
+            summary.deadline_hit = true;
             break;
         }
         let state = candidate.state;

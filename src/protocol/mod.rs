@@ -11,6 +11,9 @@ mod delta_plan;
 mod delta_plan_tests;
 mod digest_match;
 mod failure_detector;
+mod fresh_delta;
+#[cfg(test)]
+mod fresh_delta_tests;
 mod gc_history;
 mod key_interner;
 mod key_value_map;

@@ -12,6 +12,7 @@ use crate::message::{NodeDigest, ProtocolVersion};
 use crate::protocol::cluster_state::{ClusterState, node_digest};
 use crate::protocol::delta_plan::{DeltaSink, DeltaSummary, write_delta};
 use crate::protocol::digest_match::{NODE_DIGEST_LEN, PeerDigest};
+use crate::protocol::fresh_delta::FreshDeltaCache;
 use crate::protocol::node_state::ScheduledForDeletion;
 use crate::types::{ChitchatId, DeletionStatusMutation, Version, VersionedValue};
 use crate::wire::{self, DeltaWriter, Encoder, MessageType};
@@ -49,6 +50,8 @@ thread_local! {
     /// zstd context and scratch buffers, one per thread that encodes (the decoder is in
     /// `received.rs`).
     static ENCODER: RefCell<Encoder> = RefCell::new(Encoder::new());
+    /// The last delta written for a peer that knew nothing (see `fresh_delta.rs`).
+    static FRESH_DELTA: RefCell<FreshDeltaCache> = RefCell::new(FreshDeltaCache::default());
 }
 
 fn with_encoder<T>(f: impl FnOnce(&mut Encoder) -> T) -> T {
@@ -285,17 +288,35 @@ fn append_delta<R: Rng>(
     out: &mut Vec<u8>,
     deadline: Option<Instant>,
 ) -> DeltaSummary {
-    with_encoder(|encoder| {
-        let mut writer = encoder.delta_writer(out, mtu);
-        let summary = write_delta(
-            cluster_state,
-            peer_digest,
-            scheduled,
-            rng,
-            &mut writer,
-            deadline,
-        );
-        writer.finish();
+    let write = |out: &mut Vec<u8>, rng: &mut R| {
+        with_encoder(|encoder| {
+            let mut writer = encoder.delta_writer(out, mtu);
+            let summary = write_delta(
+                cluster_state,
+                peer_digest,
+                scheduled,
+                rng,
+                &mut writer,
+                deadline,
+            );
+            writer.finish();
+            summary
+        })
+    };
+    if peer_digest.is_up_to_date() {
+        return write(out, rng);
+    }
+    FRESH_DELTA.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if !cache.peer_is_fresh(cluster_state, peer_digest, scheduled) {
+            return write(out, rng);
+        }
+        if let Some(summary) = cache.lookup(cluster_state, mtu, out) {
+            return summary;
+        }
+        let start = out.len();
+        let summary = write(out, rng);
+        cache.store(cluster_state, mtu, &out[start..], summary);
         summary
     })
 }
