@@ -3,7 +3,7 @@
 //! order, is decided here; how many bytes each part takes is the wire's to say.
 
 use std::cell::RefCell;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 use tracing::warn;
@@ -79,6 +79,46 @@ impl DeltaSink for DeltaWriter<'_> {
     }
 }
 
+/// One partial-digest warning per [`WarnLimiter::INTERVAL`] for the whole process: a cluster
+/// too large for one datagram cuts every digest it writes (at 5,000 nodes in V1, every SynAck),
+/// and 1,000 nodes in one process would each log a line per message.
+static PARTIAL_DIGEST_WARNINGS: parking_lot::Mutex<WarnLimiter> =
+    parking_lot::const_mutex(WarnLimiter::new());
+
+/// Lets a warning through at most once per interval, counting the ones it holds back.
+#[derive(Debug)]
+pub(crate) struct WarnLimiter {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl WarnLimiter {
+    pub(crate) const INTERVAL: Duration = Duration::from_secs(10);
+
+    pub(crate) const fn new() -> Self {
+        WarnLimiter {
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(n)` if a warning may be logged at `now`, `n` being how many were held back since
+    /// the last one. An instant before the last one (another instance's clock) lets it through.
+    pub(crate) fn allow(&mut self, now: Instant) -> Option<u64> {
+        let due = self.last.is_none_or(|last| {
+            now.checked_duration_since(last)
+                .is_none_or(|since| since >= Self::INTERVAL)
+        });
+        if due {
+            self.last = Some(now);
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed = self.suppressed.saturating_add(1);
+            None
+        }
+    }
+}
+
 /// Writes the own digest: every node state not scheduled for deletion, in id order. Only when
 /// the entries may not fit in `budget` bytes are they collected and reordered: this node first,
 /// the others from a random offset, so a partial digest still carries our heartbeat and, over
@@ -121,11 +161,17 @@ fn write_digest<R: Rng>(
         ordered.insert(0, own);
     }
     let encoding = with_encoder(|encoder| encoder.encode_digest(version, ordered, budget, out));
-    if encoding.skipped > 0 {
+    if encoding.skipped > 0
+        && let Some(suppressed) = PARTIAL_DIGEST_WARNINGS
+            .lock()
+            .allow(cluster_state.clock().now())
+    {
         warn!(
             written = encoding.written,
             total = count,
-            "digest does not fit in one datagram: sending a partial digest"
+            suppressed,
+            "digest does not fit in one datagram: sending a partial digest \
+             (further such digests are not logged for 10 s; `suppressed` counts the last ones)"
         );
     }
     (encoding.len, encoding.skipped > 0)
@@ -346,6 +392,20 @@ mod tests {
         ];
         ("[ab]{0,3}|é", 0u64..3, addr)
             .prop_map(|(name, generation, addr)| ChitchatId::new(name, generation, addr))
+    }
+
+    #[test]
+    fn partial_digest_warnings_are_limited_and_counted() {
+        let start = Instant::now();
+        let mut limiter = WarnLimiter::new();
+        assert_eq!(limiter.allow(start), Some(0));
+        for i in 1..=5 {
+            assert_eq!(limiter.allow(start + Duration::from_millis(i * 100)), None);
+        }
+        assert_eq!(limiter.allow(start + WarnLimiter::INTERVAL), Some(5));
+        assert_eq!(limiter.allow(start + WarnLimiter::INTERVAL), None);
+        // An earlier instant (another clock) is let through rather than muting the process.
+        assert_eq!(limiter.allow(start), Some(1));
     }
 
     proptest! {
