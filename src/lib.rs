@@ -6,6 +6,7 @@ pub mod clock;
 pub mod config;
 mod control;
 mod dns;
+mod log_limit;
 pub mod message;
 pub mod metrics;
 pub mod protocol;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use tracing::warn;
 
+use crate::log_limit::LogLimiter;
 use crate::message::{NodeDigest, ProtocolVersion};
 use crate::protocol::cluster_state::{ClusterState, node_digest};
 use crate::protocol::delta_plan::{DeltaSink, DeltaSummary, write_delta};
@@ -79,45 +80,12 @@ impl DeltaSink for DeltaWriter<'_> {
     }
 }
 
-/// One partial-digest warning per [`WarnLimiter::INTERVAL`] for the whole process: a cluster
-/// too large for one datagram cuts every digest it writes (at 5,000 nodes in V1, every SynAck),
-/// and 1,000 nodes in one process would each log a line per message.
-static PARTIAL_DIGEST_WARNINGS: parking_lot::Mutex<WarnLimiter> =
-    parking_lot::const_mutex(WarnLimiter::new());
-
-/// Lets a warning through at most once per interval, counting the ones it holds back.
-#[derive(Debug)]
-pub(crate) struct WarnLimiter {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl WarnLimiter {
-    pub(crate) const INTERVAL: Duration = Duration::from_secs(10);
-
-    pub(crate) const fn new() -> Self {
-        WarnLimiter {
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    /// `Some(n)` if a warning may be logged at `now`, `n` being how many were held back since
-    /// the last one. An instant before the last one (another instance's clock) lets it through.
-    pub(crate) fn allow(&mut self, now: Instant) -> Option<u64> {
-        let due = self.last.is_none_or(|last| {
-            now.checked_duration_since(last)
-                .is_none_or(|since| since >= Self::INTERVAL)
-        });
-        if due {
-            self.last = Some(now);
-            Some(std::mem::take(&mut self.suppressed))
-        } else {
-            self.suppressed = self.suppressed.saturating_add(1);
-            None
-        }
-    }
-}
+/// One partial-digest warning per 10 s for the whole process: a cluster too large for one
+/// datagram cuts every digest it writes (at 5,000 nodes in V1, every SynAck), and 1,000 nodes
+/// in one process would each log a line per message.
+static PARTIAL_DIGEST_WARNINGS: parking_lot::Mutex<LogLimiter> =
+    parking_lot::const_mutex(LogLimiter::new(PARTIAL_DIGEST_WARN_INTERVAL));
+const PARTIAL_DIGEST_WARN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Writes the own digest: every node state not scheduled for deletion, in id order. Only when
 /// the entries may not fit in `budget` bytes are they collected and reordered: this node first,
@@ -164,7 +132,7 @@ fn write_digest<R: Rng>(
     if encoding.skipped > 0
         && let Some(suppressed) = PARTIAL_DIGEST_WARNINGS
             .lock()
-            .allow(cluster_state.clock().now())
+            .allow_at(cluster_state.clock().now())
     {
         warn!(
             written = encoding.written,
@@ -397,15 +365,21 @@ mod tests {
     #[test]
     fn partial_digest_warnings_are_limited_and_counted() {
         let start = Instant::now();
-        let mut limiter = WarnLimiter::new();
-        assert_eq!(limiter.allow(start), Some(0));
+        let mut limiter = LogLimiter::new(PARTIAL_DIGEST_WARN_INTERVAL);
+        assert_eq!(limiter.allow_at(start), Some(0));
         for i in 1..=5 {
-            assert_eq!(limiter.allow(start + Duration::from_millis(i * 100)), None);
+            assert_eq!(
+                limiter.allow_at(start + Duration::from_millis(i * 100)),
+                None
+            );
         }
-        assert_eq!(limiter.allow(start + WarnLimiter::INTERVAL), Some(5));
-        assert_eq!(limiter.allow(start + WarnLimiter::INTERVAL), None);
+        assert_eq!(
+            limiter.allow_at(start + PARTIAL_DIGEST_WARN_INTERVAL),
+            Some(5)
+        );
+        assert_eq!(limiter.allow_at(start + PARTIAL_DIGEST_WARN_INTERVAL), None);
         // An earlier instant (another clock) is let through rather than muting the process.
-        assert_eq!(limiter.allow(start), Some(1));
+        assert_eq!(limiter.allow_at(start), Some(1));
     }
 
     proptest! {

@@ -207,13 +207,8 @@ impl DeltaWriter<'_> {
         last_gc_version: Version,
         from_version_excluded: Version,
     ) -> Result<(), Refusal> {
+        // An id over the length limit is refused by `add_node_op`, so it is never remembered.
         self.current = CurrentNode::Refused;
-        if chitchat_id.node_id.len() > MAX_STRING_LEN {
-            return Err(Refusal::StringTooLong {
-                what: "node id",
-                len: chitchat_id.node_id.len(),
-            });
-        }
         if self.written_nodes.contains(chitchat_id) {
             return Err(Refusal::DuplicateNode);
         }
