@@ -590,11 +590,18 @@ impl Chitchat {
     /// Owner authority (DESIGN-13 §2): a digest entry about our own id claiming more than we
     /// have is outgrown, so our next word supersedes the claim at every peer holding it.
     fn own_claim(&mut self, entry: NodeDigest, now: Instant) {
-        let own = self.self_node_state();
-        let heartbeat = own.fast_forward_heartbeat(entry.heartbeat, now);
+        let refusals = apply_own_claim(self.self_node_state(), entry, now);
+        self.refuse_own_claim(entry, refusals, now);
+    }
+
+    /// Counts and logs what [`apply_own_claim`] refused.
+    fn refuse_own_claim(&mut self, entry: NodeDigest, refusals: OwnClaimRefusals, now: Instant) {
+        let OwnClaimRefusals {
+            heartbeat,
+            versions,
+        } = refusals;
         let claim = entry.max_version.max(entry.last_gc_version);
-        let versions = self.self_node_state().outgrow_claim(claim, now);
-        if let Err(refusal) = heartbeat {
+        if let Some(refusal) = heartbeat {
             self.refuse(
                 refusal,
                 1,
@@ -602,7 +609,7 @@ impl Chitchat {
                 format_args!("a claim of {:?} about this node", entry.heartbeat),
             );
         }
-        if let Err(refusal) = versions {
+        if let Some(refusal) = versions {
             let refusal = if entry.last_gc_version > entry.max_version {
                 Refusal::ImplausibleLastGcVersion
             } else {
@@ -632,7 +639,7 @@ impl Chitchat {
         // Whether the peer is behind on no state: its delta is then empty (write_delta skips
         // its pass over the states).
         let mut up_to_date = end == self.cluster_state.node_states.len();
-        let mut own = None;
+        let mut own_claim = None;
         let mut bumped = false;
         for (k, state) in self
             .cluster_state
@@ -644,16 +651,23 @@ impl Chitchat {
             if Some(k) == self_position {
                 state.inc_heartbeat();
                 bumped = true;
+                match self.peer_digest.get(k) {
+                    // The claim is applied here, on the state at hand (every digest from a
+                    // peer that knows us has one: through the general path it cost two map
+                    // lookups, a sort and an id allocation per message).
+                    Some(entry) => {
+                        own_claim = Some((entry, apply_own_claim(state, entry, now)));
+                        up_to_date &= state.max_version() <= entry.max_version;
+                    }
+                    None => up_to_date = false,
+                }
+                continue;
             }
             let Some(node_digest) = self.peer_digest.get(k) else {
                 up_to_date = false;
                 continue;
             };
             up_to_date &= state.max_version() <= node_digest.max_version;
-            if Some(k) == self_position {
-                own = Some(node_digest);
-                continue;
-            }
             match state.try_set_received_heartbeat(node_digest.heartbeat, now) {
                 Ok(true) => self
                     .failure_detector
@@ -671,43 +685,33 @@ impl Chitchat {
         if !bumped {
             self.update_self_heartbeat();
         }
-        if own.is_none() && self.peer_digest.unknown().is_empty() {
+        if let Some((entry, refusals)) = own_claim {
+            self.refuse_own_claim(entry, refusals, now);
+        }
+        if self.peer_digest.unknown().is_empty() {
             self.peer_digest.set_up_to_date(up_to_date);
             return;
         }
-        // Unknown ids and our own, in id order, the last received of each id.
-        let mut others: Vec<(ChitchatIdRef<'_>, NodeDigest)> = self
+        // Unknown ids, in id order, the last received of each id (the own id is known: its
+        // claim was applied above).
+        let others: Vec<(ChitchatIdRef<'_>, NodeDigest)> = self
             .peer_digest
             .unknown()
             .iter()
             .filter_map(|&position| digest.entry_at(position))
             .map(|entry| (entry.id(), entry.digest))
             .collect();
-        if let Some(own) = own {
-            others.push((ChitchatIdRef::from(&self.config.chitchat_id), own));
-        }
         let others: Vec<(ChitchatId, NodeDigest)> = sort_and_dedup(others)
             .into_iter()
             .map(|(id, entry)| (id.to_owned_id(), entry))
             .collect();
-        let created = !self.peer_digest.unknown().is_empty();
         for (id, entry) in others {
             self.report_heartbeat_at(&id, entry, now);
         }
-        if created {
-            // Node states may have been added: match again against the new positions (which
-            // clears `up_to_date`).
-            self.cluster_state
-                .match_digest(digest, &mut self.peer_digest);
-        } else if let Some(own) = own {
-            // The claim may have made us outgrow it.
-            let own_max = self
-                .cluster_state
-                .node_state(&self.config.chitchat_id)
-                .map_or(u64::MAX, |state| state.max_version());
-            self.peer_digest
-                .set_up_to_date(up_to_date && own_max <= own.max_version);
-        }
+        // Node states may have been added: match again against the new positions (which
+        // clears `up_to_date`).
+        self.cluster_state
+            .match_digest(digest, &mut self.peer_digest);
     }
 
     /// Applies a received delta; calls the catch-up callback once if a node state was reset.
@@ -1207,5 +1211,25 @@ impl Chitchat {
                 .skip(1) // self
                 .map(|id| id.gossip_advertise_addr),
         )
+    }
+}
+
+/// What a peer's claim about our own node refused: a heartbeat or versions beyond what this
+/// node could have reached.
+#[derive(Debug, Clone, Copy)]
+struct OwnClaimRefusals {
+    heartbeat: Option<Refusal>,
+    versions: Option<Refusal>,
+}
+
+/// A peer's digest entry about our own node (SPEC §4.6, DESIGN-13 §2): we outgrow the
+/// heartbeat and versions it claims, within what is plausible.
+fn apply_own_claim(own: &mut NodeState, entry: NodeDigest, now: Instant) -> OwnClaimRefusals {
+    let heartbeat = own.fast_forward_heartbeat(entry.heartbeat, now).err();
+    let claim = entry.max_version.max(entry.last_gc_version);
+    let versions = own.outgrow_claim(claim, now).err();
+    OwnClaimRefusals {
+        heartbeat,
+        versions,
     }
 }
