@@ -534,3 +534,50 @@ fn an_unrelayable_key_value_is_dropped_counted_and_blocks_nothing() {
             >= 1
     );
 }
+
+/// The ceiling is computed in u64 (seconds and fraction apart) and skips the clock within the
+/// base allowance: the same answers as the plain `nanos × rate / 10^9` rule.
+mod ceiling {
+    use std::time::{Duration, Instant};
+
+    use proptest::prelude::*;
+
+    use crate::protocol::limits::{
+        JUMP_BASE, JUMP_RATE_PER_SEC, MAX_PLAUSIBLE_COUNTER, is_plausible, jump_ceiling,
+    };
+
+    fn reference_ceiling(known: u64, elapsed: Duration) -> u64 {
+        let grown = elapsed.as_nanos() * u128::from(JUMP_RATE_PER_SEC) / 1_000_000_000;
+        let grown = u64::try_from(grown).unwrap_or(u64::MAX);
+        known
+            .saturating_add(JUMP_BASE)
+            .saturating_add(grown)
+            .min(MAX_PLAUSIBLE_COUNTER)
+    }
+
+    proptest! {
+        #[test]
+        fn ceiling_matches_the_u128_rule(
+            known in prop_oneof![0..1_000_000u64, any::<u64>()],
+            secs in prop_oneof![0..100_000u64, any::<u64>()],
+            nanos in 0..1_000_000_000u32,
+        ) {
+            let elapsed = Duration::new(secs, nanos);
+            prop_assert_eq!(jump_ceiling(known, elapsed), reference_ceiling(known, elapsed));
+        }
+
+        #[test]
+        fn plausibility_matches_the_ceiling(
+            known in 0..(1u64 << 40),
+            jump in prop_oneof![0..(1u64 << 26), any::<u64>()],
+            millis in 0..10_000_000u64,
+        ) {
+            let since = Instant::now();
+            let now = since + Duration::from_millis(millis);
+            let claimed = known.saturating_add(jump);
+            let expected = claimed <= MAX_PLAUSIBLE_COUNTER
+                && claimed <= reference_ceiling(known, now - since);
+            prop_assert_eq!(is_plausible(claimed, Some((known, since)), now), expected);
+        }
+    }
+}
