@@ -276,7 +276,19 @@ impl ClusterState {
         digest
     }
 
+    #[cfg(test)]
     pub(crate) fn gc_keys_marked_for_deletion(&mut self, grace_period: Duration, now: Instant) {
+        self.gc_keys_marked_for_deletion_visiting(grace_period, now, |_, _| {});
+    }
+
+    /// [`ClusterState::gc_keys_marked_for_deletion`], handing each node state to `visit` after
+    /// its collection, in id order: a gossip round's other per-state work rides the same pass.
+    pub(crate) fn gc_keys_marked_for_deletion_visiting(
+        &mut self,
+        grace_period: Duration,
+        now: Instant,
+        mut visit: impl FnMut(&ChitchatId, &mut NodeState),
+    ) {
         let mut freed = 0usize;
         for (id, state) in self.node_states.iter_mut() {
             let before = state.bytes();
@@ -286,6 +298,7 @@ impl ClusterState {
             if freed_here > 0 && self.self_id.as_ref() != Some(id) {
                 freed += freed_here;
             }
+            visit(id, state);
         }
         self.remote_bytes = self.remote_bytes.saturating_sub(freed);
     }
