@@ -3,8 +3,9 @@
 //! Plaintext gossip cannot tell a spoofed source from a real one, so what a node sends to a
 //! source that is not a live member is bounded by what that source sent it: 3× the bytes
 //! received, plus a join allowance from token buckets (per source and for all non-members
-//! together). SynAcks are accepted only from addresses we sent a Syn to recently. Members are
-//! not limited; the caller decides membership.
+//! together). SynAcks are accepted only from addresses we sent a Syn to: within a window of the
+//! Syn, or later as the answer to a Syn not answered yet (one per Syn). Members are not
+//! limited; the caller decides membership.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,7 +35,8 @@ pub struct AmplificationLimits {
     /// Sources tracked at once (least recently seen evicted).
     pub max_sources: usize,
     /// A SynAck is accepted from an address we sent a Syn to within
-    /// `max(recent_syn_window, 3 × gossip_interval)`.
+    /// `max(recent_syn_window, 3 × gossip_interval)`, and after that as the answer to a Syn
+    /// of ours not answered yet (an overloaded process handles replies late).
     pub recent_syn_window: Duration,
     /// Syn targets remembered at once (oldest evicted).
     pub max_recent_syns: usize,
@@ -116,9 +118,22 @@ pub struct AmplificationLimiter {
     limits: AmplificationLimits,
     sources: HashMap<SocketAddr, Source>,
     total: Bucket,
-    recent_syns: HashMap<SocketAddr, Instant>,
+    recent_syns: HashMap<SocketAddr, RecentSyn>,
     syn_window: Duration,
 }
+
+/// The Syns sent to one address.
+#[derive(Debug, Clone, Copy)]
+struct RecentSyn {
+    /// When the last one was sent.
+    sent: Instant,
+    /// How many are not answered yet, up to [`MAX_UNANSWERED_SYNS`].
+    unanswered: u8,
+}
+
+/// Syns to one address counted as unanswered at most: a late SynAck is accepted for each, so
+/// this bounds what forged late SynAcks can draw from us to a few Acks per address.
+const MAX_UNANSWERED_SYNS: u8 = 4;
 
 impl AmplificationLimiter {
     /// A limiter with full buckets at `now`; `gossip_interval` widens the recent-Syn window.
@@ -213,33 +228,51 @@ impl AmplificationLimiter {
 
     /// Records a Syn sent to `to` at `now`.
     pub fn note_syn_sent(&mut self, to: SocketAddr, now: Instant) {
-        if !self.recent_syns.contains_key(&to)
-            && self.recent_syns.len() >= self.limits.max_recent_syns
-        {
+        if let Some(recent) = self.recent_syns.get_mut(&to) {
+            recent.sent = now;
+            recent.unanswered = recent.unanswered.saturating_add(1).min(MAX_UNANSWERED_SYNS);
+            return;
+        }
+        if self.recent_syns.len() >= self.limits.max_recent_syns {
             let window = self.syn_window;
-            self.recent_syns
-                .retain(|_, sent| now.saturating_duration_since(*sent) <= window);
+            self.recent_syns.retain(|_, recent| {
+                recent.unanswered > 0 || now.saturating_duration_since(recent.sent) <= window
+            });
             if self.recent_syns.len() >= self.limits.max_recent_syns {
                 let oldest = self
                     .recent_syns
                     .iter()
-                    .min_by_key(|(_, sent)| **sent)
+                    .min_by_key(|(_, recent)| recent.sent)
                     .map(|(addr, _)| *addr);
                 if let Some(oldest) = oldest {
                     self.recent_syns.remove(&oldest);
                 }
             }
         }
-        self.recent_syns.insert(to, now);
+        self.recent_syns.insert(
+            to,
+            RecentSyn {
+                sent: now,
+                unanswered: 1,
+            },
+        );
     }
 
-    /// Whether a SynAck from `from` answers a Syn we sent it within the window.
-    pub fn syn_ack_expected(&self, from: SocketAddr, now: Instant) -> bool {
-        !self.limits.enabled
-            || self
-                .recent_syns
-                .get(&from)
-                .is_some_and(|sent| now.saturating_duration_since(*sent) <= self.syn_window)
+    /// Whether a SynAck from `from` answers a Syn of ours: one sent within the window, or one
+    /// not answered yet (which it then answers). Without limits every SynAck is accepted.
+    pub fn accept_syn_ack(&mut self, from: SocketAddr, now: Instant) -> bool {
+        if !self.limits.enabled {
+            return true;
+        }
+        let Some(recent) = self.recent_syns.get_mut(&from) else {
+            return false;
+        };
+        let recent_enough = now.saturating_duration_since(recent.sent) <= self.syn_window;
+        if !recent_enough && recent.unanswered == 0 {
+            return false;
+        }
+        recent.unanswered = recent.unanswered.saturating_sub(1);
+        true
     }
 
     /// Sources tracked now (bounded by `max_sources`).
@@ -319,14 +352,38 @@ mod tests {
     }
 
     #[test]
-    fn syn_acks_are_expected_only_from_recent_syn_targets() {
+    fn syn_acks_are_accepted_only_from_syn_targets() {
         let clock = ManualClock::new();
         let mut limiter = limiter(&clock);
         limiter.note_syn_sent(addr(3), clock.now());
-        assert!(limiter.syn_ack_expected(addr(3), clock.now()));
-        assert!(!limiter.syn_ack_expected(addr(4), clock.now()));
+        assert!(limiter.accept_syn_ack(addr(3), clock.now()));
+        assert!(!limiter.accept_syn_ack(addr(4), clock.now()));
+        // Within the window, repeated SynAcks are accepted; past it, none is owed.
+        assert!(limiter.accept_syn_ack(addr(3), clock.now()));
         clock.advance(Duration::from_secs(6));
-        assert!(!limiter.syn_ack_expected(addr(3), clock.now()));
+        assert!(!limiter.accept_syn_ack(addr(3), clock.now()));
+    }
+
+    #[test]
+    fn a_late_syn_ack_is_accepted_once_per_unanswered_syn() {
+        let clock = ManualClock::new();
+        let mut limiter = limiter(&clock);
+        // Two Syns, neither answered: two late SynAcks accepted, a third refused.
+        limiter.note_syn_sent(addr(5), clock.now());
+        limiter.note_syn_sent(addr(5), clock.now());
+        clock.advance(Duration::from_secs(30));
+        assert!(limiter.accept_syn_ack(addr(5), clock.now()));
+        assert!(limiter.accept_syn_ack(addr(5), clock.now()));
+        assert!(!limiter.accept_syn_ack(addr(5), clock.now()));
+        // Many unanswered Syns owe at most MAX_UNANSWERED_SYNS late SynAcks.
+        for _ in 0..100 {
+            limiter.note_syn_sent(addr(6), clock.now());
+        }
+        clock.advance(Duration::from_secs(30));
+        let accepted = (0..100)
+            .filter(|_| limiter.accept_syn_ack(addr(6), clock.now()))
+            .count();
+        assert_eq!(accepted, usize::from(MAX_UNANSWERED_SYNS));
     }
 
     #[test]
@@ -346,7 +403,7 @@ mod tests {
         }
         assert_eq!(limiter.tracked_sources(), 8);
         assert_eq!(limiter.recent_syns.len(), 8);
-        assert!(limiter.syn_ack_expected(addr(99), clock.now()));
-        assert!(!limiter.syn_ack_expected(addr(0), clock.now()));
+        assert!(limiter.accept_syn_ack(addr(99), clock.now()));
+        assert!(!limiter.accept_syn_ack(addr(0), clock.now()));
     }
 }

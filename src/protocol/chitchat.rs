@@ -987,7 +987,7 @@ impl Chitchat {
             }
             Received::Message(view) => {
                 if matches!(view.message, MessageView::SynAck { .. })
-                    && !self.amplification.syn_ack_expected(from, now)
+                    && !self.amplification.accept_syn_ack(from, now)
                 {
                     self.stats.unsolicited_syn_ack += 1;
                     return ReplyOutcome::none(view.version);
