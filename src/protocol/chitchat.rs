@@ -907,8 +907,8 @@ impl Chitchat {
     /// [`Chitchat::handle_datagram`] for a datagram from `from`, with the anti-amplification
     /// rules (DESIGN-13 §4): a non-member source's datagrams are dropped undecoded once its
     /// receive allowance is spent, its replies are bounded by its budget, a SynAck from an
-    /// address we sent no recent Syn to is dropped, and a Syn's cluster id is checked before its
-    /// digest is decoded. The three steps the server takes apart, so that it decodes outside
+    /// address we sent no recent Syn to is dropped, and a V1 Syn's cluster id is checked before
+    /// its digest is decompressed. The three steps the server takes apart, so that it decodes outside
     /// the node lock: [`Chitchat::admit_datagram`], [`decode_received`](crate::protocol::decode_received),
     /// [`Chitchat::handle_received`].
     pub fn handle_datagram_from(

@@ -199,6 +199,15 @@ pub(crate) fn carries_digest(bytes: &[u8]) -> bool {
     )
 }
 
+/// Whether `bytes` open like a V0 Syn, whose digest is a plain scan (no decompression): its
+/// cluster id is then read after decoding it once rather than before, by a second walk.
+pub(crate) fn is_v0_syn(bytes: &[u8]) -> bool {
+    matches!(
+        read_header(&mut Reader::new(bytes)),
+        Ok((ProtocolVersion::V0, MessageType::Syn))
+    )
+}
+
 /// Walks over a digest without decoding it: V0 entries by their lengths, V1 by its block
 /// framing (no decompression). What a Syn's cluster id check costs.
 fn skip_digest(version: ProtocolVersion, reader: &mut Reader<'_>) -> Result<(), DecodeError> {

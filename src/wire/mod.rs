@@ -35,8 +35,8 @@ pub(crate) use digest::KnownIds;
 pub(crate) use digest::sort_and_dedup;
 pub use digest::{DigestEncoding, DigestEntry, DigestView};
 pub(crate) use digest::{V0_DIGEST_COUNT_LEN, digest_entry_len};
-pub(crate) use envelope::carries_digest;
 pub use envelope::{EnvelopeView, MessageView, decode_envelope, encode_envelope, syn_cluster_id};
+pub(crate) use envelope::{carries_digest, is_v0_syn};
 pub(crate) use envelope::{put_cluster_id, syn_digest_budget};
 pub use error::{DecodeError, EncodeError};
 pub use format::{
