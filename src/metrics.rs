@@ -225,7 +225,8 @@ impl MetricsSnapshot {
     }
 
     /// Hands the figures to the installed recorder (absolute counters, set gauges); `labels` is
-    /// the `node` label or nothing. Called once per gossip round on the control thread.
+    /// the `node` label or nothing. Called at the end of a gossip round, at most once a second, on the
+    /// control thread.
     pub(crate) fn publish(&self, labels: &[Label]) {
         let with = |extra: (&'static str, &'static str)| {
             let mut all = labels.to_vec();

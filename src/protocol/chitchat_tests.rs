@@ -154,6 +154,56 @@ fn every_received_message_bumps_the_own_heartbeat() {
     );
 }
 
+/// The bump rides the digest pass when the own state is within the digest's reach and falls
+/// back to a lookup otherwise; every kind of message bumps exactly once.
+#[test]
+fn each_message_kind_bumps_the_own_heartbeat_exactly_once() {
+    let clock = ManualClock::new();
+    let mut n1 = node(1, &clock);
+    let n2 = node(2, &clock);
+    let own = n1.self_chitchat_id().clone();
+    let mut knowing_us = Digest::default();
+    knowing_us.add_node(own.clone(), NodeDigest::new(Heartbeat(1), 0, 0));
+    knowing_us.add_node(
+        n2.self_chitchat_id().clone(),
+        NodeDigest::new(Heartbeat(1), 0, 0),
+    );
+    let cluster_id = n1.config().cluster_id.clone();
+    let messages = [
+        ChitchatMessage::Syn {
+            cluster_id: cluster_id.clone(),
+            digest: Digest::default(),
+        },
+        ChitchatMessage::Syn {
+            cluster_id: cluster_id.clone(),
+            digest: knowing_us.clone(),
+        },
+        ChitchatMessage::Syn {
+            cluster_id: "another".to_string(),
+            digest: knowing_us.clone(),
+        },
+        ChitchatMessage::SynAck {
+            digest: knowing_us,
+            delta: Default::default(),
+        },
+        ChitchatMessage::SynAck {
+            digest: Digest::default(),
+            delta: Default::default(),
+        },
+        ChitchatMessage::Ack {
+            delta: Default::default(),
+        },
+        ChitchatMessage::BadCluster,
+    ];
+    for message in messages {
+        let what = format!("{message:?}");
+        let before = n1.node_state(&own).unwrap().heartbeat();
+        n1.process_message(message);
+        let after = n1.node_state(&own).unwrap().heartbeat();
+        assert_eq!(after.0, before.0 + 1, "{what}");
+    }
+}
+
 #[test]
 fn replies_echo_the_version_received() {
     let clock = ManualClock::new();
