@@ -5,11 +5,14 @@
 mod common;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
-use chitchat_uring::transport::UdpMode;
+use async_trait::async_trait;
+use chitchat_uring::transport::{
+    DatagramHandler, DatagramTransport, Endpoint, Preparation, Socket, UdpMode,
+};
 use chitchat_uring::{ChitchatHandle, Transport, UdpTransport, spawn_chitchat};
 use common::{free_port, node_config, transports, udp_transports, wait_until};
 
@@ -87,6 +90,64 @@ async fn hundreds_of_nodes_stop_together_and_free_every_port() {
     }
 }
 
+/// How long a gated start-up waits for the caller's other task before giving up (then the test
+/// fails on its count, not by hanging).
+const GATE_WAIT: Duration = Duration::from_secs(20);
+
+/// A UDP transport whose first start-up job ([`DatagramTransport::prepare`]) cannot end before
+/// the caller's other task has run once: a start-up that does not take the caller's thread
+/// finishes as soon as that task runs; one that blocks the caller's thread waits out
+/// [`GATE_WAIT`] with the task never run. Without the gate the check would race: a quick
+/// start-up may end before the caller's first poll, and nothing would have to yield.
+struct GatedStart {
+    inner: UdpTransport,
+    /// Taken by the first `prepare`: the other task's first run.
+    ran: Mutex<Option<mpsc::Receiver<()>>>,
+}
+
+#[async_trait]
+impl Transport for GatedStart {
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        self.inner.open(listen_addr).await
+    }
+
+    fn datagram_transport(&self) -> Option<&dyn DatagramTransport> {
+        Some(self)
+    }
+}
+
+impl DatagramTransport for GatedStart {
+    fn open_endpoint(
+        &self,
+        listen_addr: SocketAddr,
+        handler: Arc<dyn DatagramHandler>,
+    ) -> anyhow::Result<Box<dyn Endpoint>> {
+        self.inner
+            .datagram_transport()
+            .expect("a UDP transport has a datagram path")
+            .open_endpoint(listen_addr, handler)
+    }
+
+    fn prepare(&self) -> Option<Preparation> {
+        let inner = self
+            .inner
+            .datagram_transport()
+            .expect("a UDP transport has a datagram path")
+            .prepare();
+        let Some(ran) = self.ran.lock().unwrap().take() else {
+            return inner;
+        };
+        Some(Box::new(move || {
+            // A timeout is not an error here: the caller's count then shows what happened.
+            let _ = ran.recv_timeout(GATE_WAIT);
+            match inner {
+                Some(job) => job(),
+                None => Ok(Box::new(())),
+            }
+        }))
+    }
+}
+
 /// A caller on a current-thread runtime keeps running its other tasks while nodes start, even
 /// the first node of a transport whose I/O workers must start (and io_uring be probed) first.
 #[test]
@@ -97,10 +158,14 @@ fn spawn_chitchat_lets_a_current_thread_runtime_run_its_other_tasks() {
             continue;
         }
         // A configuration no other test uses, so that its workers are not running yet.
-        let transport = UdpTransport {
-            send_slots: 37,
-            workers: Some(2),
-            ..transport
+        let (ran_tx, ran_rx) = mpsc::channel();
+        let transport = GatedStart {
+            inner: UdpTransport {
+                send_slots: 37,
+                workers: Some(2),
+                ..transport
+            },
+            ran: Mutex::new(Some(ran_rx)),
         };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -110,7 +175,7 @@ fn spawn_chitchat_lets_a_current_thread_runtime_run_its_other_tasks() {
         let done = Arc::new(AtomicBool::new(false));
         let ticks_at_first_node = runtime.block_on(async {
             // The other task: counts every time the runtime lets it run, until the spawns end
-            // (bounded by count too).
+            // (bounded by count too); its first run opens the gate.
             let ticker = {
                 let (ticks, done) = (ticks.clone(), done.clone());
                 tokio::spawn(async move {
@@ -118,7 +183,9 @@ fn spawn_chitchat_lets_a_current_thread_runtime_run_its_other_tasks() {
                         if done.load(Ordering::Acquire) {
                             break;
                         }
-                        ticks.fetch_add(1, Ordering::Relaxed);
+                        if ticks.fetch_add(1, Ordering::Relaxed) == 0 {
+                            let _ = ran_tx.send(());
+                        }
                         tokio::task::yield_now().await;
                     }
                 })
