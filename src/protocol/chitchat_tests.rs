@@ -1019,3 +1019,125 @@ fn node_states_repacked_after_settling_keep_their_content() {
     }
     assert_eq!(n2.node_states().len(), n1.node_states().len());
 }
+
+/// Keeps `peer` live at `node`: one heartbeat per 100 ms, then `node`'s round.
+fn round_hearing_from(
+    clock: &ManualClock,
+    node: &mut Chitchat,
+    peers: &[(&ChitchatId, u64)],
+) -> crate::protocol::GossipTargets {
+    clock.advance(Duration::from_millis(100));
+    for (peer, heartbeat) in peers {
+        node.report_heartbeat(peer, Heartbeat(*heartbeat));
+    }
+    let mut syn = Vec::new();
+    let targets = node.begin_gossip_round(&mut syn);
+    node.end_gossip_round();
+    targets
+}
+
+/// While no state is added or removed, no node changes liveness and no tombstone can be due,
+/// a round walks no node state; a tombstone (own or received) is still collected in the first
+/// round after its grace period, by a round that walks them.
+#[test]
+fn rounds_that_walk_no_state_still_collect_tombstones_when_due() {
+    let clock = ManualClock::new();
+    let grace = Duration::from_secs(10);
+    let mut cfg1 = config(1);
+    cfg1.marked_for_deletion_grace_period = grace;
+    let mut n1 = node_with(cfg1, &clock, vec![("mine", "1")]);
+    let mut cfg2 = config(2);
+    cfg2.marked_for_deletion_grace_period = grace;
+    let mut n2 = node_with(cfg2, &clock, vec![("theirs", "2")]);
+    let id1 = n1.self_chitchat_id().clone();
+    let id2 = n2.self_chitchat_id().clone();
+    let mut syn = Vec::new();
+    for _ in 0..10 {
+        clock.advance(Duration::from_millis(100));
+        handshake(&mut n1, &mut n2);
+        n1.begin_gossip_round(&mut syn);
+        n1.end_gossip_round();
+    }
+    assert!(n1.live_nodes().any(|id| *id == id2), "n2 is live at n1");
+
+    n1.self_node_state().delete("mine");
+    n2.self_node_state().delete("theirs");
+    handshake(&mut n2, &mut n1);
+    let tombstone = |n: &Chitchat, id: &ChitchatId, key: &str| {
+        n.node_state(id)
+            .and_then(|state| state.get_versioned(key))
+            .is_some_and(VersionedValue::is_deleted)
+    };
+    assert!(tombstone(&n1, &id1, "mine") && tombstone(&n1, &id2, "theirs"));
+    let deleted_at = clock.now();
+    let walked = n1.rounds_walked;
+    let mut rounds = 0;
+    while clock.now() + Duration::from_millis(100) < deleted_at + grace {
+        clock.advance(Duration::from_millis(100));
+        handshake(&mut n1, &mut n2);
+        n1.begin_gossip_round(&mut syn);
+        n1.end_gossip_round();
+        rounds += 1;
+    }
+    assert!(rounds > 90, "{rounds} rounds within the grace period");
+    assert_eq!(n1.rounds_walked, walked, "no round walked the states");
+    assert!(tombstone(&n1, &id1, "mine") && tombstone(&n1, &id2, "theirs"));
+
+    clock.advance(Duration::from_millis(200));
+    n1.begin_gossip_round(&mut syn);
+    n1.end_gossip_round();
+    assert_eq!(n1.rounds_walked, walked + 1, "the due round walked them");
+    let gone = |n: &Chitchat, id: &ChitchatId, key: &str| {
+        n.node_state(id)
+            .is_some_and(|state| state.get_versioned(key).is_none())
+    };
+    assert!(gone(&n1, &id1, "mine"), "own tombstone collected");
+    assert!(gone(&n1, &id2, "theirs"), "received tombstone collected");
+    // Nothing left to collect: the next rounds walk nothing again.
+    round_hearing_from(&clock, &mut n1, &[]);
+    assert_eq!(n1.rounds_walked, walked + 1);
+}
+
+/// Rounds that walk no state draw from the live and dead sets of the last evaluation: a node
+/// that died is never a live target after, and is the round's dead target now and then.
+#[test]
+fn rounds_that_walk_no_state_follow_liveness() {
+    let clock = ManualClock::new();
+    let mut n1 = node(1, &clock);
+    let alive = ChitchatId::for_local_test(2);
+    let dying = ChitchatId::for_local_test(3);
+    for hb in 1..=5 {
+        round_hearing_from(&clock, &mut n1, &[(&alive, hb), (&dying, hb)]);
+    }
+    let walked = n1.rounds_walked;
+    let both = [alive.gossip_advertise_addr, dying.gossip_advertise_addr];
+    for hb in 6..=20 {
+        let targets = round_hearing_from(&clock, &mut n1, &[(&alive, hb), (&dying, hb)]);
+        let mut nodes = targets.nodes.clone();
+        nodes.sort();
+        assert_eq!(nodes, both.to_vec(), "both live nodes, each once");
+        assert_eq!(targets.dead_node, None);
+    }
+    assert_eq!(n1.rounds_walked, walked, "steady rounds walk nothing");
+
+    let mut hb = 21;
+    while !n1.dead_nodes().any(|id| *id == dying) {
+        assert!(hb < 200, "the silent node never died");
+        round_hearing_from(&clock, &mut n1, &[(&alive, hb)]);
+        hb += 1;
+    }
+    let mut dead_picks = 0;
+    for _ in 0..40 {
+        let targets = round_hearing_from(&clock, &mut n1, &[(&alive, hb)]);
+        hb += 1;
+        assert_eq!(targets.nodes, vec![alive.gossip_advertise_addr]);
+        if targets.dead_node == Some(dying.gossip_advertise_addr) {
+            dead_picks += 1;
+        }
+    }
+    assert!(
+        dead_picks > 0,
+        "the dead node is gossiped with now and then"
+    );
+    assert_eq!(n1.rounds_walked, walked, "a liveness change needs no walk");
+}

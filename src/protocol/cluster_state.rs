@@ -290,6 +290,8 @@ impl ClusterState {
         mut visit: impl FnMut(&ChitchatId, &mut NodeState),
     ) {
         let mut freed = 0usize;
+        let mut earliest: Option<tokio::time::Instant> = None;
+        let mut untracked = false;
         for (id, state) in self.node_states.iter_mut() {
             let before = state.bytes();
             state.gc_keys_marked_for_deletion(grace_period, now);
@@ -298,9 +300,25 @@ impl ClusterState {
             if freed_here > 0 && self.self_id.as_ref() != Some(id) {
                 freed += freed_here;
             }
+            match state.gc_not_before() {
+                Ok(Some(since)) => earliest = Some(earliest.map_or(since, |e| e.min(since))),
+                Ok(None) => {}
+                Err(()) => untracked = true,
+            }
             visit(id, state);
         }
         self.remote_bytes = self.remote_bytes.saturating_sub(freed);
+        let watch = &self.node_context.gc_watch;
+        watch.set(earliest);
+        if untracked {
+            watch.note_unknown();
+        }
+    }
+
+    /// Whether a tombstone of any state may have outlived `grace_period` at `now` (if not, a
+    /// tombstone pass would collect nothing).
+    pub(crate) fn tombstones_may_be_due(&self, grace_period: Duration, now: Instant) -> bool {
+        self.node_context.gc_watch.may_be_due(grace_period, now)
     }
 
     /// Applies a received delta (SPEC §4.5). Deltas only update nodes that already exist; a

@@ -6,6 +6,8 @@
 
 use std::net::{SocketAddr, SocketAddrV4};
 
+use crate::protocol::peer_selection::AddrPool;
+
 /// A set of socket addresses, built once, looked up by binary search.
 #[derive(Debug, Default)]
 pub(crate) struct MemberAddrs {
@@ -17,6 +19,12 @@ pub(crate) struct MemberAddrs {
 
 fn pack(addr: &SocketAddrV4) -> u64 {
     (u64::from(addr.ip().to_bits()) << 16) | u64::from(addr.port())
+}
+
+fn unpack(packed: u64) -> SocketAddr {
+    // `pack` put 32 bits of address above 16 of port: both truncations are exact.
+    let ip = std::net::Ipv4Addr::from_bits((packed >> 16) as u32);
+    SocketAddr::V4(SocketAddrV4::new(ip, packed as u16))
 }
 
 impl MemberAddrs {
@@ -49,9 +57,23 @@ impl MemberAddrs {
     }
 
     /// Number of addresses.
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.v4.len() + self.v6.len()
+    }
+}
+
+/// The members in index order (IPv4 sorted, then the others): a gossip round draws its live
+/// targets from here instead of from a list it rebuilt by walking every node state.
+impl AddrPool for MemberAddrs {
+    fn len(&self) -> usize {
+        MemberAddrs::len(self)
+    }
+
+    fn addr(&self, i: usize) -> SocketAddr {
+        match self.v4.get(i) {
+            Some(&packed) => unpack(packed),
+            None => self.v6[i - self.v4.len()],
+        }
     }
 }
 
@@ -96,6 +118,21 @@ mod tests {
                 let probe = random_addr(&mut rng);
                 assert_eq!(set.contains(&probe), expected.contains(&probe), "{probe}");
             }
+        }
+    }
+
+    #[test]
+    fn the_pool_lists_each_member_once() {
+        let mut rng = SmallRng::seed_from_u64(12);
+        for round in 0..200 {
+            let n = rng.random_range(0..40);
+            let addrs: Vec<SocketAddr> = (0..n).map(|_| random_addr(&mut rng)).collect();
+            let expected: HashSet<SocketAddr> = addrs.iter().copied().collect();
+            let set = MemberAddrs::new(addrs.into_iter());
+            let listed: Vec<SocketAddr> = (0..AddrPool::len(&set)).map(|i| set.addr(i)).collect();
+            let unique: HashSet<SocketAddr> = listed.iter().copied().collect();
+            assert_eq!(listed.len(), unique.len(), "round {round}: listed twice");
+            assert_eq!(unique, expected, "round {round}");
         }
     }
 

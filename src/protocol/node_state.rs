@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -123,6 +123,66 @@ pub(crate) struct NodeContext {
     /// Largest datagram the node sends (see `Chitchat::set_datagram_budget`): bounds the
     /// key-values the own state accepts, so each can always be gossiped.
     datagram_budget: AtomicUsize,
+    /// When a tombstone of these states can first be due, so that a gossip round skips its
+    /// pass over every state when none can be (issue 11).
+    pub(crate) gc_watch: GcWatch,
+}
+
+/// The earliest deletion start noted in any state of one cluster state since its last
+/// tombstone pass (which stores the earliest of what it left). An atomic only because the
+/// context is shared: every access happens under the node's lock.
+#[derive(Debug)]
+pub(crate) struct GcWatch {
+    /// The origin of `earliest` (a start before it counts as at it: due early, never late).
+    base: tokio::time::Instant,
+    /// Nanoseconds after `base`; `u64::MAX`: nothing noted.
+    earliest: AtomicU64,
+}
+
+impl GcWatch {
+    fn new() -> Self {
+        GcWatch {
+            base: tokio::time::Instant::now(),
+            earliest: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    fn offset(&self, since: tokio::time::Instant) -> u64 {
+        let nanos = since.saturating_duration_since(self.base).as_nanos();
+        u64::try_from(nanos)
+            .unwrap_or(u64::MAX - 1)
+            .min(u64::MAX - 1)
+    }
+
+    /// A tombstone whose deletion started at `since` now exists.
+    fn note(&self, since: tokio::time::Instant) {
+        self.earliest
+            .fetch_min(self.offset(since), Ordering::Relaxed);
+    }
+
+    /// A state whose tombstones are not tracked (`GcHint::Unknown`) may be due now.
+    pub(crate) fn note_unknown(&self) {
+        self.earliest.store(0, Ordering::Relaxed);
+    }
+
+    /// What a tombstone pass left: the earliest start among the tombstones kept.
+    pub(crate) fn set(&self, earliest: Option<tokio::time::Instant>) {
+        let value = earliest.map_or(u64::MAX, |since| self.offset(since));
+        self.earliest.store(value, Ordering::Relaxed);
+    }
+
+    /// Whether any tombstone may have outlived `grace_period` at `now`.
+    pub(crate) fn may_be_due(&self, grace_period: Duration, now: Instant) -> bool {
+        let earliest = self.earliest.load(Ordering::Relaxed);
+        if earliest == u64::MAX {
+            return false;
+        }
+        let due = self
+            .base
+            .checked_add(Duration::from_nanos(earliest))
+            .and_then(|start| start.checked_add(grace_period));
+        due.is_some_and(|due| tokio::time::Instant::from_std(now) >= due)
+    }
 }
 
 impl NodeContext {
@@ -135,6 +195,7 @@ impl NodeContext {
             listeners,
             clock,
             datagram_budget: AtomicUsize::new(wire::MAX_UDP_DATAGRAM_PAYLOAD_SIZE),
+            gc_watch: GcWatch::new(),
         }
     }
 
@@ -196,6 +257,14 @@ impl GcHint {
             GcHint::Nothing => GcHint::NotBefore(since),
             GcHint::NotBefore(earliest) => GcHint::NotBefore(earliest.min(since)),
         };
+    }
+}
+
+/// Notes an entry's deletion status in its state's hint and in the cluster's watch.
+fn note_gc(hint: &mut GcHint, context: &NodeContext, status: DeletionStatus) {
+    if let Some(since) = status.time_of_start_scheduled_for_deletion() {
+        hint.note(status);
+        context.gc_watch.note(since);
     }
 }
 
@@ -432,7 +501,7 @@ impl NodeState {
             version: self.max_version,
             status: DeletionStatus::Deleted(now.into()),
         };
-        self.gc_hint.note(entry.status);
+        note_gc(&mut self.gc_hint, &self.context, entry.status);
     }
 
     /// Keeps `key` visible but schedules it for collection after the grace period.
@@ -451,7 +520,17 @@ impl NodeState {
         self.max_version = self.max_version.saturating_add(1);
         entry.version = self.max_version;
         entry.status = DeletionStatus::DeleteAfterTtl(now.into());
-        self.gc_hint.note(entry.status);
+        note_gc(&mut self.gc_hint, &self.context, entry.status);
+    }
+
+    /// The earliest deletion start among the tombstones this state keeps (after a pass):
+    /// `Err` when not tracked.
+    pub(crate) fn gc_not_before(&self) -> Result<Option<tokio::time::Instant>, ()> {
+        match self.gc_hint {
+            GcHint::Unknown => Err(()),
+            GcHint::Nothing => Ok(None),
+            GcHint::NotBefore(since) => Ok(Some(since)),
+        }
     }
 
     /// Raw setter, for applications restoring a state.
@@ -560,7 +639,7 @@ impl NodeState {
         {
             return;
         }
-        self.gc_hint.note(value.status);
+        note_gc(&mut self.gc_hint, &self.context, value.status);
         if !value.is_deleted() {
             self.context.listeners.trigger(KeyChangeEvent {
                 key,
@@ -808,7 +887,7 @@ impl NodeState {
             };
             self.max_version = version;
             let status = DeletionStatus::Deleted(now.into());
-            self.gc_hint.note(status);
+            note_gc(&mut self.gc_hint, &self.context, status);
             self.bytes = self.bytes.saturating_add(kv.key.len());
             self.key_values.insert(
                 intern(kv.key),

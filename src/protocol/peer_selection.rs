@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 
 use rand::Rng;
-use rand::seq::{IndexedRandom, SliceRandom};
+use rand::seq::{IndexedRandom, SliceRandom, index};
 
 /// Live nodes contacted per round.
 pub const GOSSIP_COUNT: usize = 3;
@@ -78,8 +78,41 @@ pub fn select_from_lists<R: Rng + ?Sized>(
     dead_nodes: &[SocketAddr],
     seed_nodes: &[SocketAddr],
 ) -> GossipTargets {
+    select_from_pool(rng, pool, live_count, dead_nodes, seed_nodes)
+}
+
+/// Addresses to draw a round's live targets from, by index.
+pub(crate) trait AddrPool {
+    fn len(&self) -> usize;
+    /// The `i`-th address, `i < len()`.
+    fn addr(&self, i: usize) -> SocketAddr;
+}
+
+impl AddrPool for [SocketAddr] {
+    fn len(&self) -> usize {
+        <[SocketAddr]>::len(self)
+    }
+
+    fn addr(&self, i: usize) -> SocketAddr {
+        self[i]
+    }
+}
+
+/// [`select_from_lists`] on any pool: the draws are the slice version's (the same indices for
+/// the same RNG), so a node's rounds choose alike from a list or from its member set.
+pub(crate) fn select_from_pool<R: Rng + ?Sized, P: AddrPool + ?Sized>(
+    rng: &mut R,
+    pool: &P,
+    live_count: usize,
+    dead_nodes: &[SocketAddr],
+    seed_nodes: &[SocketAddr],
+) -> GossipTargets {
     let dead_count = dead_nodes.len();
-    let mut nodes: Vec<SocketAddr> = pool.choose_multiple(rng, GOSSIP_COUNT).copied().collect();
+    let amount = GOSSIP_COUNT.min(pool.len());
+    let mut nodes: Vec<SocketAddr> = index::sample(rng, pool.len(), amount)
+        .into_iter()
+        .map(|i| pool.addr(i))
+        .collect();
     nodes.shuffle(rng);
     // Two node states may share an address (a restarted node's old generation): one Syn each.
     let mut unique = 0;
