@@ -68,9 +68,10 @@ pub fn select_nodes_for_gossip<R: Rng + ?Sized>(
 }
 
 /// [`select_nodes_for_gossip`] on lists in a fixed order: `pool` is the live nodes (or every
-/// known peer while `live_count` is 0). A node's round builds the lists from its node states in
-/// id order, without hashing or sorting (issue 11: hash sets of every address, rebuilt each
-/// round by every node, were a third of a 500-node process's work).
+/// known peer while `live_count` is 0). A node's round draws from its member set, or builds the
+/// lists from its node states in id order when membership or liveness changed, without hashing
+/// or sorting (issue 11: hash sets of every address, rebuilt each round by every node, were a
+/// third of a 500-node process's work).
 pub fn select_from_lists<R: Rng + ?Sized>(
     rng: &mut R,
     pool: &[SocketAddr],
