@@ -116,24 +116,25 @@ impl Transport for GatedStart {
     }
 }
 
+impl GatedStart {
+    fn fast_path(&self) -> &dyn DatagramTransport {
+        self.inner
+            .datagram_transport()
+            .expect("a UDP transport has a datagram path")
+    }
+}
+
 impl DatagramTransport for GatedStart {
     fn open_endpoint(
         &self,
         listen_addr: SocketAddr,
         handler: Arc<dyn DatagramHandler>,
     ) -> anyhow::Result<Box<dyn Endpoint>> {
-        self.inner
-            .datagram_transport()
-            .expect("a UDP transport has a datagram path")
-            .open_endpoint(listen_addr, handler)
+        self.fast_path().open_endpoint(listen_addr, handler)
     }
 
     fn prepare(&self) -> Option<Preparation> {
-        let inner = self
-            .inner
-            .datagram_transport()
-            .expect("a UDP transport has a datagram path")
-            .prepare();
+        let inner = self.fast_path().prepare();
         let Some(ran) = self.ran.lock().unwrap().take() else {
             return inner;
         };

@@ -1020,7 +1020,7 @@ fn node_states_repacked_after_settling_keep_their_content() {
     assert_eq!(n2.node_states().len(), n1.node_states().len());
 }
 
-/// Keeps `peer` live at `node`: one heartbeat per 100 ms, then `node`'s round.
+/// 100 ms later: a heartbeat from each of `peers`, then `node`'s round (its targets).
 fn round_hearing_from(
     clock: &ManualClock,
     node: &mut Chitchat,

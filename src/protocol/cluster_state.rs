@@ -291,28 +291,20 @@ impl ClusterState {
     ) {
         let mut freed = 0usize;
         let mut earliest: Option<tokio::time::Instant> = None;
-        let mut untracked = false;
         for (id, state) in self.node_states.iter_mut() {
             let before = state.bytes();
-            state.gc_keys_marked_for_deletion(grace_period, now);
+            if let Some(since) = state.gc_keys_marked_for_deletion(grace_period, now) {
+                earliest = Some(earliest.map_or(since, |e| e.min(since)));
+            }
             // Most rounds free nothing: the ids are compared only when something was freed.
             let freed_here = before.saturating_sub(state.bytes());
             if freed_here > 0 && self.self_id.as_ref() != Some(id) {
                 freed += freed_here;
             }
-            match state.gc_not_before() {
-                Ok(Some(since)) => earliest = Some(earliest.map_or(since, |e| e.min(since))),
-                Ok(None) => {}
-                Err(()) => untracked = true,
-            }
             visit(id, state);
         }
         self.remote_bytes = self.remote_bytes.saturating_sub(freed);
-        let watch = &self.node_context.gc_watch;
-        watch.set(earliest);
-        if untracked {
-            watch.note_unknown();
-        }
+        self.node_context.gc_watch.set(earliest);
     }
 
     /// Whether a tombstone of any state may have outlived `grace_period` at `now` (if not, a

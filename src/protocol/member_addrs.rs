@@ -105,14 +105,19 @@ mod tests {
         }
     }
 
+    /// A set of up to 40 random addresses (duplicates included), and the same as a hash set.
+    fn random_set(rng: &mut SmallRng) -> (MemberAddrs, HashSet<SocketAddr>) {
+        let n = rng.random_range(0..40);
+        let addrs: Vec<SocketAddr> = (0..n).map(|_| random_addr(rng)).collect();
+        let expected: HashSet<SocketAddr> = addrs.iter().copied().collect();
+        (MemberAddrs::new(addrs.into_iter()), expected)
+    }
+
     #[test]
     fn answers_like_a_hash_set() {
         let mut rng = SmallRng::seed_from_u64(11);
         for round in 0..200 {
-            let n = rng.random_range(0..40);
-            let addrs: Vec<SocketAddr> = (0..n).map(|_| random_addr(&mut rng)).collect();
-            let expected: HashSet<SocketAddr> = addrs.iter().copied().collect();
-            let set = MemberAddrs::new(addrs.into_iter());
+            let (set, expected) = random_set(&mut rng);
             assert_eq!(set.len(), expected.len(), "round {round}");
             for _ in 0..100 {
                 let probe = random_addr(&mut rng);
@@ -125,10 +130,7 @@ mod tests {
     fn the_pool_lists_each_member_once() {
         let mut rng = SmallRng::seed_from_u64(12);
         for round in 0..200 {
-            let n = rng.random_range(0..40);
-            let addrs: Vec<SocketAddr> = (0..n).map(|_| random_addr(&mut rng)).collect();
-            let expected: HashSet<SocketAddr> = addrs.iter().copied().collect();
-            let set = MemberAddrs::new(addrs.into_iter());
+            let (set, expected) = random_set(&mut rng);
             let listed: Vec<SocketAddr> = (0..AddrPool::len(&set)).map(|i| set.addr(i)).collect();
             let unique: HashSet<SocketAddr> = listed.iter().copied().collect();
             assert_eq!(listed.len(), unique.len(), "round {round}: listed twice");

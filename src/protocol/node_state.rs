@@ -147,22 +147,16 @@ impl GcWatch {
         }
     }
 
+    /// `since` in nanoseconds after `base`, below `u64::MAX` (which means "nothing").
     fn offset(&self, since: tokio::time::Instant) -> u64 {
         let nanos = since.saturating_duration_since(self.base).as_nanos();
-        u64::try_from(nanos)
-            .unwrap_or(u64::MAX - 1)
-            .min(u64::MAX - 1)
+        u64::try_from(nanos).map_or(u64::MAX - 1, |nanos| nanos.min(u64::MAX - 1))
     }
 
     /// A tombstone whose deletion started at `since` now exists.
     fn note(&self, since: tokio::time::Instant) {
         self.earliest
             .fetch_min(self.offset(since), Ordering::Relaxed);
-    }
-
-    /// A state whose tombstones are not tracked (`GcHint::Unknown`) may be due now.
-    pub(crate) fn note_unknown(&self) {
-        self.earliest.store(0, Ordering::Relaxed);
     }
 
     /// What a tombstone pass left: the earliest start among the tombstones kept.
@@ -523,16 +517,6 @@ impl NodeState {
         note_gc(&mut self.gc_hint, &self.context, entry.status);
     }
 
-    /// The earliest deletion start among the tombstones this state keeps (after a pass):
-    /// `Err` when not tracked.
-    pub(crate) fn gc_not_before(&self) -> Result<Option<tokio::time::Instant>, ()> {
-        match self.gc_hint {
-            GcHint::Unknown => Err(()),
-            GcHint::Nothing => Ok(None),
-            GcHint::NotBefore(since) => Ok(Some(since)),
-        }
-    }
-
     /// Raw setter, for applications restoring a state.
     pub fn set_max_version(&mut self, max_version: Version) {
         self.max_version = max_version;
@@ -721,14 +705,19 @@ impl NodeState {
         }
     }
 
-    /// Drops tombstones and TTL'd values older than the grace period.
-    pub(crate) fn gc_keys_marked_for_deletion(&mut self, grace_period: Duration, now: Instant) {
+    /// Drops tombstones and TTL'd values older than the grace period. Returns the earliest
+    /// deletion start among the entries it keeps (`None`: no entry has a deletion status).
+    pub(crate) fn gc_keys_marked_for_deletion(
+        &mut self,
+        grace_period: Duration,
+        now: Instant,
+    ) -> Option<tokio::time::Instant> {
         // Deletion statuses carry tokio's `Instant` (chitchat's public type); the core's clock
         // is std's: compare on tokio's.
         let now = tokio::time::Instant::from_std(now);
         match self.gc_hint {
-            GcHint::Nothing => return,
-            GcHint::NotBefore(earliest) if now < earliest + grace_period => return,
+            GcHint::Nothing => return None,
+            GcHint::NotBefore(earliest) if now < earliest + grace_period => return Some(earliest),
             GcHint::NotBefore(_) | GcHint::Unknown => {}
         }
         let mut last_gc_version = self.last_gc_version;
@@ -749,6 +738,11 @@ impl NodeState {
         self.bytes = self.bytes.saturating_sub(freed);
         self.last_gc_version = last_gc_version;
         self.gc_hint = remaining;
+        match remaining {
+            GcHint::NotBefore(earliest) => Some(earliest),
+            // A scan leaves the hint tracked: `Unknown` is never what it found.
+            GcHint::Nothing | GcHint::Unknown => None,
+        }
     }
 
     /// SPEC §4.5: reject deltas from the future, reset when the peer GC'd what we still hold,
