@@ -840,6 +840,12 @@ impl Chitchat {
         self.cluster_state.compact_when_settled();
     }
 
+    /// Node states added since the node-state map was last repacked.
+    #[cfg(test)]
+    pub(crate) fn node_states_inserted_since_pack(&self) -> usize {
+        self.cluster_state.inserted_since_pack()
+    }
+
     /// Whether the node-state map was repacked since the membership last changed.
     #[cfg(test)]
     pub(crate) fn node_states_compacted(&self) -> bool {

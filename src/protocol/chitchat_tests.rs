@@ -968,6 +968,79 @@ fn amplification_limits_off_treats_every_source_as_a_member() {
     );
 }
 
+/// A growing node-state map is repacked each round that finds a quarter of it new, without
+/// waiting for membership to settle (issue 11: the half-full leaves of a map filled in id order
+/// made a large cluster's peak), and the states stay what they were.
+#[test]
+fn a_growing_node_state_map_is_repacked_before_it_settles() {
+    let clock = ManualClock::new();
+    let mut n1 = node(10_001, &clock);
+    let own = n1.self_chitchat_id().clone();
+    let remote = |n: &Chitchat| -> Vec<(ChitchatId, String)> {
+        n.node_states()
+            .iter()
+            .filter(|(id, _)| **id != own)
+            .map(|(id, state)| (id.clone(), format!("{state:?}")))
+            .collect()
+    };
+    let mut syn = Vec::new();
+    let mut round = |n: &mut Chitchat| {
+        clock.advance(Duration::from_millis(100));
+        n.begin_gossip_round(&mut syn);
+        n.end_gossip_round();
+    };
+    let mut port = 20_000u16;
+    let mut add = |n: &mut Chitchat, count: u16| {
+        // In id order, as one peer's deltas deliver them.
+        for _ in 0..count {
+            let id = ChitchatId::new(format!("node-{port}"), 1, ([127, 0, 0, 1], port).into());
+            let kvs = (0..3u64).map(|k| {
+                let value = VersionedValue::new(format!("value-{k}"), k + 1, false);
+                (format!("key-{k}"), value)
+            });
+            n.reset_node_state_if_update(&id, kvs, 3, 0);
+            port += 1;
+        }
+    };
+    // Batches of a quarter of the map or more: each round after one repacks.
+    for batch in [100, 64, 70, 90] {
+        // The own state counts in the first.
+        let pending = n1.node_states_inserted_since_pack();
+        add(&mut n1, batch);
+        assert_eq!(
+            n1.node_states_inserted_since_pack(),
+            pending + usize::from(batch)
+        );
+        let before = remote(&n1);
+        round(&mut n1);
+        assert_eq!(n1.node_states_inserted_since_pack(), 0, "batch of {batch}");
+        assert!(before == remote(&n1), "the states changed when repacked");
+        assert!(
+            !n1.node_states_compacted(),
+            "the membership has not settled"
+        );
+    }
+    // 325 states: 64 more are under a quarter, so they wait for the settled repack.
+    add(&mut n1, 64);
+    round(&mut n1);
+    assert_eq!(n1.node_states_inserted_since_pack(), 64);
+    // Fewer than the minimum never trigger it either, even in a small map.
+    let mut small = node(10_002, &clock);
+    add(&mut small, 40);
+    round(&mut small);
+    assert_eq!(
+        small.node_states_inserted_since_pack(),
+        41,
+        "own state and 40"
+    );
+    for _ in 0..12 {
+        round(&mut n1);
+    }
+    assert!(n1.node_states_compacted());
+    assert_eq!(n1.node_states_inserted_since_pack(), 0);
+    assert_eq!(remote(&n1).len(), 388);
+}
+
 /// The node-state map is repacked once membership settles (issue 11): the states, their order
 /// and what a peer is sent stay the same, states of many keys included.
 #[test]
