@@ -2,7 +2,7 @@
 //!
 //! Most nodes hold a handful of keys, and a process of many nodes holds one map per node state
 //! of each node: a `BTreeMap` allocates a whole leaf (11 entries, 816 B) for the first key, so
-//! 10 keys of 72-byte entries took 816 B where the entries are 720. Up to [`SMALL_MAX`] keys the
+//! 10 keys of (then) 72-byte entries took 816 B where the entries are 720. Up to [`SMALL_MAX`] keys the
 //! map is a sorted vector grown to the exact count, searched by bisection; above, a `BTreeMap`,
 //! whose inserts stay logarithmic however many keys a node has. It serializes as a map, like
 //! the `BTreeMap` it replaces.
@@ -11,23 +11,23 @@ use std::collections::BTreeMap;
 use std::collections::btree_map;
 use std::fmt;
 use std::ops::Bound;
-use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::protocol::key_interner::Key;
 use crate::types::VersionedValue;
 
-/// Largest map kept as a sorted vector. An insert moves at most this many 72-byte entries.
+/// Largest map kept as a sorted vector. An insert moves at most this many 64-byte entries.
 pub(crate) const SMALL_MAX: usize = 32;
 
-type Entry = (Arc<str>, VersionedValue);
+type Entry = (Key, VersionedValue);
 
 /// Key → value, in key order.
 #[derive(Clone)]
 pub(crate) enum KeyValueMap {
     /// Sorted by key, no duplicate, at most `SMALL_MAX` entries.
     Small(Vec<Entry>),
-    Large(BTreeMap<Arc<str>, VersionedValue>),
+    Large(BTreeMap<Key, VersionedValue>),
 }
 
 impl Default for KeyValueMap {
@@ -84,11 +84,7 @@ impl KeyValueMap {
     }
 
     /// Sets `key` to `value`, returning the value it replaces.
-    pub(crate) fn insert(
-        &mut self,
-        key: Arc<str>,
-        value: VersionedValue,
-    ) -> Option<VersionedValue> {
+    pub(crate) fn insert(&mut self, key: Key, value: VersionedValue) -> Option<VersionedValue> {
         match self {
             KeyValueMap::Small(entries) => match search(entries, &key) {
                 Ok(i) => entries
@@ -102,7 +98,7 @@ impl KeyValueMap {
                     None
                 }
                 Err(_) => {
-                    let mut map: BTreeMap<Arc<str>, VersionedValue> =
+                    let mut map: BTreeMap<Key, VersionedValue> =
                         std::mem::take(entries).into_iter().collect();
                     map.insert(key, value);
                     *self = KeyValueMap::Large(map);
@@ -128,7 +124,7 @@ impl KeyValueMap {
     }
 
     /// Keeps the entries for which `keep` is true (in key order).
-    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&Arc<str>, &mut VersionedValue) -> bool) {
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&Key, &mut VersionedValue) -> bool) {
         match self {
             KeyValueMap::Small(entries) => entries.retain_mut(|(key, value)| keep(key, value)),
             KeyValueMap::Large(map) => map.retain(|key, value| keep(key, value)),
@@ -202,12 +198,12 @@ fn cmp_key(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
 /// Iterator over a [`KeyValueMap`] in key order.
 pub(crate) enum Iter<'a> {
     Small(std::slice::Iter<'a, Entry>),
-    Large(btree_map::Iter<'a, Arc<str>, VersionedValue>),
-    Range(btree_map::Range<'a, Arc<str>, VersionedValue>),
+    Large(btree_map::Iter<'a, Key, VersionedValue>),
+    Range(btree_map::Range<'a, Key, VersionedValue>),
 }
 
 impl<'a> Iterator for Iter<'a> {
-    type Item = (&'a Arc<str>, &'a VersionedValue);
+    type Item = (&'a Key, &'a VersionedValue);
 
     fn next(&mut self) -> Option<Self::Item> {
         match self {
@@ -221,11 +217,11 @@ impl<'a> Iterator for Iter<'a> {
 /// Mutable iterator over a [`KeyValueMap`] in key order.
 pub(crate) enum IterMut<'a> {
     Small(std::slice::IterMut<'a, Entry>),
-    Large(btree_map::IterMut<'a, Arc<str>, VersionedValue>),
+    Large(btree_map::IterMut<'a, Key, VersionedValue>),
 }
 
 impl<'a> Iterator for IterMut<'a> {
-    type Item = (&'a Arc<str>, &'a mut VersionedValue);
+    type Item = (&'a Key, &'a mut VersionedValue);
 
     fn next(&mut self) -> Option<Self::Item> {
         match self {
@@ -235,9 +231,9 @@ impl<'a> Iterator for IterMut<'a> {
     }
 }
 
-impl FromIterator<(Arc<str>, VersionedValue)> for KeyValueMap {
-    fn from_iter<I: IntoIterator<Item = (Arc<str>, VersionedValue)>>(iter: I) -> Self {
-        let map: BTreeMap<Arc<str>, VersionedValue> = iter.into_iter().collect();
+impl FromIterator<(Key, VersionedValue)> for KeyValueMap {
+    fn from_iter<I: IntoIterator<Item = (Key, VersionedValue)>>(iter: I) -> Self {
+        let map: BTreeMap<Key, VersionedValue> = iter.into_iter().collect();
         if map.len() <= SMALL_MAX {
             KeyValueMap::Small(map.into_iter().collect())
         } else {
@@ -254,7 +250,7 @@ impl Serialize for KeyValueMap {
 
 impl<'de> Deserialize<'de> for KeyValueMap {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let map = BTreeMap::<Arc<str>, VersionedValue>::deserialize(deserializer)?;
+        let map = BTreeMap::<Key, VersionedValue>::deserialize(deserializer)?;
         Ok(map.into_iter().collect())
     }
 }
@@ -265,6 +261,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
+    use crate::protocol::key_interner::intern;
 
     fn value(version: u64) -> VersionedValue {
         VersionedValue::new(format!("v{version}"), version, false)
@@ -272,7 +269,7 @@ mod tests {
 
     /// `map` holds `model`'s entries, as a vector exactly when small (built from entries or
     /// compacted).
-    fn assert_same(map: &KeyValueMap, model: &BTreeMap<Arc<str>, VersionedValue>, step: usize) {
+    fn assert_same(map: &KeyValueMap, model: &BTreeMap<Key, VersionedValue>, step: usize) {
         assert_eq!(map.len(), model.len(), "step {step}");
         assert!(map.iter().eq(model.iter()), "step {step}");
         let small = matches!(map, KeyValueMap::Small(_));
@@ -300,17 +297,16 @@ mod tests {
             let keys = rng.random_range(1..3 * SMALL_MAX);
             for step in 0..600 {
                 // Short keys, and long ones that agree on their first eight bytes or not.
-                let key: Arc<str> = match run % 3 {
+                let key: Key = intern(&match run % 3 {
                     0 => format!("k{:03}", rng.random_range(0..keys)),
                     1 => format!("key-{:05}", rng.random_range(0..keys)),
                     _ => format!("prefix--{:03}", rng.random_range(0..keys)),
-                }
-                .into();
+                });
                 let version = (run * 1_000 + step) as u64;
                 match rng.random_range(0..10) {
                     0..=4 => {
-                        let got = map.insert(Arc::clone(&key), value(version));
-                        let want = model.insert(Arc::clone(&key), value(version));
+                        let got = map.insert(key.clone(), value(version));
+                        let want = model.insert(key.clone(), value(version));
                         assert_eq!(got, want, "step {step}");
                     }
                     5 | 6 => assert_eq!(map.remove(&key), model.remove(&key), "step {step}"),
@@ -360,7 +356,7 @@ mod tests {
     fn small_maps_take_their_exact_size() {
         let mut map = KeyValueMap::default();
         for i in 0..10u64 {
-            map.insert(format!("key-{i:02}").into(), value(i));
+            map.insert(intern(&format!("key-{i:02}")), value(i));
         }
         let KeyValueMap::Small(entries) = &map else {
             panic!("10 keys are a small map");
@@ -368,12 +364,18 @@ mod tests {
         assert_eq!(entries.capacity(), 10);
         let mut model = BTreeMap::new();
         for i in 0..=SMALL_MAX as u64 {
-            model.insert(Arc::<str>::from(format!("key-{i:02}")), value(i));
-            map.insert(format!("key-{i:02}").into(), value(i));
+            model.insert(intern(&format!("key-{i:02}")), value(i));
+            map.insert(intern(&format!("key-{i:02}")), value(i));
         }
         assert!(matches!(map, KeyValueMap::Large(_)));
         assert!(map.iter().eq(model.iter()));
         assert_same(&model.clone().into_iter().collect(), &model, 0);
+    }
+
+    /// A key-value of a small map is one 64-byte cache line (72 B with an `Arc<str>` key).
+    #[test]
+    fn an_entry_is_one_cache_line() {
+        assert_eq!(std::mem::size_of::<Entry>(), 64);
     }
 
     #[test]
@@ -381,8 +383,8 @@ mod tests {
         let mut map = KeyValueMap::default();
         let mut model = BTreeMap::new();
         for i in [3u64, 1, 2] {
-            map.insert(format!("k{i}").into(), value(i));
-            model.insert(Arc::<str>::from(format!("k{i}")), value(i));
+            map.insert(intern(&format!("k{i}")), value(i));
+            model.insert(intern(&format!("k{i}")), value(i));
         }
         let json = serde_json::to_string(&map).unwrap();
         assert_eq!(json, serde_json::to_string(&model).unwrap());

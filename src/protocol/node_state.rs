@@ -13,7 +13,7 @@ use crate::clock::Clock;
 #[cfg(test)]
 use crate::message::NodeDelta;
 use crate::protocol::failure_detector::{DeletionSchedule, NodeLiveness};
-use crate::protocol::key_interner::intern;
+use crate::protocol::key_interner::{Key, intern};
 use crate::protocol::key_value_map::KeyValueMap;
 use crate::protocol::limits::{self, Limits, Refusal, RefusalCounts};
 use crate::protocol::listener::{KeyChangeEvent, Listeners};
@@ -932,8 +932,7 @@ impl NodeState {
         warn!(node = ?self.chitchat_id, claim, own_max = self.max_version,
               "a peer claims versions of this node beyond its own (forged, or a previous \
                incarnation with the same id): outgrowing them");
-        let mut entries: Vec<(&Arc<str>, &mut VersionedValue)> =
-            self.key_values.iter_mut().collect();
+        let mut entries: Vec<(&Key, &mut VersionedValue)> = self.key_values.iter_mut().collect();
         // Keep the relative order of the writes.
         entries.sort_unstable_by_key(|(_, v)| v.version);
         let mut version = new_gc;
