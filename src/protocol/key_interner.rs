@@ -24,15 +24,48 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// A key name: a thin (8-byte) shared pointer to the name's one copy. It compares, orders and
 /// hashes as the `str` it holds, so maps of `Key` are searched with a `&str`.
 #[derive(Clone)]
-pub(crate) struct Key(Arc<Box<str>>);
+pub(crate) struct Key(Arc<Name>);
+
+/// The name, with its first eight bytes as one word next to the count: a search compares that
+/// word and reaches the text (one more pointer away than an `Arc<str>`'s) only on a tie. With
+/// the text alone, applying a catch-up delta of 100 nodes × 10 keys took 4–14 % longer.
+struct Name {
+    head: u64,
+    text: Box<str>,
+}
+
+/// The first eight bytes of `name` as a big-endian word, zero-padded: words that differ order
+/// as their names do (see [`Key::cmp_name`]).
+pub(crate) fn head_word(name: &str) -> u64 {
+    let mut word = [0u8; 8];
+    let bytes = name.as_bytes();
+    let n = bytes.len().min(8);
+    word[..n].copy_from_slice(&bytes[..n]);
+    u64::from_be_bytes(word)
+}
 
 impl Key {
     fn new(name: &str) -> Key {
-        Key(Arc::new(Box::from(name)))
+        Key(Arc::new(Name {
+            head: head_word(name),
+            text: Box::from(name),
+        }))
     }
 
     pub(crate) fn as_str(&self) -> &str {
-        &self.0
+        &self.0.text
+    }
+
+    /// `self.as_str().cmp(name)`, given `head == head_word(name)`. Differing words decide: at
+    /// the first differing byte either both names have a byte there, or the shorter one ended
+    /// and is a prefix of the other (the bytes between are zero in both words). Equal words
+    /// leave the whole names to compare.
+    #[inline]
+    pub(crate) fn cmp_name(&self, head: u64, name: &str) -> Ordering {
+        match self.0.head.cmp(&head) {
+            Ordering::Equal => self.as_str().cmp(name),
+            decided => decided,
+        }
     }
 
     #[cfg(test)]
@@ -73,7 +106,7 @@ impl PartialOrd for Key {
 
 impl Ord for Key {
     fn cmp(&self, other: &Key) -> Ordering {
-        self.as_str().cmp(other.as_str())
+        self.cmp_name(other.0.head, other.as_str())
     }
 }
 
@@ -139,6 +172,19 @@ pub(crate) fn intern(key: &str) -> Key {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// Keys order as their names, decided by the head words or not: names drawn from a
+        /// small alphabet with a zero byte, so that they share prefixes of every length
+        /// around the eight bytes and end where the padding is.
+        #[test]
+        fn keys_order_as_their_names(a in "[ab\u{0}\u{e9}]{0,12}", b in "[ab\u{0}\u{e9}]{0,12}") {
+            let (ka, kb) = (Key::new(&a), Key::new(&b));
+            proptest::prop_assert_eq!(ka.cmp_name(head_word(&b), &b), a.cmp(&b));
+            proptest::prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
+            proptest::prop_assert_eq!(ka == kb, a == b);
+        }
+    }
 
     #[test]
     fn equal_names_share_one_allocation() {
