@@ -648,10 +648,12 @@ mod tests {
         assert_eq!(ring.len(), 0);
     }
 
-    /// A window is a fixed-size value with nothing on the heap, however long it runs.
+    /// A window is a fixed-size value with nothing on the heap, however long it runs: it owns
+    /// nothing to free (a `Vec` or `VecDeque` of blocks would need dropping).
     #[test]
     fn a_window_holds_its_blocks_in_place() {
         assert!(std::mem::size_of::<SamplingWindow>() <= 104);
+        assert!(!std::mem::needs_drop::<SamplingWindow>());
     }
 
     #[test]

@@ -90,8 +90,8 @@ impl Borrow<str> for Key {
 
 impl PartialEq for Key {
     fn eq(&self, other: &Key) -> bool {
-        // Interned names are equal exactly when shared; a name from elsewhere (deserialized)
-        // still compares by its bytes.
+        // Keys from the table are equal exactly when shared; the byte comparison behind it
+        // keeps `Eq` in step with `Ord` and `Borrow<str>` whatever made the key.
         Arc::ptr_eq(&self.0, &other.0) || self.as_str() == other.as_str()
     }
 }
@@ -171,6 +171,8 @@ pub(crate) fn intern(key: &str) -> Key {
 
 #[cfg(test)]
 mod tests {
+    use std::hash::BuildHasher;
+
     use super::*;
 
     proptest::proptest! {
@@ -206,12 +208,8 @@ mod tests {
                 assert_eq!(kx.cmp(&ky), x.cmp(y), "{x:?} {y:?}");
                 assert_eq!(kx == ky, x == y, "{x:?} {y:?}");
             }
-            let hash = |h: &dyn Fn(&mut std::hash::DefaultHasher)| {
-                let mut state = std::hash::DefaultHasher::new();
-                h(&mut state);
-                state.finish()
-            };
-            assert_eq!(hash(&|s| intern(x).hash(s)), hash(&|s| x.hash(s)));
+            let hasher = std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default();
+            assert_eq!(hasher.hash_one(intern(x)), hasher.hash_one(x));
         }
     }
 

@@ -2,10 +2,10 @@
 //!
 //! Most nodes hold a handful of keys, and a process of many nodes holds one map per node state
 //! of each node: a `BTreeMap` allocates a whole leaf (11 entries, 816 B) for the first key, so
-//! 10 keys of (then) 72-byte entries took 816 B where the entries are 720. Up to [`SMALL_MAX`] keys the
-//! map is a sorted vector grown to the exact count, searched by bisection; above, a `BTreeMap`,
-//! whose inserts stay logarithmic however many keys a node has. It serializes as a map, like
-//! the `BTreeMap` it replaces.
+//! 10 keys of (then) 72-byte entries took 816 B where the entries are 720. Up to
+//! [`SMALL_MAX`] keys the map is a sorted vector grown to the exact count, searched by
+//! bisection; above, a `BTreeMap`, whose inserts stay logarithmic however many keys a node
+//! has. It serializes as a map, like the `BTreeMap` it replaces.
 
 use std::collections::BTreeMap;
 use std::collections::btree_map;
